@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Submit the nightly recsys-core job to a running Ray cluster (VM clusters
+# started with `ray up cluster/aws-cluster.yaml`). Meant for cron; see
+# cluster/cron/crontab.example. Run it on a host with a checkout of this repo
+# and the `ray` CLI (same version as the cluster) that can reach the dashboard.
+#
+#   RAY_ADDRESS    dashboard URL        (default http://127.0.0.1:8265, e.g. via
+#                                        `ray dashboard cluster/aws-cluster.yaml`)
+#   RAY_AUTH_MODE  token | disabled     (default token; the token comes from
+#                                        ~/.ray/auth_token, RAY_AUTH_TOKEN or
+#                                        RAY_AUTH_TOKEN_PATH, as for any Ray client)
+#   STORAGE_ROOT   optional; adds --set storage.root=$STORAGE_ROOT
+#                  (e.g. s3://my-recsys-bucket/recsys) if the config does not
+#                  already point at the bucket
+#   LOG_DIR        where logs go        (default ~/recsys-nightly-logs)
+#   LOCK_FILE      overlap guard        (default /tmp/recsys-nightly.lock)
+#
+# Exit status: that of `ray job submit` (it waits for the job and exits 1 if
+# the job fails), or 75 if a previous run still holds the lock.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+RUN_DATE="$(date -u +%F)"
+LOG_DIR="${LOG_DIR:-$HOME/recsys-nightly-logs}"
+LOCK_FILE="${LOCK_FILE:-/tmp/recsys-nightly.lock}"
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+EXTRA_ARGS=()
+if [[ -n "${STORAGE_ROOT:-}" ]]; then EXTRA_ARGS+=(--set "storage.root=$STORAGE_ROOT"); fi
+
+mkdir -p "$LOG_DIR"
+LOG="$LOG_DIR/nightly-$RUN_DATE.log"
+# Everything goes to the log; only a failure prints one line to the original
+# stderr, so cron's MAILTO mails failures and nothing else.
+exec 3>&2 >>"$LOG" 2>&1
+trap 'rc=$?; [ "$rc" -eq 0 ] || echo "recsys nightly $RUN_DATE failed (exit $rc), log: $LOG" >&3' EXIT
+
+# One run at a time on this host: the lock is held until this script exits.
+exec 9>"$LOCK_FILE"
+if ! flock -n 9; then
+  echo "$(date -u +%FT%TZ) previous run still holds $LOCK_FILE; not submitting"
+  exit 75
+fi
+
+echo "$(date -u +%FT%TZ) submitting run $RUN_DATE from $REPO"
+cd "$REPO"
+ray job submit \
+  --address "${RAY_ADDRESS:-http://127.0.0.1:8265}" \
+  --submission-id "recsys-nightly-$RUN_DATE-$(date -u +%H%M%S)" \
+  --working-dir "$REPO" \
+  --runtime-env "$REPO/cluster/runtime_env.yaml" \
+  -- python -m jobs.nightly --config jobs/configs/ml100k.yaml --run-date "$RUN_DATE" "${EXTRA_ARGS[@]}"
+echo "$(date -u +%FT%TZ) run $RUN_DATE finished"

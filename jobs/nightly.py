@@ -1,0 +1,19 @@
+"""The nightly job: all stages: prepare -> train -> evaluate -> infer + publish.
+
+    python -m jobs.nightly --config jobs/configs/ml100k.yaml [--run-date YYYY-MM-DD] [--set key=value ...] [--force]
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, Sequence
+
+from recsys_core.config import NightlyConfig, job_main
+
+
+def main(argv: Sequence[str] | None = None, cfg: NightlyConfig | None = None, run_date: str | None = None,
+         force: bool = False) -> dict[str, Any]:
+    return job_main("nightly", argv, cfg=cfg, run_date=run_date, force=force)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,279 @@
+"""One frozen dataclass config per job, loaded from YAML with dotted ``--set a.b=c`` overrides.
+
+Every job (``jobs.nightly``, ``jobs.prepare``, ``jobs.train``, ``jobs.infer``) reads the same
+:class:`NightlyConfig`; each stage uses its own section.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is malformed; the message names the key."""
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    root: str = "outputs"  # local folder or s3://bucket/prefix; every output lives under it
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = None  # None: $RAY_ADDRESS if set (ray job submit), else a local cluster
+    num_cpus: int | None = None  # only for a local cluster
+    shuffle_parallelism: int = 4  # Ray Data hash-shuffle partitions (default 200 is slow on small data)
+
+
+@dataclass(frozen=True)
+class ColumnsConfig:
+    """Maps the data contract's names to the columns of the user's parquet files."""
+
+    user_id: str = "user_id"
+    item_id: str = "item_id"
+    ts: str = "ts"
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    n_users: int = 400
+    n_items: int = 120
+    n_topics: int = 6
+    events_per_user: int = 25
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "parquet"  # registry in recsys_core.sources: parquet | movielens100k | synthetic
+    interactions: str = ""  # parquet dataset (folder/prefix, hive partitions ok); for parquet source
+    items: str = ""  # parquet file or folder with item_id + text fields
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    item_text_fields: tuple[str, ...] = ("title",)
+    item_template: str = "{title}"
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    min_user_interactions: int = 3  # users with fewer are dropped (protocol, not quarantine)
+    max_history: int = 1000  # most recent interactions kept per user
+    max_reject_fraction: float = 0.05  # fail the run when more rows than this are quarantined
+
+
+@dataclass(frozen=True)
+class TowerConfig:
+    size: str = "tiny"  # named size in recsys_core.model.SIZES
+    pretrained: str | None = None  # hub name, save_pretrained folder or s3:// prefix; None = scratch
+    dropout: float = 0.1
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    item_tower: TowerConfig = field(default_factory=TowerConfig)
+    user_tower: TowerConfig = field(default_factory=TowerConfig)
+    embed_dim: int = 64
+    max_text_tokens: int = 32
+    max_seq_len: int = 50
+    pooling: str = "mean"  # mean | last
+    id_embedding: bool = True  # hybrid: learned item-ID embedding added to the text embedding
+    tokenizer: str = "gpt2-offline"  # gpt2-offline | hub name | save_pretrained folder
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    threads_per_worker: int = 1
+    epochs: int = 10
+    batch_size: int = 64  # sequences per worker per step
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    loss: str = "full_softmax"  # registry in recsys_core.losses
+    num_negatives: int = 256  # uniform negatives for sampled_softmax
+    temperature: float = 1.0  # initial softmax temperature
+    learn_temperature: bool = False
+    text_items_per_step: int = 128  # items whose text embedding gets gradients each step
+    patience: int = 3  # early stopping on validation NDCG@10
+    val_users: int = 2000  # users sampled for per-epoch validation
+    seed: int = 0
+    max_failures: int = 0  # Ray Train FailureConfig
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    k: int = 50
+    batch_size: int = 256
+    concurrency: int = 2
+    item_batch_size: int = 512
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    ks: tuple[int, ...] = (10, 50)
+    n_boot: int = 1000
+    baselines: tuple[str, ...] = ("popularity", "itemknn")
+    itemknn_neighbors: int = 200
+
+
+@dataclass(frozen=True)
+class NightlyConfig:
+    name: str = "nightly"
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=key)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        (elem, _ellipsis) = typing.get_args(tp)
+        return tuple(_coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, (int, float, dt.date)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"config key '{key}' must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict; unknown keys are errors naming the key."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown config key '{where}{unknown[0]}' (known: {sorted(names)})")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply ``a.b.c=value`` to a nested dict; the value is parsed as YAML (``3``, ``true``, ``[1,2]``)."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like key.sub=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: '{p}' is not a section")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # not YAML (e.g. a template "{title} ({year})"): keep the text
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> NightlyConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    for o in overrides:
+        apply_override(data, o)
+    try:
+        return from_dict(NightlyConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path or '<defaults>'}: {e}") from None
+
+
+def replace(cfg: Any, **dotted: Any) -> Any:
+    """``replace(cfg, **{"train.epochs": 2})``: a copy of a frozen config with dotted keys changed."""
+    data = to_dict(cfg)
+    for k, v in dotted.items():
+        node = data
+        *head, last = k.split(".")
+        for p in head:
+            node = node[p]
+        node[last] = v
+    return from_dict(type(cfg), data)
+
+
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def parse_run_date(value: str | None) -> str:
+    """A run is keyed by its date; it becomes a path component, so it is validated strictly."""
+    if value is None:
+        return dt.datetime.now(dt.timezone.utc).date().isoformat()
+    if not _DATE.match(value):
+        raise ConfigError(f"--run-date must be YYYY-MM-DD, got {value!r}")
+    try:
+        dt.date.fromisoformat(value)
+    except ValueError as e:
+        raise ConfigError(f"--run-date {value!r} is not a real date: {e}") from None
+    return value
+
+
+@dataclass(frozen=True)
+class JobArgs:
+    config: NightlyConfig
+    run_date: str
+    force: bool
+
+
+def parse_cli(argv: Sequence[str] | None, description: str) -> JobArgs:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", required=True, help="YAML config (jobs/configs/*.yaml)")
+    p.add_argument("--run-date", default=None, help="YYYY-MM-DD (default: today, UTC)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, e.g. --set train.epochs=3 (repeatable)")
+    p.add_argument("--force", action="store_true", help="recompute stages already complete for this date")
+    a = p.parse_args(argv)
+    return JobArgs(load_config(a.config, a.overrides), parse_run_date(a.run_date), a.force)
+
+
+def job_main(job: str, argv: Sequence[str] | None = None, *, cfg: NightlyConfig | None = None,
+             run_date: str | None = None, force: bool = False) -> dict[str, Any]:
+    """Entry point shared by ``jobs/*.py``: parse the CLI (or take a config object), then run the job."""
+    from recsys_core.pipeline import run_job
+    from recsys_core.runtime import setup_logging
+
+    if cfg is None:
+        args = parse_cli(argv, description=f"recsys-core: the {job} job")
+        cfg, run_date, force = args.config, args.run_date, args.force or force
+    setup_logging()
+    return run_job(job, cfg, parse_run_date(run_date), force)

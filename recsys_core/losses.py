@@ -1,0 +1,52 @@
+"""Retrieval losses: full softmax over the catalog, and sampled softmax with logQ correction.
+
+Both take user states ``(M, D)``, a candidate item table ``(C, D)`` and the index of each positive
+in that table ``(M,)``. Candidates are unique items, so a positive never appears among its own
+negatives.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def full_softmax_loss(states: torch.Tensor, table: torch.Tensor, pos: torch.Tensor,
+                      temperature: torch.Tensor | float, log_q: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy over every candidate: mean_m -log softmax(s_m . T / tau)[pos_m]."""
+    logits = states @ table.T / temperature  # (M, C)
+    return F.cross_entropy(logits.float(), pos)
+
+
+def sampled_softmax_loss(states: torch.Tensor, table: torch.Tensor, pos: torch.Tensor,
+                         temperature: torch.Tensor | float, log_q: torch.Tensor | None = None) -> torch.Tensor:
+    """Sampled softmax (in-batch + uniform negatives) with logQ correction (Yi et al., 2019).
+
+    ``log_q`` (C,) is the log of each candidate's expected count in the sample; subtracting it
+    removes the bias toward popular items that in-batch negatives introduce.
+    """
+    logits = states @ table.T / temperature  # (M, C)
+    if log_q is not None:
+        logits = logits - log_q.unsqueeze(0)
+    return F.cross_entropy(logits.float(), pos)
+
+
+LossFn = Callable[..., torch.Tensor]
+LOSSES: dict[str, LossFn] = {
+    "full_softmax": full_softmax_loss,
+    "sampled_softmax": sampled_softmax_loss,
+}
+
+
+def expected_log_q(candidates: torch.Tensor, item_prob: torch.Tensor, n_in_batch: int, n_uniform: int) -> torch.Tensor:
+    """(C,) log expected number of draws of each candidate: n_in_batch * p_pop + n_uniform / N."""
+    n = item_prob.numel()
+    q = n_in_batch * item_prob[candidates] + n_uniform / n
+    return q.clamp_min(1e-12).log()
+
+
+def get_loss(name: str) -> LossFn:
+    if name not in LOSSES:
+        raise ValueError(f"train.loss={name!r} unknown; choose one of {sorted(LOSSES)}")
+    return LOSSES[name]

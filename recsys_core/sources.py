@@ -1,0 +1,192 @@
+"""Where the input data comes from: the user's parquet, the MovieLens-100k demo, or a synthetic generator.
+
+Each source returns the URIs of an interactions dataset and an item catalog that follow the data
+contract (README "Data contract"). Demo sources materialise their parquet under
+``{storage.root}/raw/<source>/`` at run time.
+"""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from recsys_core import storage
+from recsys_core.config import DataConfig, SyntheticConfig
+
+RECBOLE_WHEEL = "recbole==1.2.1"
+ML100K_MEMBER = "recbole/dataset_example/ml-100k/ml-100k.{}"
+
+
+@dataclass(frozen=True)
+class SourceData:
+    interactions: str  # URI of a parquet dataset
+    items: str  # URI of a parquet file/folder
+    description: str
+
+
+def cache_dir() -> Path:
+    d = Path(os.environ.get("RECSYS_CACHE", Path.home() / ".cache" / "recsys_core"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+# ----------------------------------------------------------------------------- MovieLens-100k
+
+
+def recbole_wheel() -> Path:
+    """The recbole wheel that carries MovieLens-100k; fetched from PyPI at run time (licence: no redistribution)."""
+    d = cache_dir() / "wheels"
+    found = sorted(d.glob("recbole-1.2.1-*.whl"))
+    if found:
+        return found[0]
+    d.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(d), RECBOLE_WHEEL]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(d.glob("recbole-1.2.1-*.whl"))
+    if proc.returncode != 0 or not found:
+        raise RuntimeError(f"could not fetch {RECBOLE_WHEEL} for MovieLens-100k: {proc.stderr[-500:]}")
+    return found[0]
+
+
+def _read_atomic(raw: bytes) -> pa.Table:
+    """RecBole atomic files: tab-separated, header 'name:type'."""
+    header, _, body = raw.partition(b"\n")
+    names = [h.split(":")[0] for h in header.decode().strip().split("\t")]
+    opts = pacsv.ReadOptions(column_names=names)
+    parse = pacsv.ParseOptions(delimiter="\t", quote_char=False)
+    conv = pacsv.ConvertOptions(column_types={n: pa.string() for n in names})
+    return pacsv.read_csv(io.BytesIO(body), read_options=opts, parse_options=parse, convert_options=conv)
+
+
+def movielens_tables() -> tuple[pa.Table, pa.Table]:
+    """(interactions, items) of MovieLens-100k in the data contract (every rating is an interaction)."""
+    with zipfile.ZipFile(recbole_wheel()) as z:
+        inter = _read_atomic(z.read(ML100K_MEMBER.format("inter")))
+        item = _read_atomic(z.read(ML100K_MEMBER.format("item")))
+    interactions = pa.table({
+        "user_id": inter["user_id"].cast(pa.int64()),
+        "item_id": inter["item_id"].cast(pa.int64()),
+        "ts": inter["timestamp"].cast(pa.float64()).cast(pa.int64()),
+        "weight": inter["rating"].cast(pa.float32()),
+    })
+    genres = [", ".join(str(g).split()) for g in item["class"].to_pylist()]
+    items = pa.table({
+        "item_id": item["item_id"].cast(pa.int64()),
+        "title": item["movie_title"],
+        "year": item["release_year"].fill_null(""),
+        "genres": pa.array(genres, pa.string()),
+    })
+    return interactions, items
+
+
+def _materialise(root: str, name: str, make: Callable[[], tuple[pa.Table, pa.Table]]) -> SourceData:
+    base = storage.join(root, "raw", name)
+    inter_uri, items_uri = storage.join(base, "interactions"), storage.join(base, "items.parquet")
+    if not (storage.exists(items_uri) and storage.list_files(inter_uri, ".parquet")):
+        interactions, items = make()
+        storage.write_table(interactions, storage.join(inter_uri, "part-00000.parquet"))
+        storage.write_table(items, items_uri)
+    return SourceData(inter_uri, items_uri, name)
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+TOPIC_WORDS = [
+    ["space", "rocket", "alien", "galaxy", "orbit"],
+    ["love", "wedding", "romance", "heart", "kiss"],
+    ["murder", "detective", "crime", "police", "heist"],
+    ["dragon", "wizard", "magic", "quest", "sword"],
+    ["war", "soldier", "battle", "army", "tank"],
+    ["cartoon", "puppy", "family", "toy", "school"],
+    ["ghost", "haunted", "zombie", "blood", "scream"],
+    ["jazz", "concert", "band", "guitar", "song"],
+]
+
+
+def synthetic_tables(cfg: SyntheticConfig) -> tuple[pa.Table, pa.Table]:
+    """Users with latent tastes, items whose text reveals their topic.
+
+    Each item belongs to one topic and its title uses that topic's words. Each user prefers one
+    topic (80% of events) and walks through it in item order (a sequential signal a next-item
+    model can learn); the rest are random items.
+    """
+    rng = np.random.default_rng(cfg.seed)
+    n_topics = min(cfg.n_topics, len(TOPIC_WORDS))
+    item_topic = np.arange(cfg.n_items) % n_topics  # (N,)
+    topic_items = [np.flatnonzero(item_topic == t) for t in range(n_topics)]
+    titles = []
+    for i in range(cfg.n_items):
+        words = TOPIC_WORDS[item_topic[i]]
+        a, b = rng.choice(len(words), 2, replace=False)
+        titles.append(f"The {words[a]} and the {words[b]} {i}")
+    users, items, ts = [], [], []
+    for u in range(cfg.n_users):
+        fav = rng.integers(n_topics)
+        pool = topic_items[fav]
+        pos = rng.integers(len(pool))
+        t = 1_700_000_000 + int(rng.integers(0, 10_000_000))
+        for _ in range(cfg.events_per_user):
+            if rng.random() < 0.8:
+                pos = (pos + 1) % len(pool)
+                it = int(pool[pos])
+            else:
+                it = int(rng.integers(cfg.n_items))
+            t += int(rng.integers(60, 86_400))
+            users.append(u)
+            items.append(it)
+            ts.append(t)
+    interactions = pa.table({
+        "user_id": pa.array(users, pa.int64()),
+        "item_id": pa.array(items, pa.int64()),
+        "ts": pa.array(ts, pa.int64()),
+    })
+    items_t = pa.table({
+        "item_id": pa.array(np.arange(cfg.n_items), pa.int64()),
+        "title": pa.array(titles, pa.string()),
+        "genres": pa.array([TOPIC_WORDS[t][0] for t in item_topic], pa.string()),
+    })
+    return interactions, items_t
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def _parquet(cfg: DataConfig, root: str) -> SourceData:
+    if not cfg.interactions or not cfg.items:
+        raise ValueError("data.source=parquet needs data.interactions and data.items (paths or s3:// URIs)")
+    return SourceData(cfg.interactions, cfg.items, "parquet")
+
+
+SOURCES: dict[str, Callable[[DataConfig, str], SourceData]] = {
+    "parquet": _parquet,
+    "movielens100k": lambda cfg, root: _materialise(root, "movielens100k", movielens_tables),
+    "synthetic": lambda cfg, root: _materialise(
+        root, f"synthetic-u{cfg.synthetic.n_users}-i{cfg.synthetic.n_items}-s{cfg.synthetic.seed}",
+        lambda: synthetic_tables(cfg.synthetic)),
+}
+
+
+def resolve_source(cfg: DataConfig, root: str) -> SourceData:
+    if cfg.source not in SOURCES:
+        raise ValueError(f"data.source={cfg.source!r} unknown; choose one of {sorted(SOURCES)}")
+    return SOURCES[cfg.source](cfg, root)
+
+
+def write_synthetic(cfg: SyntheticConfig, folder: str) -> SourceData:
+    """Write synthetic data as user-facing parquet (for tests and scale runs)."""
+    interactions, items = synthetic_tables(cfg)
+    inter_uri = storage.join(folder, "interactions")
+    storage.write_table(interactions, storage.join(inter_uri, "part-00000.parquet"))
+    items_uri = storage.join(folder, "items.parquet")
+    storage.write_table(items, items_uri)
+    return SourceData(inter_uri, items_uri, "synthetic")
+

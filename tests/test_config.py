@@ -1,0 +1,143 @@
+"""Config: every shipped YAML loads, dotted overrides land in the frozen dataclass, errors name the key."""
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from recsys_core.config import ConfigError, NightlyConfig, load_config, parse_run_date, replace
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "jobs" / "configs").glob("*.yaml"))
+SYNTHETIC = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "synthetic.yaml"
+
+
+@pytest.mark.unit
+def test_job_configs_exist():
+    assert {p.name for p in CONFIGS} >= {"ml100k.yaml", "synthetic.yaml"}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_job_config_parses_and_starts_with_its_command(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, NightlyConfig)
+    assert path.read_text().splitlines()[0].startswith("# python -m jobs.")
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_job_config_names_a_known_model_size_and_loss(path):
+    from recsys_core.losses import LOSSES
+    from recsys_core.model import SIZES
+
+    cfg = load_config(path)
+    assert cfg.model.item_tower.size in SIZES and cfg.model.user_tower.size in SIZES
+    assert cfg.train.loss in LOSSES
+
+
+@pytest.mark.unit
+def test_dotted_overrides_land_in_the_dataclass_on_top_of_the_file():
+    cfg = load_config(SYNTHETIC, ["train.epochs=3", "model.item_tower.size=mini", "eval.ks=[5,20]", "train.lr=1"])
+    assert cfg.train.epochs == 3
+    assert cfg.model.item_tower.size == "mini"
+    assert cfg.eval.ks == (5, 20)  # a YAML list becomes the declared tuple
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)  # int widened to float
+    # Keys not overridden keep the file's values, not the dataclass defaults.
+    assert cfg.name == "synthetic"
+    assert cfg.train.batch_size == 32
+    assert cfg.model.user_tower.size == "tiny"
+    assert cfg.model.embed_dim == 32
+
+
+@pytest.mark.unit
+def test_config_is_frozen():
+    cfg = load_config(None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.epochs = 5
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.name = "x"
+
+
+@pytest.mark.unit
+def test_unknown_override_key_raises_naming_the_dotted_key():
+    with pytest.raises(ConfigError, match=re.escape("train.epochz")):
+        load_config(SYNTHETIC, ["train.epochz=1"])
+
+
+@pytest.mark.unit
+def test_unknown_key_in_file_raises_naming_the_dotted_key(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("model:\n  item_tower: {sise: tiny}\n")
+    with pytest.raises(ConfigError, match=re.escape("model.item_tower.sise")):
+        load_config(p)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("override, key", [
+    ("train.epochs=abc", "train.epochs"),
+    ("train.use_gpu=3", "train.use_gpu"),
+    ("train.epochs=true", "train.epochs"),  # a bool is not an int
+    ("eval.ks=[5,x]", "eval.ks[1]"),
+    ("eval.ks=5", "eval.ks"),
+    ("model=3", "model"),
+])
+def test_wrong_type_raises_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=re.escape(f"'{key}'")):
+        load_config(None, [override])
+
+
+@pytest.mark.unit
+def test_override_without_equals_sign_raises():
+    with pytest.raises(ConfigError, match="train.epochs"):
+        load_config(None, ["train.epochs"])
+
+
+@pytest.mark.unit
+def test_override_value_that_is_not_yaml_is_kept_as_text():
+    cfg = load_config(None, ["data.item_template={title} ({year})", "name=2026-11-27"])
+    assert cfg.data.item_template == "{title} ({year})"
+    assert cfg.name == "2026-11-27"
+
+
+@pytest.mark.unit
+def test_parse_run_date_accepts_iso_date():
+    assert parse_run_date("2026-11-27") == "2026-11-27"
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", parse_run_date(None))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("bad", ["2026-1-1", "../x", "2026-11-27/..", "", "20261127"])
+def test_parse_run_date_rejects_malformed(bad):
+    with pytest.raises(ConfigError, match="--run-date"):
+        parse_run_date(bad)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("bad", ["2026-13-01", "2026-02-30"])
+def test_parse_run_date_rejects_impossible_dates(bad):
+    with pytest.raises(ValueError):
+        parse_run_date(bad)
+
+
+@pytest.mark.unit
+def test_parse_run_date_impossible_date_is_a_config_error_naming_the_flag():
+    with pytest.raises(ConfigError, match="--run-date"):
+        parse_run_date("2026-13-01")
+
+
+@pytest.mark.unit
+def test_replace_changes_dotted_key_and_leaves_original():
+    cfg = load_config(SYNTHETIC)
+    new = replace(cfg, **{"train.epochs": 2, "model.user_tower.size": "mini"})
+    assert new.train.epochs == 2 and new.model.user_tower.size == "mini"
+    assert cfg.train.epochs == 4 and cfg.model.user_tower.size == "tiny"
+    assert dataclasses.replace(new.train, epochs=4) == cfg.train  # nothing else in train changed
+    assert isinstance(new, NightlyConfig)
+
+
+@pytest.mark.unit
+def test_replace_unknown_key_raises():
+    with pytest.raises(ConfigError, match=re.escape("train.epochz")):
+        replace(load_config(None), **{"train.epochz": 2})

@@ -1,0 +1,92 @@
+"""The nightly job end to end on synthetic data with local Ray: quality and the published outputs."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+import jobs.nightly
+from recsys_core import storage
+from recsys_core.infer import read_recommendations
+
+pytestmark = pytest.mark.integration
+RUN_DATE = "2026-11-27"
+
+
+@pytest.fixture(scope="module")
+def nightly(ray_local, tmp_path_factory):
+    from recsys_core.config import load_config
+    from tests.conftest import REPO
+
+    root = tmp_path_factory.mktemp("nightly") / "store"
+    cfg = load_config(REPO / "jobs" / "configs" / "synthetic.yaml", [f"storage.root={root}"])
+    return cfg, jobs.nightly.main(cfg=cfg, run_date=RUN_DATE)
+
+
+def test_ddp_training_learns_planted_structure(nightly):
+    _, out = nightly
+    m = out["evaluate"]["metrics"]
+    model, pop = m["model"], m["baselines"]["popularity"]
+    assert m["model"]["n_users"] == 400
+    assert model["recall@10"] > 2 * pop["recall@10"], (model, pop)
+    assert model["ndcg@10"] > 2 * pop["ndcg@10"]
+    # two DDP workers trained for at least two epochs and validation improved on the first one
+    hist = out["train"]["history"]
+    assert len(hist) >= 2 and max(h["val_ndcg10"] for h in hist) > hist[0]["val_ndcg10"]
+
+
+def test_recommendations_schema_k_unseen_every_user(nightly):
+    cfg, out = nightly
+    recs, manifest = read_recommendations(out["infer"]["recommendations"])
+    users = storage.read_table(storage.join(out["prepare"]["prepared"], "users"))
+    items = storage.read_table(storage.join(out["prepare"]["prepared"], "items.parquet"))
+    assert recs.schema.field("item_ids").type == pa.list_(pa.int64())
+    assert recs.schema.field("scores").type == pa.list_(pa.float32())
+    assert set(recs.column_names) == {"user_id", "item_ids", "scores", "model_version"}
+    assert sorted(recs["user_id"].to_pylist()) == sorted(users["user_id"].to_pylist())
+    assert manifest["rows"] == recs.num_rows == users.num_rows
+    assert manifest["k"] == cfg.infer.k and manifest["model_version"] == out["train"]["model_version"]
+    item_id_of = np.asarray(items["item_id"].to_pylist())
+    seen = {u: set(item_id_of[s].tolist()) for u, s in zip(users["user_id"].to_pylist(), users["items"].to_pylist())}
+    for u, rec, sc in zip(recs["user_id"].to_pylist(), recs["item_ids"].to_pylist(), recs["scores"].to_pylist()):
+        assert len(rec) == cfg.infer.k == len(set(rec))
+        assert not (set(rec) & seen[u]), f"user {u} was recommended an item they already had"
+        assert sc == sorted(sc, reverse=True)
+    assert set(recs["model_version"].to_pylist()) == {out["train"]["model_version"]}
+
+
+def test_evaluation_outputs(nightly):
+    cfg, out = nightly
+    ev = out["evaluate"]["eval_dir"]
+    holdout = storage.read_table(storage.join(ev, "holdout_recs.parquet"))
+    assert holdout.num_rows == 400 and set(holdout.column_names) == {"user_id", "item_ids"}
+    assert all(len(x) == max(cfg.eval.ks) for x in holdout["item_ids"].to_pylist())
+    assert storage.read_bytes(storage.join(ev, "learning_curve.png"))[:8] == b"\x89PNG\r\n\x1a\n"
+    m = storage.read_json(storage.join(ev, "metrics.json"))["model"]
+    assert m["ndcg@10_ci_low"] <= m["ndcg@10"] <= m["ndcg@10_ci_high"]
+    _, manifest = read_recommendations(out["infer"]["recommendations"])
+    assert manifest["metrics"]["holdout"]["ndcg@10"] == pytest.approx(m["ndcg@10"])
+
+
+def test_rerun_same_date_skips_completed_stages(nightly):
+    cfg, out = nightly
+    again = jobs.nightly.main(cfg=cfg, run_date=RUN_DATE)
+    for stage in ("prepare", "train", "evaluate", "infer"):
+        assert again[stage] == out[stage]
+    recs, manifest = read_recommendations(out["infer"]["recommendations"])
+    assert manifest["attempt"] == out["infer"]["manifest"]["attempt"]
+
+
+def test_forced_republish_replaces_parts_atomically(nightly):
+    """A forced rerun of infer publishes a new attempt; only the manifest's files remain."""
+    import jobs.infer
+
+    cfg, out = nightly
+    before = out["infer"]["manifest"]
+    again = jobs.infer.main(cfg=cfg, run_date=RUN_DATE, force=True)["infer"]["manifest"]
+    assert again["attempt"] != before["attempt"]
+    folder = out["infer"]["recommendations"]
+    names = sorted(f.rsplit("/", 1)[-1] for f in storage.list_files(folder, ".parquet"))
+    assert names == sorted(again["files"])
+    recs, _ = read_recommendations(folder)
+    assert recs.num_rows == before["rows"]

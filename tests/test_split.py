@@ -1,0 +1,153 @@
+"""Prepare's pure functions (no Ray): row validation, per-user chronological histories, next-item windows."""
+
+import datetime as dt
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from recsys_core.data import build_user, training_windows, validate_batch
+
+COLUMNS = {"user_id": "user_id", "item_id": "item_id", "ts": "ts"}
+CATALOG = pa.array(["1", "2", "3"])  # item_idx 0, 1, 2
+# 2026-11-27T00:00:00Z: 56 years (14 leap days) + Jan..Oct 2026 (304 days) + 26 days = 20784 days.
+NOV27 = 20784 * 86400
+
+
+def _group(items, ts, user="u"):
+    return pa.table({"user_id": [user] * len(items), "item_idx": pa.array(items, pa.int32()),
+                     "ts": pa.array(ts, pa.int64())})
+
+
+# ----------------------------------------------------------------------------- build_user
+
+
+@pytest.mark.unit
+def test_build_user_sorts_by_ts_then_item_and_sets_exact_duplicates_aside():
+    # (item, ts): (5,20) (2,10) (7,10) (2,10) (1,30) (3,5)
+    # sorted by ts, ties by item: (3,5) (2,10) (2,10)dup (7,10) (5,20) (1,30)
+    row = build_user(_group([5, 2, 7, 2, 1, 3], [20, 10, 10, 10, 30, 5]), max_history=100).to_pylist()
+    assert row == [{"user_id": "u", "items": [3, 2, 7, 5, 1], "ts": [5, 10, 10, 20, 30],
+                    "dup_items": [2], "dup_ts": [10]}]
+
+
+@pytest.mark.unit
+def test_build_user_tie_rule_is_item_ascending_regardless_of_input_order():
+    a = build_user(_group([9, 4, 6], [7, 7, 7]), 100)["items"].to_pylist()
+    b = build_user(_group([6, 9, 4], [7, 7, 7]), 100)["items"].to_pylist()
+    assert a == b == [[4, 6, 9]]
+
+
+@pytest.mark.unit
+def test_build_user_same_item_at_another_time_is_not_a_duplicate():
+    row = build_user(_group([2, 2, 2, 2], [10, 40, 10, 10]), 100).to_pylist()[0]
+    assert row["items"] == [2, 2] and row["ts"] == [10, 40]
+    assert row["dup_items"] == [2, 2] and row["dup_ts"] == [10, 10]  # the two extra copies at ts 10
+
+
+@pytest.mark.unit
+def test_build_user_keeps_only_the_last_max_history():
+    row = build_user(_group([5, 2, 7, 2, 1, 3], [20, 10, 10, 10, 30, 5]), max_history=3).to_pylist()[0]
+    assert row["items"] == [7, 5, 1] and row["ts"] == [10, 20, 30]
+    assert row["dup_items"] == [2]  # duplicates are reported even if older than the kept history
+
+
+# ----------------------------------------------------------------------------- training_windows
+
+
+@pytest.mark.unit
+def test_training_windows_seven_items_seq_len_three_by_hand():
+    items = np.array([10, 11, 12, 13, 14, 15, 16])
+    got = [(x.tolist(), y.tolist()) for x, y in training_windows(items, 3)]
+    assert got == [
+        ([13, 14, 15], [14, 15, 16]),  # newest window first, full context
+        ([10, 11, 12], [11, 12, 13]),
+    ]
+
+
+@pytest.mark.unit
+def test_training_windows_eight_items_seq_len_three_by_hand():
+    items = np.array([10, 11, 12, 13, 14, 15, 16, 17])
+    got = [(x.tolist(), y.tolist()) for x, y in training_windows(items, 3)]
+    assert got == [
+        ([14, 15, 16], [15, 16, 17]),
+        ([11, 12, 13], [12, 13, 14]),
+        ([10], [11]),  # the oldest remainder is a short window
+    ]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("n", range(0, 12))
+@pytest.mark.parametrize("seq_len", [1, 2, 3, 5])
+def test_training_windows_cover_every_next_item_position_once(n, seq_len):
+    items = np.arange(100, 100 + n)  # value - 100 = position
+    windows = training_windows(items, seq_len)
+    targets = [int(t) - 100 for _, y in windows for t in y]
+    assert sorted(targets) == list(range(1, n))  # positions 1..n-1, each exactly once
+    for x, y in windows:
+        assert 1 <= len(x) == len(y) <= seq_len
+        np.testing.assert_array_equal(x + 1, y)  # target is the next item
+    starts = [int(y[0]) for _, y in windows]
+    assert starts == sorted(starts, reverse=True)  # newest first
+
+
+# ----------------------------------------------------------------------------- validate_batch
+
+
+@pytest.mark.unit
+def test_validate_batch_names_each_bad_row_and_keeps_good_rows():
+    batch = pa.table({
+        "user_id": ["u1", None, "u3", "u4", "u5", "u6", "u7", "u8", "u9", None],
+        "item_id": ["1", "2", None, "9", "2", "3", "3", "1", "2", "9"],
+        "ts": ["100", "101", "102", "103", "abc", "-5", None, "2026-11-27T00:00:00Z",
+               "2026-11-27T01:00:00+01:00", "abc"],
+    })
+    out = validate_batch(batch, COLUMNS, catalog_ids=CATALOG).to_pylist()
+    assert [r["reason"] for r in out] == [
+        None,             # u1: good
+        "null_user_id",
+        "null_item_id",
+        "unknown_item",   # item "9" not in the catalog
+        "bad_timestamp",  # unparseable
+        "bad_timestamp",  # negative
+        "bad_timestamp",  # null
+        None,             # ISO-8601, UTC
+        None,             # ISO-8601 with an offset: the same instant
+        "null_user_id",   # several failures: the first rule (null user) names the row
+    ]
+    assert out[0] == {"user_id": "u1", "item_idx": 0, "ts": 100, "raw_item_id": "1", "raw_ts": "100", "reason": None}
+    assert out[7] == {"user_id": "u8", "item_idx": 0, "ts": NOV27, "raw_item_id": "1",
+                      "raw_ts": "2026-11-27T00:00:00Z", "reason": None}
+    assert (out[8]["item_idx"], out[8]["ts"]) == (1, NOV27)
+    # Rejected rows keep their raw text for the quarantine.
+    assert (out[4]["raw_ts"], out[4]["raw_item_id"]) == ("abc", "2")
+    assert out[3]["raw_item_id"] == "9"
+
+
+@pytest.mark.unit
+def test_validate_batch_numeric_ids_match_string_catalog_and_numeric_ts_pass_through():
+    batch = pa.table({"uid": pa.array([7, 8], pa.int64()), "iid": pa.array([3, 1], pa.int64()),
+                      "time": pa.array([5, 0], pa.int64())})
+    out = validate_batch(batch, {"user_id": "uid", "item_id": "iid", "ts": "time"}, catalog_ids=CATALOG)
+    assert out["user_id"].to_pylist() == ["7", "8"]
+    assert out["item_idx"].to_pylist() == [2, 0]
+    assert out["ts"].to_pylist() == [5, 0]  # ts 0 (the epoch) is valid
+    assert out["reason"].to_pylist() == [None, None]
+
+
+@pytest.mark.unit
+def test_validate_batch_whole_second_timestamp_column():
+    ts = pa.array([dt.datetime(2026, 11, 27), None], pa.timestamp("ms", tz="UTC"))
+    batch = pa.table({"user_id": ["a", "b"], "item_id": ["1", "2"], "ts": ts})
+    out = validate_batch(batch, COLUMNS, catalog_ids=CATALOG)
+    assert out["ts"].to_pylist()[0] == NOV27
+    assert out["reason"].to_pylist() == [None, "bad_timestamp"]
+
+
+@pytest.mark.unit
+def test_validate_batch_sub_second_timestamp_column_truncates_to_seconds():
+    ts = pa.array([dt.datetime(2026, 11, 27, 0, 0, 0, 500000)], pa.timestamp("ms", tz="UTC"))
+    batch = pa.table({"user_id": ["a"], "item_id": ["1"], "ts": ts})
+    out = validate_batch(batch, COLUMNS, catalog_ids=CATALOG)
+    assert out["ts"].to_pylist() == [NOV27]
+    assert out["reason"].to_pylist() == [None]
