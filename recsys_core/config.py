@@ -86,6 +86,7 @@ class ModelConfig:
     max_seq_len: int = 50
     pooling: str = "mean"  # mean | last
     id_embedding: bool = True  # hybrid: learned item-ID embedding added to the text embedding
+    similarity: str = "dot"  # dot | cosine (both towers L2-normalised; pair with a temperature ~0.05-0.1)
     tokenizer: str = "gpt2-offline"  # gpt2-offline | hub name | save_pretrained folder
 
 

@@ -96,7 +96,7 @@ class _PartNames(FilenameProvider):
         self.attempt = attempt
 
     def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-        return f"part-{self.attempt}-{task_index:05d}.parquet"
+        return f"part-{self.attempt}-{write_uuid}-{task_index:05d}.parquet"
 
 
 def embed_items(model_uri: str, items_uri: str, out_uri: str, batch_size: int, concurrency: int) -> np.ndarray:

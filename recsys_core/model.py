@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
 
@@ -124,12 +125,16 @@ class TwoTower(nn.Module):
     def temperature(self) -> torch.Tensor:
         return self.log_temperature.exp()
 
+    def _out(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=-1) if self.cfg.similarity == "cosine" else x
+
     def item_embeddings(self, text: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
-        return self.item_tower.combine(text, item_idx)
+        """(N, D) text embeddings + (N,) ids -> (N, D) item vectors (normalised under cosine similarity)."""
+        return self._out(self.item_tower.combine(text, item_idx))
 
     def user_states(self, table: torch.Tensor, seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Item table (N, D), item-index sequences (B, L), mask (B, L) -> (B, L, D)."""
-        return self.user_tower(table[seq], mask)
+        return self._out(self.user_tower(table[seq], mask))
 
     def last_state(self, table: torch.Tensor, seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, D): the user vector after the last real item of each (right-padded) sequence."""

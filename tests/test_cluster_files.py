@@ -63,14 +63,14 @@ def test_runtime_env_excludes_local_state():
     assert {".venv", ".git"} <= set(load("runtime_env.yaml")["excludes"])
 
 
-def test_job_env_vars_do_not_clash_with_init_ray():
-    # init_ray passes WORKER_ENV to ray.init; Ray refuses to merge a job runtime_env
-    # that sets the same env var keys, so the driver would fail at startup.
+def test_job_runtime_envs_set_the_worker_environment():
+    # Attached to a cluster, init_ray passes no runtime_env (Ray refuses to merge one that repeats
+    # a job's env vars), so each job runtime_env must carry the workers' environment itself.
     from recsys_core.runtime import WORKER_ENV
 
     kuberay_env = yaml.safe_load(load("kuberay/rayjob.yaml")["spec"]["runtimeEnvYAML"])
     for env in (load("runtime_env.yaml"), kuberay_env):
-        assert not set(env.get("env_vars", {})) & set(WORKER_ENV)
+        assert env["env_vars"].items() >= WORKER_ENV.items()
 
 
 def test_cron_script():
