@@ -144,8 +144,21 @@ class NightlyConfig:
 # ----------------------------------------------------------------------------- building
 
 
+class _Override(str):
+    """A ``--set`` value as typed on the command line; parsed as YAML unless the field is text."""
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
+    if isinstance(value, _Override):
+        text_field = tp is str or (origin in (typing.Union, types.UnionType) and str in typing.get_args(tp))
+        if not (text_field and value.strip() not in ("null", "~", "")):
+            try:
+                value = yaml.safe_load(value) if value.strip() else ""
+            except yaml.YAMLError as e:
+                raise ConfigError(f"override for '{key}' is not valid YAML: {e}") from None
+        else:
+            value = str(value)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
@@ -187,7 +200,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def apply_override(data: dict[str, Any], override: str) -> None:
-    """Apply ``a.b.c=value`` to a nested dict; the value is parsed as YAML (``3``, ``true``, ``[1,2]``)."""
+    """Apply ``a.b.c=value`` to a nested dict; typed fields parse it as YAML (``3``, ``true``, ``[1,2]``)."""
     if "=" not in override:
         raise ConfigError(f"override {override!r} must look like key.sub=value")
     key, raw = override.split("=", 1)
@@ -197,11 +210,7 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: '{p}' is not a section")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw  # not YAML (e.g. a template "{title} ({year})"): keep the text
-    node[parts[-1]] = value
+    node[parts[-1]] = _Override(raw)
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> NightlyConfig:

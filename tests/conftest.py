@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+BASE_ENV = dict(os.environ)  # before any test starts Ray in this process (for subprocess clusters)
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing-key-id",
     "AWS_SECRET_ACCESS_KEY": "testing-secret-do-not-log-7f3a9c",
@@ -54,9 +55,12 @@ def moto_s3() -> Iterator[str]:
     proc.wait(timeout=10)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local(moto_s3: str) -> Iterator[None]:
-    """One local Ray cluster for the session, started after the S3 env is set so workers inherit it."""
+    """A local Ray cluster per test module, started after the S3 env is set so workers inherit it.
+
+    Module scope: no in-process cluster is left running beside the `ray start --head` cluster of
+    tests/test_job_submit.py (the two confuse the job agent lookup)."""
     import ray
 
     from recsys_core.config import RayConfig

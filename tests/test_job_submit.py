@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from recsys_core import storage
-from tests.conftest import REPO, free_port
+from tests.conftest import BASE_ENV, REPO, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -20,8 +20,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def ray_head():
     bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
+    # The environment from before this process started its own Ray cluster (ray_local).
+    env = {**BASE_ENV, "PATH": f"{bin_dir}:{BASE_ENV['PATH']}", "RAY_AUTH_MODE": "disabled"}
     gcs, dash = free_port(), free_port()
     tmp = tempfile.mkdtemp(prefix="rayh", dir="/tmp")
     head = subprocess.Popen(
@@ -53,7 +53,11 @@ def test_ray_job_submit_runs_the_nightly(ray_head, tmp_path):
            "--", "python", "-m", "jobs.nightly", "--config", "jobs/configs/synthetic.yaml",
            "--run-date", "2026-11-27", "--set", f"storage.root={root}", "--set", "train.epochs=1",
            "--set", "eval.baselines=[popularity]"]
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    for _ in range(10):  # the dashboard agent can lag the head by a few seconds
+        r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        if "No available agent" not in r.stderr + r.stdout:
+            break
+        time.sleep(3)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "succeeded" in (r.stdout + r.stderr)
     man = storage.read_json(str(root / "recommendations" / "run_date=2026-11-27" / "_MANIFEST.json"))
