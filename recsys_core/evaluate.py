@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 
 
 def model_holdout(scored: ray.data.Dataset, out_uri: str, metric_names: list[str]) -> tuple[dict[str, np.ndarray], int]:
-    """Write holdout_recs.parquet (user_id, item_ids best first) and gather per-user metric columns."""
+    """Write holdout_recs.parquet (user_id, item_ids best first) and gather per-user metric columns
+    (plus ``target_item_idx``, the held-out item of each user)."""
+    metric_names = [*metric_names, "target_item_idx"]
     cols: dict[str, list[np.ndarray]] = {m: [] for m in metric_names}
     tables = []
     for t in scored.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -50,9 +52,11 @@ BASELINES: dict[str, Callable[..., np.ndarray]] = {
 }
 
 
-def baseline_metrics(users_uri: str, n_items: int, names: tuple[str, ...], ks: tuple[int, ...], n_boot: int,
-                     k_neighbors: int) -> dict[str, dict[str, float]]:
-    """Baselines fit on train+validation interactions, ranked for the test item (seen excluded)."""
+def baseline_per_user(users_uri: str, n_items: int, names: tuple[str, ...], ks: tuple[int, ...],
+                      k_neighbors: int) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray]:
+    """Baselines fit on train+validation interactions, ranked for the test item (seen excluded).
+
+    Returns per-user metric values for each baseline and the test item of each user."""
     t = storage.read_table(users_uri, columns=["items"])
     seqs = [np.asarray(s, dtype=np.int64) for s in t["items"].to_pylist()]
     hist = [s[:-1] for s in seqs]
@@ -64,9 +68,22 @@ def baseline_metrics(users_uri: str, n_items: int, names: tuple[str, ...], ks: t
         if name not in BASELINES:
             raise ValueError(f"eval.baselines: {name!r} unknown; choose from {sorted(BASELINES)}")
         scores = BASELINES[name](train_users, train_items, len(hist), n_items, hist, k_neighbors=k_neighbors)
-        ranked = topk_from_scores(scores, hist, max(ks))
-        out[name] = summarize_values(per_user_metrics(ranked, target, ks), len(hist), n_boot)
-    return out
+        out[name] = per_user_metrics(topk_from_scores(scores, hist, max(ks)), target, ks)
+    return out, target
+
+
+def cold_start_metrics(model_pu: dict[str, np.ndarray], base_pu: dict[str, dict[str, np.ndarray]],
+                       base_target: np.ndarray, cold_items: np.ndarray, n_boot: int) -> dict[str, Any] | None:
+    """Metrics restricted to users whose test item never occurs in training (scored from text alone)."""
+    model_mask = cold_items[model_pu["target_item_idx"].astype(np.int64)]
+    if not model_mask.any():
+        return None
+    base_mask = cold_items[base_target]
+    pick = lambda pu, m: {k: v[m] for k, v in pu.items() if k != "target_item_idx"}  # noqa: E731
+    return {"users": int(model_mask.sum()),
+            "model": summarize_values(pick(model_pu, model_mask), int(model_mask.sum()), n_boot),
+            "baselines": {b: summarize_values(pick(pu, base_mask), int(base_mask.sum()), n_boot)
+                          for b, pu in base_pu.items()}}
 
 
 def plot_learning_curve(history: list[dict[str, Any]], baselines: dict[str, dict[str, float]], out_uri: str) -> None:

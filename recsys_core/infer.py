@@ -83,6 +83,7 @@ class UserScorer:
         }
         if self.holdout:
             target = np.asarray([s[-1] for s in seqs], dtype=np.int64)
+            out["target_item_idx"] = pa.array(target)
             for name, v in per_user_metrics(idx, target, self.ks).items():
                 out[name] = pa.array(v.astype(np.float64))
         return pa.table(out)

@@ -81,6 +81,9 @@ class ItemTower(nn.Module):
         self.id_emb = nn.Embedding(n_items, cfg.embed_dim) if cfg.id_embedding else None
         if self.id_emb is not None:
             nn.init.normal_(self.id_emb.weight, std=0.02)
+        # 1 for items seen in training; an item never trained has an untrained ID vector, so it is
+        # embedded from its text alone (cold start). Saved with the weights.
+        self.register_buffer("id_known", torch.ones(n_items))
 
     def text_embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(N, T) tokens -> (N, D) text embedding."""
@@ -89,7 +92,9 @@ class ItemTower(nn.Module):
 
     def combine(self, text: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
         """(N, D) text embedding + (N,) ids -> (N, D) item embedding."""
-        return text + self.id_emb(item_idx) if self.id_emb is not None else text
+        if self.id_emb is None:
+            return text
+        return text + self.id_emb(item_idx) * self.id_known[item_idx].unsqueeze(-1).to(text.dtype)
 
 
 class UserTower(nn.Module):

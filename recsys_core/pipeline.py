@@ -112,12 +112,12 @@ def train_stage(run: Run) -> dict[str, Any]:
 
 
 def evaluate_stage(run: Run) -> dict[str, Any]:
-    from recsys_core.evaluate import baseline_metrics, model_holdout, plot_learning_curve
+    from recsys_core.evaluate import baseline_per_user, cold_start_metrics, model_holdout, plot_learning_curve
     from recsys_core.infer import embed_items, score_users
     from recsys_core.metrics import summarize_values
 
     cfg, trained = run.cfg, run.require("train")
-    items = storage.read_table(run.prepared.items, columns=["item_id"])
+    items = storage.read_table(run.prepared.items, columns=["item_id", "train_count"])
     emb_uri = storage.join(trained["model_dir"], "item_embeddings.npy")
     embed_items(trained["model_dir"], run.prepared.items, emb_uri, cfg.infer.item_batch_size, cfg.infer.concurrency)
     scored = score_users(trained["model_dir"], emb_uri, run.prepared.users, _ids(items), max(cfg.eval.ks),
@@ -126,11 +126,14 @@ def evaluate_stage(run: Run) -> dict[str, Any]:
     names = [f"{m}@{k}" for k in cfg.eval.ks for m in ("recall", "ndcg")] + [f"mrr@{max(cfg.eval.ks)}"]
     per_user, n_scored = model_holdout(scored, storage.join(run.eval_dir, "holdout_recs.parquet"), names)
     n_users = run.require("prepare")["stats"]["users_kept"]
-    model_m = summarize_values(per_user, n_users, cfg.eval.n_boot)
-    base = baseline_metrics(run.prepared.users, items.num_rows, cfg.eval.baselines, cfg.eval.ks,
-                            cfg.eval.n_boot, cfg.eval.itemknn_neighbors)
+    model_m = summarize_values({k: v for k, v in per_user.items() if k != "target_item_idx"}, n_users,
+                               cfg.eval.n_boot)
+    base_pu, base_target = baseline_per_user(run.prepared.users, items.num_rows, cfg.eval.baselines, cfg.eval.ks,
+                                             cfg.eval.itemknn_neighbors)
+    base = {b: summarize_values(pu, n_users, cfg.eval.n_boot) for b, pu in base_pu.items()}
+    cold = cold_start_metrics(per_user, base_pu, base_target, items["train_count"].to_numpy() == 0, cfg.eval.n_boot)
     metrics = {"model": model_m, "baselines": base, "model_version": trained["model_version"],
-               "users_scored": n_scored,
+               "users_scored": n_scored, "cold_start": cold,
                "note": "bootstrap 95% CIs over users; with ~1k users, differences under ~0.015 are noise"}
     storage.write_json(storage.join(run.eval_dir, "metrics.json"), metrics)
     plot_learning_curve(trained["history"], base, storage.join(run.eval_dir, "learning_curve.png"))

@@ -44,6 +44,6 @@ def topk_excluding(user_vecs: torch.Tensor, item_table: torch.Tensor, seen: Sequ
 
 def topk_from_scores(scores: np.ndarray, seen: Sequence[np.ndarray], k: int, chunk: int = 4096) -> np.ndarray:
     """Top-k item indices of a precomputed (U, N) score matrix (baselines), seen items excluded."""
-    parts = [topk_block(torch.from_numpy(np.asarray(scores[s:s + chunk], dtype=np.float32)), seen[s:s + chunk], k)[0]
+    parts = [topk_block(torch.from_numpy(np.array(scores[s:s + chunk], dtype=np.float32)), seen[s:s + chunk], k)[0]
              for s in range(0, len(scores), chunk)]
     return np.concatenate(parts) if parts else np.zeros((0, k), np.int64)

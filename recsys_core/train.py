@@ -46,16 +46,18 @@ class ItemTensors:
     tokens: torch.Tensor  # (N, T)
     mask: torch.Tensor  # (N, T)
     prob: torch.Tensor  # (N,) training popularity, for logQ
+    known: torch.Tensor  # (N,) bool: the item occurs in training
 
     @staticmethod
     def load(items_uri: str) -> "ItemTensors":
         t = storage.read_table(items_uri, columns=["input_ids", "train_count"])
         ids, mask = pad_token_lists(t["input_ids"].to_pylist(), pad_id=PAD)
-        counts = t["train_count"].to_numpy().astype(np.float64) + 1.0
-        return ItemTensors(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(counts / counts.sum()).float())
+        counts = t["train_count"].to_numpy().astype(np.float64)
+        prob = torch.from_numpy((counts + 1.0) / (counts + 1.0).sum()).float()
+        return ItemTensors(torch.from_numpy(ids), torch.from_numpy(mask), prob, torch.from_numpy(counts > 0))
 
     def to(self, device: torch.device) -> "ItemTensors":
-        return ItemTensors(self.tokens.to(device), self.mask.to(device), self.prob.to(device))
+        return ItemTensors(self.tokens.to(device), self.mask.to(device), self.prob.to(device), self.known.to(device))
 
 
 def pad_sequences(seqs: list[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -199,6 +201,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     else:
         model = build_two_tower(cfg.model, n_items, tc.temperature, tc.learn_temperature)
     model.log_temperature.requires_grad_(tc.learn_temperature)
+    model.item_tower.id_known.copy_(items.known.float())  # items never trained are text-only
     model.to(device)
 
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
