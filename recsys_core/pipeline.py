@@ -13,6 +13,7 @@ Storage layout under ``storage.root``::
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
@@ -20,7 +21,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from recsys_core import storage
-from recsys_core.config import NightlyConfig
+from recsys_core.config import NightlyConfig, replace
 from recsys_core.data import PreparedPaths, run_prepare
 from recsys_core.runtime import init_ray, stage_context
 
@@ -191,6 +192,8 @@ STAGES: dict[str, list[tuple[str, Callable[[Run], dict[str, Any]]]]] = {
 
 def run_job(job: str, cfg: NightlyConfig, run_date: str, force: bool = False) -> dict[str, Any]:
     """Run a job's stages in order; returns each stage's completion record."""
+    if not storage.is_s3(cfg.storage.root):  # Ray workers run in other folders: pin relative roots
+        cfg = replace(cfg, **{"storage.root": os.path.abspath(cfg.storage.root)})
     init_ray(cfg.ray)
     run = Run(cfg, run_date, force)
     t0 = time.time()
