@@ -1,0 +1,55 @@
+"""Run the shipped ml100k nightly for several seeds and print the holdout table (README "Results").
+
+    python benchmarks/ml100k_seeds.py --seeds 0 1 2 --root /tmp/ml100k-seeds --json seeds.json
+
+Each seed is a full `jobs.nightly` run (prepare, Ray Train DDP, evaluate, publish) on its own
+storage root; the table shows each seed, the mean and the spread (max - min), and the baselines.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+import jobs.nightly
+from recsys_core.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+COLS = ["recall@10", "ndcg@10", "recall@50", "mrr@50"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--root", default="outputs/ml100k-seeds")
+    p.add_argument("--config", default=str(REPO / "jobs" / "configs" / "ml100k.yaml"))
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    rows = []
+    for seed in a.seeds:
+        cfg = load_config(a.config, [f"storage.root={a.root}/seed{seed}", f"train.seed={seed}"])
+        t0 = time.time()
+        out = jobs.nightly.main(cfg=cfg, run_date="2026-11-27", force=True)
+        m = out["evaluate"]["metrics"]
+        rows.append({"seed": seed, "wall_s": round(time.time() - t0, 1),
+                     "train_s": out["train"]["wall_s"], "epochs": len(out["train"]["history"]),
+                     "model": {c: m["model"][c] for c in COLS},
+                     "baselines": {b: {c: v[c] for c in COLS} for b, v in m["baselines"].items()}})
+        print(json.dumps(rows[-1]), flush=True)
+    print(f"\n| run | {' | '.join(COLS)} | nightly wall |\n|---|{'---|' * len(COLS)}---|")
+    for r in rows:
+        print(f"| seed {r['seed']} | " + " | ".join(f"{r['model'][c]:.4f}" for c in COLS) + f" | {r['wall_s']:.0f} s |")
+    vals = {c: np.array([r["model"][c] for r in rows]) for c in COLS}
+    print("| mean | " + " | ".join(f"{v.mean():.4f}" for v in vals.values()) + " | |")
+    print("| spread (max-min) | " + " | ".join(f"{np.ptp(v):.4f}" for v in vals.values()) + " | |")
+    for b, bm in rows[0]["baselines"].items():
+        print(f"| {b} | " + " | ".join(f"{bm[c]:.4f}" for c in COLS) + " | |")
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
