@@ -100,8 +100,8 @@ def plot_learning_curve(history: list[dict[str, Any]], baselines: dict[str, dict
     a.plot(epochs, [h["train_loss"] for h in history], marker="o")
     a.set(title="training loss", xlabel="epoch", ylabel="loss")
     b.plot(epochs, [h["val_ndcg10"] for h in history], marker="o", label="model (validation)")
-    for name, m in baselines.items():
-        b.axhline(m["ndcg@10"], linestyle="--", alpha=0.6, label=f"{name} (test)")
+    for (name, m), color in zip(baselines.items(), ["tab:gray", "tab:orange", "tab:green", "tab:red"]):
+        b.axhline(m["ndcg@10"], linestyle="--", color=color, label=f"{name} (test)")
     b.set(title="NDCG@10", xlabel="epoch")
     b.legend(fontsize=8)
     fig.tight_layout()

@@ -315,13 +315,19 @@ def run_train(cfg: NightlyConfig, prepared: PreparedPaths, run_dir: str, init_fr
         raise result.error
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1][VAL_METRIC])
     uri = ("s3://" + best_ckpt.path) if storage.is_s3(run_dir) else best_ckpt.path
-    return {"checkpoint": uri, "metrics": best_metrics, "history": _history(result)}
+    return {"checkpoint": uri, "metrics": best_metrics, "history": _history(result, run_dir)}
 
 
-def _history(result: Any) -> list[dict[str, Any]]:
-    df = result.metrics_dataframe
-    keep = ["epoch", "train_loss", VAL_METRIC, "val_recall10", "epoch_s", "lr"]
-    return [{k: (float(r[k]) if k != "epoch" else int(r[k])) for k in keep if k in r} for _, r in df.iterrows()]
+def _history(result: Any, run_dir: str) -> list[dict[str, Any]]:
+    """Per-epoch metrics of the whole run, from the latest checkpoint's training state.
+
+    (``result.metrics_dataframe`` only holds the epochs whose checkpoints were retained.)"""
+    import io
+
+    latest = result.checkpoint
+    uri = ("s3://" + latest.path) if storage.is_s3(run_dir) else latest.path
+    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(uri, STATE))), weights_only=True)
+    return json.loads(state["history"])
 
 
 def copy_checkpoint(src: str, dest: str) -> None:
