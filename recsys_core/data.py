@@ -225,11 +225,19 @@ def _read_interactions(src: SourceData, cfg: NightlyConfig) -> ray.data.Dataset:
     if not storage.exists(src.interactions):
         raise DataValidationError(f"{src.interactions}: interactions not found")
     ds = ray.data.read_parquet(path, filesystem=fs)
-    names = ds.schema().names
+    schema = ds.schema()
+    types_ = dict(zip(schema.names, schema.types))
     for key, col in vars(cfg.data.columns).items():
-        if col not in names:
+        if col not in types_:
             raise DataValidationError(f"{src.interactions}: interactions have no column {col!r} "
-                                      f"(config data.columns.{key}); columns are {names}")
+                                      f"(config data.columns.{key}); columns are {schema.names}")
+        t = types_[col]
+        ok = (pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
+              or (key == "ts" and (pa.types.is_timestamp(t) or pa.types.is_date(t) or pa.types.is_floating(t))))
+        if not ok:
+            raise DataValidationError(f"{src.interactions}: column {col!r} (config data.columns.{key}) has "
+                                      f"type {t}; expected integer or string" + (", timestamp or float"
+                                                                                  if key == "ts" else ""))
     return ds
 
 
@@ -271,6 +279,12 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
         qpath, qfs = storage.ray_location(out.quarantine)
         bad.union(dups).repartition(1).write_parquet(qpath, filesystem=qfs)
 
+    if rejected / rows_read > cfg.prepare.max_reject_fraction:  # before any other output is written
+        raise DataValidationError(
+            f"{src.interactions}: {rejected} of {rows_read} rows rejected ({rejected / rows_read:.1%} > "
+            f"prepare.max_reject_fraction={cfg.prepare.max_reject_fraction:.1%}); by reason "
+            f"{ {k: v for k, v in reasons.items() if v} }; rows kept in {out.quarantine}")
+
     min_n = max(cfg.prepare.min_user_interactions, 3)
     kept = users.filter(lambda r: len(r["items"]) >= min_n).select_columns(["user_id", "items", "ts"]).materialize()
     storage.delete(out.users)
@@ -309,11 +323,6 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
     storage.write_json(out.stats, stats)
     log.info("prepare: %d rows, %d rejected %s, %d users kept, %d items",
              rows_read, rejected, {k: v for k, v in reasons.items() if v}, stats["users_kept"], catalog.num_rows)
-    if stats["reject_fraction"] > cfg.prepare.max_reject_fraction:
-        raise DataValidationError(
-            f"{src.interactions}: {rejected} of {rows_read} rows rejected ({stats['reject_fraction']:.1%} > "
-            f"prepare.max_reject_fraction={cfg.prepare.max_reject_fraction:.1%}); by reason "
-            f"{ {k: v for k, v in reasons.items() if v} }; rows kept in {out.quarantine}")
     if stats["users_kept"] == 0:
         raise DataValidationError(f"{src.interactions}: no user has {min_n} or more valid interactions")
     return stats

@@ -129,18 +129,26 @@ def score_users(model_uri: str, item_emb_uri: str, users_uri: str, item_ids: pa.
 
 
 def publish(ds: ray.data.Dataset, folder: str, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Write ``ds`` as ``folder/part-<attempt>-*.parquet`` and switch readers to it with one manifest write."""
+    """Write ``ds`` as ``folder/part-<attempt>-*.parquet`` and switch readers to it with one manifest write.
+
+    The previous generation's files stay (a reader holding the old manifest can finish); the
+    generation before that is deleted. Only files named by a manifest are ever deleted, so an
+    overlapping publish never removes another attempt's fresh parts."""
+    man_uri = storage.join(folder, MANIFEST)
+    previous = storage.read_json(man_uri) if storage.exists(man_uri) else None
     attempt = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     path, fs = storage.ray_location(folder)
     ds.write_parquet(path, filesystem=fs, filename_provider=_PartNames(attempt))
     files = [f for f in storage.list_files(folder, ".parquet") if f.rsplit("/", 1)[-1].startswith(f"part-{attempt}-")]
     rows = sum(_rows(f) for f in files)
     full = {**manifest, "attempt": attempt, "files": [f.rsplit("/", 1)[-1] for f in files], "rows": rows,
-            "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    storage.write_json(storage.join(folder, MANIFEST), full)  # the atomic switch
-    for f in storage.list_files(folder, ".parquet"):
-        if f.rsplit("/", 1)[-1] not in full["files"]:
-            storage.delete(f)
+            "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "previous_files": previous["files"] if previous else []}
+    storage.write_json(man_uri, full)  # the atomic switch
+    keep = set(full["files"]) | set(full["previous_files"])
+    for name in (previous or {}).get("previous_files", []):
+        if name not in keep:
+            storage.delete(storage.join(folder, name))
     return full
 
 
@@ -156,6 +164,12 @@ def read_recommendations(folder: str) -> tuple[pa.Table, dict[str, Any]]:
     man_uri = storage.join(folder, MANIFEST)
     if not storage.exists(man_uri):
         raise FileNotFoundError(f"{folder}: no {MANIFEST}; this run was never published")
-    manifest = storage.read_json(man_uri)
-    tables = [storage.read_table(storage.join(folder, f)) for f in manifest["files"]]
-    return pa.concat_tables(tables) if tables else pa.table({}), manifest
+    for attempt in range(2):  # a publish two generations later may delete files under a slow reader
+        manifest = storage.read_json(man_uri)
+        try:
+            tables = [storage.read_table(storage.join(folder, f)) for f in manifest["files"]]
+            return pa.concat_tables(tables) if tables else pa.table({}), manifest
+        except FileNotFoundError:
+            if attempt:
+                raise
+    raise AssertionError("unreachable")

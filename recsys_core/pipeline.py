@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
@@ -61,15 +62,31 @@ class Run:
         return storage.join(self.run_dir, "stages", f"{stage}.json")
 
     def done(self, stage: str) -> dict[str, Any] | None:
-        """The stage's completion record, or None when it has to run."""
-        return storage.read_json(self.marker(stage)) if storage.exists(self.marker(stage)) else None
+        """The stage's completion record, or None when it has to run.
+
+        A record is stale (None) when a stage it consumed was redone after it: each record stores
+        the ``finished_at`` of the upstream records it read."""
+        if not storage.exists(self.marker(stage)):
+            return None
+        rec = storage.read_json(self.marker(stage))
+        for dep in DEPENDS[stage]:
+            up = self.done(dep)
+            if up is None or rec.get("inputs", {}).get(dep) != up.get("finished_at"):
+                return None
+        return rec
 
     def require(self, stage: str) -> dict[str, Any]:
         rec = self.done(stage)
         if rec is None:
-            raise RuntimeError(f"stage '{stage}' has not completed for run_date={self.run_date} under "
-                               f"{self.root}; run `python -m jobs.{stage} --run-date {self.run_date}` first")
+            raise RuntimeError(f"stage '{stage}' has not completed (or is stale) for run_date={self.run_date} "
+                               f"under {self.root}; run `python -m jobs.{JOB_OF[stage]} --run-date "
+                               f"{self.run_date}` first")
         return rec
+
+
+DEPENDS: dict[str, tuple[str, ...]] = {"prepare": (), "train": ("prepare",), "evaluate": ("train",),
+                                       "infer": ("train",)}
+JOB_OF = {"prepare": "prepare", "train": "train", "evaluate": "infer", "infer": "infer"}
 
 
 def _stage(name: str, fn: Callable[[Run], dict[str, Any]], run: Run) -> dict[str, Any]:
@@ -81,7 +98,10 @@ def _stage(name: str, fn: Callable[[Run], dict[str, Any]], run: Run) -> dict[str
             return rec
         t0 = time.time()
         out = fn(run)
-        out = {**out, "stage": name, "run_date": run.run_date, "wall_s": round(time.time() - t0, 2)}
+        inputs = {dep: run.require(dep)["finished_at"] for dep in DEPENDS[name]}
+        finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+        out = {**out, "stage": name, "run_date": run.run_date, "wall_s": round(time.time() - t0, 2),
+               "inputs": inputs, "finished_at": finished}
         storage.write_json(run.marker(name), out)
         log.info("stage %s done in %.1fs", name, out["wall_s"])
         return out

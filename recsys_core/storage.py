@@ -13,7 +13,7 @@ import os
 import posixpath
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -77,11 +77,15 @@ def write_bytes(uri: str, data: bytes) -> None:
     if isinstance(fs, pafs.LocalFileSystem):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         return
     with fs.open_output_stream(path) as f:
         f.write(data)
@@ -105,15 +109,6 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
     return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
 
 
-def list_dirs(uri: str) -> list[str]:
-    """Names of the immediate sub-folders of ``uri``."""
-    fs, path = filesystem(uri)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        return []
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
-    return sorted(posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.Directory)
-
-
 def delete(uri: str) -> None:
     """Delete a file or a whole folder; missing is fine."""
     fs, path = filesystem(uri)
@@ -122,12 +117,6 @@ def delete(uri: str) -> None:
         fs.delete_dir(path)
     elif info.type == pafs.FileType.File:
         fs.delete_file(path)
-
-
-def ensure_dir(uri: str) -> None:
-    fs, path = filesystem(uri)
-    if isinstance(fs, pafs.LocalFileSystem):
-        os.makedirs(path, exist_ok=True)
 
 
 def upload_dir(local_dir: str | Path, uri: str) -> None:
@@ -164,11 +153,6 @@ def write_table(table: pa.Table, uri: str) -> None:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     write_bytes(uri, buf.getvalue())
-
-
-def iter_tables(uris: list[str]) -> Iterator[pa.Table]:
-    for u in uris:
-        yield read_table(u)
 
 
 def ray_location(uri: str) -> tuple[str, pafs.FileSystem]:

@@ -36,8 +36,9 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
         tok = GPT2TokenizerFast.from_pretrained(str(offline_gpt2_folder()))
     elif storage.is_s3(name):
         local = cache_dir() / "tokenizers" / name[len("s3://"):].replace("/", "_")
-        if not local.exists():
+        if not (local / "_DOWNLOADED").exists():  # a partial download is never trusted
             storage.download_dir(name, local)
+            (local / "_DOWNLOADED").write_text(name + "\n")
         tok = AutoTokenizer.from_pretrained(str(local))
     else:
         tok = AutoTokenizer.from_pretrained(name)

@@ -108,7 +108,7 @@ class Objective(nn.Module):
         if fresh.numel() > self.text_items_per_step:
             fresh = fresh[torch.randperm(fresh.numel(), device=seq.device)[: self.text_items_per_step]]
         fresh_text = m.item_tower.text_embed(items.tokens[fresh], items.mask[fresh])  # (F, D)
-        text = text_cache[cand].index_put((remap[fresh],), fresh_text)  # (C, D)
+        text = text_cache[cand].index_put((remap[fresh],), fresh_text.to(text_cache.dtype))  # (C, D)
         table = m.item_embeddings(text, cand)  # (C, D)
 
         states = m.user_states(table, remap[seq].clamp_min(0), mask)  # (B, L, D)
@@ -188,7 +188,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(tc.threads_per_worker)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(tc.seed + rank)
     np.random.seed(tc.seed + rank)
     device = ray.train.torch.get_device()
     paths = PreparedPaths(config["prepared"])
@@ -200,6 +199,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model, _ = load_checkpoint(config["init_from"])
     else:
         model = build_two_tower(cfg.model, n_items, tc.temperature, tc.learn_temperature)
+    torch.manual_seed(tc.seed + rank)  # per-rank randomness (dropout, negatives) after the shared init
     model.log_temperature.requires_grad_(tc.learn_temperature)
     model.item_tower.id_known.copy_(items.known.float())  # items never trained are text-only
     model.to(device)
@@ -254,7 +254,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if bar is not None:
             bar.close()
 
-        flag = torch.zeros(2, dtype=torch.float64)
+        flag = torch.zeros(2, dtype=torch.float64, device=device)  # NCCL needs device tensors
         if rank == 0:
             vm = evaluate_histories(unwrap(model), items, val[0], val[1], cfg.model.max_seq_len)
             flag[0] = vm["ndcg@10"]

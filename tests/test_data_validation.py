@@ -96,6 +96,15 @@ def test_missing_column_names_the_file_and_config_key(ray_local, tmp_path, broke
         run_prepare(_cfg(tmp_path, "data.columns.ts=timestamp"), src, PreparedPaths(str(tmp_path / "p")))
 
 
+def test_unsupported_column_type_is_named(ray_local, tmp_path):
+    (tmp_path / "inter").mkdir()
+    pq.write_table(pa.table({"uid": ["a"], "movie": [1.5], "when": [T0]}), tmp_path / "inter" / "x.parquet")
+    _items(tmp_path / "items.parquet")
+    src = SourceData(str(tmp_path / "inter"), str(tmp_path / "items.parquet"), "test")
+    with pytest.raises(DataValidationError, match=r"column 'movie' \(config data.columns.item_id\) has type double"):
+        run_prepare(_cfg(tmp_path), src, PreparedPaths(str(tmp_path / "p")))
+
+
 def test_catalog_without_id_column_is_named(ray_local, tmp_path, broken):
     src, _, _ = broken
     pq.write_table(pa.table({"name": ["x"]}), tmp_path / "bad_items.parquet")

@@ -77,16 +77,41 @@ def test_rerun_same_date_skips_completed_stages(nightly):
     assert manifest["attempt"] == out["infer"]["manifest"]["attempt"]
 
 
-def test_forced_republish_replaces_parts_atomically(nightly):
-    """A forced rerun of infer publishes a new attempt; only the manifest's files remain."""
-    import jobs.infer
+def test_forced_republish_switches_manifest_and_retires_old_generations(nightly):
+    """Each publish adds a generation; the manifest switches to it; the one before last is deleted."""
+    from recsys_core.infer import publish
 
     cfg, out = nightly
-    before = out["infer"]["manifest"]
-    again = jobs.infer.main(cfg=cfg, run_date=RUN_DATE, force=True)["infer"]["manifest"]
-    assert again["attempt"] != before["attempt"]
     folder = out["infer"]["recommendations"]
-    names = sorted(f.rsplit("/", 1)[-1] for f in storage.list_files(folder, ".parquet"))
-    assert names == sorted(again["files"])
+    first = out["infer"]["manifest"]
     recs, _ = read_recommendations(folder)
-    assert recs.num_rows == before["rows"]
+    ds = ray_data_of(recs)
+    second = publish(ds, folder, {"run_date": RUN_DATE})
+    third = publish(ds, folder, {"run_date": RUN_DATE})
+    assert len({first["attempt"], second["attempt"], third["attempt"]}) == 3
+    names = sorted(f.rsplit("/", 1)[-1] for f in storage.list_files(folder, ".parquet"))
+    assert names == sorted(third["files"] + second["files"])  # first generation gone, previous kept
+    assert third["previous_files"] == second["files"]
+    again, manifest = read_recommendations(folder)
+    assert again.num_rows == first["rows"] and manifest["attempt"] == third["attempt"]
+
+
+def ray_data_of(table: pa.Table):
+    import ray
+
+    return ray.data.from_arrow(table)
+
+
+def test_redone_upstream_stage_makes_downstream_records_stale(nightly):
+    """After prepare is redone, train/evaluate/infer records no longer count as complete."""
+    from recsys_core.pipeline import Run
+
+    cfg, out = nightly
+    run = Run(cfg, RUN_DATE)
+    assert run.done("infer") is not None
+    rec = dict(run.done("prepare"), finished_at="2099-01-01T00:00:00Z-redo")
+    storage.write_json(run.marker("prepare"), rec)
+    assert run.done("prepare") is not None
+    assert run.done("train") is None and run.done("evaluate") is None and run.done("infer") is None
+    with pytest.raises(RuntimeError, match="jobs.train"):
+        run.require("train")
