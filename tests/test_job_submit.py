@@ -23,10 +23,15 @@ def ray_head():
     # The environment from before this process started its own Ray cluster (ray_local).
     env = {**BASE_ENV, "PATH": f"{bin_dir}:{BASE_ENV['PATH']}", "RAY_AUTH_MODE": "disabled"}
     gcs, dash = free_port(), free_port()
+    # Every fixed default port gets a free one: another Ray cluster on this machine (a test's
+    # in-process cluster, a developer's own) would otherwise hold the dashboard agent's port.
+    ports = [f"--{name}={free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+        "metrics-export-port", "node-manager-port", "object-manager-port", "ray-client-server-port")]
     tmp = tempfile.mkdtemp(prefix="rayh", dir="/tmp")
     head = subprocess.Popen(
         [f"{bin_dir}/ray", "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
-         "--dashboard-host=127.0.0.1", "--num-cpus=4", f"--temp-dir={tmp}", "--include-dashboard=true"],
+         "--dashboard-host=127.0.0.1", "--num-cpus=4", f"--temp-dir={tmp}", "--include-dashboard=true", *ports],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 90
