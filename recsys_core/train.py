@@ -233,14 +233,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, tc.epochs):
         t0 = time.time()
         cache = text_table(model, items)
-        losses = []
+        losses, samples = [], 0
         bar = None
         if rank == 0:
             from tqdm import tqdm
             bar = tqdm(total=steps_per_epoch, desc=f"train epoch {epoch}", leave=False, mininterval=2)
         for batch in shard.iter_batches(batch_size=tc.batch_size, batch_format="numpy",
                                         local_shuffle_buffer_size=4 * tc.batch_size, local_shuffle_seed=tc.seed + epoch):
+            if not losses:
+                t_steps = time.time()  # the step loop's clock starts at the first batch
             seq, tgt, mask = (x.to(device) for x in collate(batch, cfg.model.max_seq_len))
+            samples += seq.size(0)
             with autocast:
                 loss = objective(seq, tgt, mask, items, cache)
             opt.zero_grad(set_to_none=True)
@@ -253,6 +256,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 bar.update(1)
         if bar is not None:
             bar.close()
+        step_s = time.time() - t_steps if losses else 0.0
 
         flag = torch.zeros(2, dtype=torch.float64, device=device)  # NCCL needs device tensors
         if rank == 0:
@@ -266,7 +270,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         best, since_best = (ndcg, 0) if improved else (best, since_best + 1)
         metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
                    VAL_METRIC: ndcg, "val_recall10": recall, "epoch_s": time.time() - t0,
-                   "lr": sched.get_last_lr()[0], "best_val_ndcg10": best}
+                   "lr": sched.get_last_lr()[0], "best_val_ndcg10": best,
+                   "step_s": step_s, "samples_per_worker": samples, "steps": len(losses)}
         history.append(metrics)
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
