@@ -6,14 +6,26 @@
 - :func:`lm_loss`: next-token cross-entropy on padded batches (the LM-replay term).
 - :func:`kl_to_reference`: KL(reference || model) of next-token distributions on real tokens
   (the term that keeps the fine-tuned model close to a frozen reference).
+
+Mechanisms (each a switch in ``GuardConfig``, combinable): LoRA adapters on the item tower's body
+(:func:`apply_lora`; the base stays frozen and is the KL reference with adapters disabled), LM replay
+on general text and item text, KL to a frozen reference. Measurement (:func:`measure`) and the gate
+(:func:`verdict`) run before and after training on held-out general English and held-out item text.
 """
 from __future__ import annotations
 
+import copy
 import math
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Callable, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from recsys_core import storage
+from recsys_core.config import GuardConfig, LoraConfig
 
 
 class CausalLM(Protocol):
@@ -62,3 +74,135 @@ def ppl_gate(before: float, after: float, max_increase: float) -> tuple[bool, st
     verdict = "passed" if ok else "FAILED"
     return ok, (f"generation guard {verdict}: general-English perplexity {before:.2f} -> {after:.2f} "
                 f"({change:+.1%}, limit {max_increase:+.1%})")
+
+
+# ----------------------------------------------------------------------------- mechanisms
+
+CORPUS_DIR = Path(__file__).parent / "assets" / "corpus"
+BUILTIN = {"replay": CORPUS_DIR / "replay.txt", "heldout": CORPUS_DIR / "heldout.txt"}
+
+
+def read_corpus(uri: str, which: str) -> str:
+    """Text of a corpus: ``builtin`` (shipped public-domain English, see assets/corpus/SOURCES.md),
+    or a UTF-8 text file, local or s3://."""
+    if uri == "builtin":
+        return BUILTIN[which].read_text(encoding="utf-8")
+    try:
+        return storage.read_bytes(uri).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"guard.{which}_corpus {uri}: not UTF-8 text ({e})") from None
+
+
+def corpus_ids(text: str, tokenizer: Any) -> list[int]:
+    """One token stream for the whole corpus (paragraphs joined by blank lines)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def lora_target_modules(lcfg: LoraConfig) -> str | list[str]:
+    return "all-linear" if tuple(lcfg.target_modules) == ("all-linear",) else list(lcfg.target_modules)
+
+
+def apply_lora(backbone: nn.Module, lcfg: LoraConfig) -> nn.Module:
+    """Wrap a body with peft LoRA adapters; its own weights are frozen (only adapters train)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    conv1d = getattr(backbone.config, "model_type", "") == "gpt2"  # GPT-2's Conv1D stores weights (in, out)
+    pc = PeftLoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
+                        target_modules=lora_target_modules(lcfg), fan_in_fan_out=conv1d)
+    return get_peft_model(backbone, pc)
+
+
+def is_lora(backbone: nn.Module) -> bool:
+    return hasattr(backbone, "disable_adapter") and hasattr(backbone, "peft_config")
+
+
+def frozen_reference(lm: nn.Module) -> nn.Module | None:
+    """The KL reference: a frozen copy of the LM at the start of training; ``None`` under LoRA,
+    where the frozen base itself (adapters disabled) is the reference and no copy is needed."""
+    if is_lora(lm.backbone):
+        return None
+    ref = copy.deepcopy(lm).eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+@torch.no_grad()
+def reference_logits(lm: nn.Module, ref: nn.Module | None, ids: torch.Tensor) -> torch.Tensor:
+    """(R, T) ids -> (R, T, V) logits of the reference (dropout off)."""
+    if ref is not None:
+        return ref(input_ids=ids).logits
+    was = lm.training
+    lm.eval()
+    with lm.backbone.disable_adapter():
+        out = lm(input_ids=ids).logits
+    lm.train(was)
+    return out
+
+
+def replay_windows(stream: torch.Tensor, n: int, length: int, gen: torch.Generator) -> torch.Tensor:
+    """(n, L) random contiguous windows of a token stream (T,); L is at most T."""
+    length = min(length, stream.numel())
+    starts = torch.randint(0, stream.numel() - length + 1, (n,), generator=gen)
+    return torch.stack([stream[s:s + length] for s in starts.tolist()])
+
+
+def heldout_items(n_items: int, every: int) -> np.ndarray:
+    """(N,) bool: items whose text is never in the LM loss (their perplexity is measured)."""
+    return np.arange(n_items) % max(every, 1) == 0
+
+
+# ----------------------------------------------------------------------------- measurement and gate
+
+
+def measure(lm: nn.Module, general: list[int], item_texts: list[list[int]], window: int, stride: int,
+            max_tokens: int) -> dict[str, float]:
+    """Perplexity on held-out general English and on held-out item text (first ``max_tokens`` of each)."""
+    was = lm.training
+    lm.eval()
+    dev = next(lm.parameters()).device
+    items = [t for text in item_texts for t in text][:max_tokens]
+    out = {"ppl_general": perplexity(lm, torch.tensor(general[:max_tokens], device=dev), window, stride)}
+    if len(items) >= 2:
+        out["ppl_items"] = perplexity(lm, torch.tensor(items, device=dev), window, stride)
+    lm.train(was)
+    return out
+
+
+@torch.no_grad()
+def generations(causal_lm: Any, tokenizer: Any, prompts: tuple[str, ...], max_new_tokens: int) -> list[str]:
+    """Greedy continuations of fixed prompts (the same prompts before and after fine-tuning)."""
+    out = []
+    dev = next(causal_lm.parameters()).device
+    for prompt in prompts:
+        ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=dev)
+        gen = causal_lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        out.append(tokenizer.decode(gen[0, ids.size(1):], skip_special_tokens=True))
+    return out
+
+
+ENFORCE: dict[str, Callable[[bool], bool]] = {
+    "always": lambda pretrained: True,
+    "pretrained": lambda pretrained: pretrained,  # a random-init LM has no language ability to protect
+    "never": lambda pretrained: False,
+}
+
+
+def verdict(before: dict[str, float], after: dict[str, float], gcfg: GuardConfig, pretrained: bool) -> dict[str, Any]:
+    """The guard's record: perplexities before/after, relative change, and whether promotion may go ahead."""
+    if gcfg.enforce not in ENFORCE:
+        raise ValueError(f"guard.enforce: {gcfg.enforce!r} unknown; choose from {sorted(ENFORCE)}")
+    ok, message = ppl_gate(before["ppl_general"], after["ppl_general"], gcfg.max_ppl_increase)
+    enforced = ENFORCE[gcfg.enforce](pretrained)
+    if not enforced:
+        why = "the item tower was not pretrained" if gcfg.enforce == "pretrained" else "guard.enforce=never"
+        message += f" (not enforced: {why})"
+    rec: dict[str, Any] = {"ppl_general_before": before["ppl_general"], "ppl_general_after": after["ppl_general"],
+                           "change": after["ppl_general"] / before["ppl_general"] - 1.0,
+                           "max_increase": gcfg.max_ppl_increase, "passed": ok, "enforced": enforced,
+                           "blocks_promotion": enforced and not ok, "message": message}
+    if "ppl_items" in before and "ppl_items" in after:
+        rec.update(ppl_items_before=before["ppl_items"], ppl_items_after=after["ppl_items"],
+                   items_change=after["ppl_items"] / before["ppl_items"] - 1.0)
+    return rec

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -39,13 +40,16 @@ def gpt2_config(tower: TowerConfig, n_positions: int, vocab_size: int = GPT2_VOC
                       bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1, **SIZES[tower.size])
 
 
-def load_backbone(tower: TowerConfig, n_positions: int, vocab_size: int = GPT2_VOCAB) -> nn.Module:
-    """A transformer body: pretrained (hub name, folder, s3:// prefix, GGUF) or built from a named size."""
+def load_backbone(tower: TowerConfig, n_positions: int, vocab_size: int = GPT2_VOCAB) -> tuple[nn.Module, nn.Module | None]:
+    """A transformer body and its untied LM head (None when the head is tied to the token embedding):
+    pretrained (hub name, folder, s3:// prefix, GGUF) or built from a named size."""
     if tower.pretrained:
         from recsys_core.pretrained import load_causal_lm
 
-        return load_causal_lm(tower.pretrained).base_model
-    return GPT2Model(gpt2_config(tower, n_positions, vocab_size))
+        lm = load_causal_lm(tower.pretrained)
+        tied = bool(getattr(lm.config, "tie_word_embeddings", True))
+        return lm.base_model, None if tied else lm.get_output_embeddings()
+    return GPT2Model(gpt2_config(tower, n_positions, vocab_size)), None
 
 
 def backbone_from_config(d: dict[str, Any]) -> nn.Module:
@@ -72,10 +76,34 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     raise ValueError(f"pooling {how!r} unknown; use mean or last")
 
 
-class ItemTower(nn.Module):
-    def __init__(self, cfg: ModelConfig, n_items: int, backbone: nn.Module):
+def head_logits(backbone: nn.Module, lm_head: nn.Module | None, hidden: torch.Tensor) -> torch.Tensor:
+    """(N, T, H) -> (N, T, V): the untied head, or the tied token embedding."""
+    if lm_head is not None:
+        return lm_head(hidden)
+    return F.linear(hidden, backbone.get_input_embeddings().weight)
+
+
+class TowerLM(nn.Module):
+    """A body + head as a causal LM: ``(N, T)`` ids -> ``.logits`` (N, T, V) (the guard's interface)."""
+
+    def __init__(self, backbone: nn.Module, lm_head: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone
+        self.lm_head = lm_head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> SimpleNamespace:
+        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, T, H)
+        return SimpleNamespace(logits=head_logits(self.backbone, self.lm_head, h))
+
+
+class ItemTower(nn.Module):
+    """Item text -> vector; its body is also a causal language model (``lm_logits``), the one the
+    generation guard protects. The LM head is the token embedding (tied) unless ``lm_head`` is given."""
+
+    def __init__(self, cfg: ModelConfig, n_items: int, backbone: nn.Module, lm_head: nn.Module | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.lm_head = lm_head
         self.pooling = cfg.pooling
         self.proj = nn.Linear(hidden_size(self.backbone), cfg.embed_dim)
         self.id_emb = nn.Embedding(n_items, cfg.embed_dim) if cfg.id_embedding else None
@@ -85,10 +113,25 @@ class ItemTower(nn.Module):
         # embedded from its text alone (cold start). Saved with the weights.
         self.register_buffer("id_known", torch.ones(n_items))
 
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, T) tokens -> (N, T, H) last hidden states of the language model body."""
+        return self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, T, H) -> (N, T, V) next-token logits."""
+        return head_logits(self.backbone, self.lm_head, hidden)
+
+    def lm(self) -> "TowerLM":
+        """A view of this tower's language model (shares its weights)."""
+        return TowerLM(self.backbone, self.lm_head)
+
     def text_embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(N, T) tokens -> (N, D) text embedding."""
-        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, T, H)
-        return self.proj(pool(h, attention_mask, self.pooling))  # (N, D)
+        return self.embed_hidden(self.hidden(input_ids, attention_mask), attention_mask)
+
+    def embed_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(N, T, H) hidden states -> (N, D) text embedding."""
+        return self.proj(pool(hidden, attention_mask, self.pooling))
 
     def combine(self, text: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
         """(N, D) text embedding + (N,) ids -> (N, D) item embedding."""
@@ -117,11 +160,11 @@ class UserTower(nn.Module):
 
 class TwoTower(nn.Module):
     def __init__(self, cfg: ModelConfig, n_items: int, item_backbone: nn.Module, user_backbone: nn.Module,
-                 temperature: float = 1.0, learn_temperature: bool = False):
+                 temperature: float = 1.0, learn_temperature: bool = False, item_lm_head: nn.Module | None = None):
         super().__init__()
         self.cfg = cfg
         self.n_items = n_items
-        self.item_tower = ItemTower(cfg, n_items, item_backbone)
+        self.item_tower = ItemTower(cfg, n_items, item_backbone, item_lm_head)
         self.user_tower = UserTower(cfg, user_backbone)
         log_t = torch.tensor(float(temperature)).log()
         self.log_temperature = nn.Parameter(log_t, requires_grad=learn_temperature)
@@ -189,10 +232,10 @@ MARKER = "_COMPLETE"
 def build_two_tower(cfg: ModelConfig, n_items: int, temperature: float = 1.0,
                     learn_temperature: bool = False) -> TwoTower:
     """A fresh model from config: backbones pretrained or built from named sizes."""
-    item_bb = load_backbone(cfg.item_tower, n_positions=max(cfg.max_text_tokens, 8))
+    item_bb, head = load_backbone(cfg.item_tower, n_positions=max(cfg.max_text_tokens, 8))
     # The user tower reads item embeddings, so its own token vocabulary is unused (size 1).
-    user_bb = load_backbone(cfg.user_tower, n_positions=cfg.max_seq_len, vocab_size=1)
-    return TwoTower(cfg, n_items, item_bb, user_bb, temperature, learn_temperature)
+    user_bb, _ = load_backbone(cfg.user_tower, n_positions=cfg.max_seq_len, vocab_size=1)
+    return TwoTower(cfg, n_items, item_bb, user_bb, temperature, learn_temperature, head)
 
 
 @dataclass(frozen=True)
@@ -216,8 +259,13 @@ class ModelSpec:
         from recsys_core.config import from_dict
 
         cfg = from_dict(ModelConfig, self.model)
-        return TwoTower(cfg, self.n_items, backbone_from_config(self.item_backbone),
-                        backbone_from_config(self.user_backbone), self.temperature)
+        item_bb = backbone_from_config(self.item_backbone)
+        head = None
+        if not self.item_backbone.get("tie_word_embeddings", True):
+            emb = item_bb.get_input_embeddings().weight
+            head = nn.Linear(emb.size(1), emb.size(0), bias=False)
+        return TwoTower(cfg, self.n_items, item_bb, backbone_from_config(self.user_backbone), self.temperature,
+                        item_lm_head=head)
 
 
 def save_checkpoint(model: nn.Module, spec: ModelSpec, folder: str | Path, extra: dict[str, Any] | None = None) -> None:
@@ -246,7 +294,31 @@ def load_checkpoint(folder: str, map_location: str = "cpu") -> tuple[TwoTower, d
     return model.to(map_location).eval(), meta
 
 
+def max_positions(backbone: nn.Module) -> int:
+    """The longest token window the body accepts (GPT-2 ``n_positions``, Llama ``max_position_embeddings``)."""
+    c = backbone.config
+    return int(getattr(c, "n_positions", None) or getattr(c, "max_position_embeddings", 1024))
+
+
 def build_lm(tower: TowerConfig, n_positions: int) -> GPT2LMHeadModel:
     """A GPT-2 LM (with head) of a named size, for the generation guard."""
     return GPT2LMHeadModel(gpt2_config(tower, n_positions))
+
+
+def item_causal_lm(tower: ItemTower) -> nn.Module:
+    """The item tower's language model as a transformers ``*ForCausalLM`` (a copy; ``generate()`` works)."""
+    from transformers import AutoModelForCausalLM
+
+    body = tower.backbone
+    if hasattr(body, "merge_and_unload"):  # peft-wrapped: merge a copy's adapters
+        import copy
+
+        body = copy.deepcopy(body).merge_and_unload()
+    lm = AutoModelForCausalLM.from_config(body.config, attn_implementation="sdpa")
+    lm.base_model.load_state_dict(body.state_dict())
+    if tower.lm_head is not None:
+        lm.get_output_embeddings().load_state_dict(tower.lm_head.state_dict())
+    else:
+        lm.tie_weights()
+    return lm.to(next(tower.parameters()).device).eval()
 

@@ -29,11 +29,17 @@ def offline_gpt2_folder() -> Path:
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    """``gpt2-offline``, a hub name, a save_pretrained folder, or an ``s3://`` prefix holding one."""
+    """``gpt2-offline``, a hub name, a save_pretrained folder, a ``.gguf`` file, or an ``s3://`` prefix
+    holding a save_pretrained folder."""
     if name == OFFLINE_GPT2:
         from transformers import GPT2TokenizerFast
 
         tok = GPT2TokenizerFast.from_pretrained(str(offline_gpt2_folder()))
+    elif name.endswith(".gguf"):  # the tokenizer stored inside a GGUF file (e.g. SmolLM2)
+        path = Path(name)
+        if not path.exists():
+            raise FileNotFoundError(f"model.tokenizer {name}: GGUF file not found")
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     elif storage.is_s3(name):
         local = cache_dir() / "tokenizers" / name[len("s3://"):].replace("/", "_")
         if not (local / "_DOWNLOADED").exists():  # a partial download is never trusted

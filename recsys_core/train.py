@@ -26,6 +26,8 @@ from torch import nn
 from recsys_core import storage
 from recsys_core.config import NightlyConfig, from_dict
 from recsys_core.data import PreparedPaths
+from recsys_core.guard import apply_lora, frozen_reference, heldout_items, is_lora, kl_to_reference, lm_loss
+from recsys_core.guard import reference_logits, replay_windows
 from recsys_core.losses import expected_log_q, get_loss
 from recsys_core.metrics import per_user_metrics
 from recsys_core.model import ModelSpec, TwoTower, build_two_tower, load_checkpoint, save_checkpoint, unwrap
@@ -80,19 +82,39 @@ def collate(batch: dict[str, np.ndarray], length: int) -> tuple[torch.Tensor, to
 # ----------------------------------------------------------------------------- objective
 
 
-class Objective(nn.Module):
-    """Wraps the model so DDP sees one forward per step: (sequences, targets, mask) -> loss."""
+@dataclass
+class GuardTerms:
+    """The generation guard's training terms (weights 0 = off): LM replay and KL to a reference."""
 
-    def __init__(self, model: TwoTower, loss: str, num_negatives: int, text_items_per_step: int):
+    lm_weight: float = 0.0
+    kl_weight: float = 0.0
+    item_lm_per_step: int = 0
+    heldout: torch.Tensor | None = None  # (N,) bool: items never in the LM loss
+    reference: nn.Module | None = None  # frozen copy; None under LoRA (adapters disabled instead)
+
+    @property
+    def active(self) -> bool:
+        return self.lm_weight > 0 or self.kl_weight > 0
+
+
+class Objective(nn.Module):
+    """Wraps the model so DDP sees one forward per step: (sequences, targets, mask[, replay]) -> loss.
+
+    Loss = recommendation loss + lm_weight * LM NLL (replay text and item text) + kl_weight * KL(ref || model)."""
+
+    def __init__(self, model: TwoTower, loss: str, num_negatives: int, text_items_per_step: int,
+                 guard: GuardTerms | None = None):
         super().__init__()
         self.model = model
         self.loss_name = loss
         self.loss_fn = get_loss(loss)
         self.num_negatives = num_negatives
         self.text_items_per_step = text_items_per_step
+        self.guard = guard or GuardTerms()
+        self.parts: dict[str, torch.Tensor] = {}  # last step's loss terms, detached (for logging)
 
     def forward(self, seq: torch.Tensor, tgt: torch.Tensor, mask: torch.Tensor, items: ItemTensors,
-                text_cache: torch.Tensor) -> torch.Tensor:
+                text_cache: torch.Tensor, replay: torch.Tensor | None = None) -> torch.Tensor:
         m = self.model
         n = text_cache.size(0)
         valid = mask.bool()  # (B, L)
@@ -107,7 +129,8 @@ class Objective(nn.Module):
         fresh = torch.unique(tgt[valid])
         if fresh.numel() > self.text_items_per_step:
             fresh = fresh[torch.randperm(fresh.numel(), device=seq.device)[: self.text_items_per_step]]
-        fresh_text = m.item_tower.text_embed(items.tokens[fresh], items.mask[fresh])  # (F, D)
+        fresh_hidden = m.item_tower.hidden(items.tokens[fresh], items.mask[fresh])  # (F, T, H)
+        fresh_text = m.item_tower.embed_hidden(fresh_hidden, items.mask[fresh])  # (F, D)
         text = text_cache[cand].index_put((remap[fresh],), fresh_text.to(text_cache.dtype))  # (C, D)
         table = m.item_embeddings(text, cand)  # (C, D)
 
@@ -116,7 +139,38 @@ class Objective(nn.Module):
         log_q = None
         if self.loss_name != "full_softmax":
             log_q = expected_log_q(cand, items.prob, int(valid.sum()), self.num_negatives)
-        return self.loss_fn(states[valid], table, pos, m.temperature, log_q)
+        loss = self.loss_fn(states[valid], table, pos, m.temperature, log_q)
+        self.parts = {"rec_loss": loss.detach()}
+        if self.guard.active:
+            loss = loss + self.guard_loss(fresh, fresh_hidden, items, replay)
+        return loss
+
+    def guard_loss(self, fresh: torch.Tensor, fresh_hidden: torch.Tensor, items: ItemTensors,
+                   replay: torch.Tensor | None) -> torch.Tensor:
+        """lm_weight * mean(LM NLL on replay windows, LM NLL on this step's item texts) + kl_weight * KL."""
+        g, tower = self.guard, self.model.item_tower
+        total = fresh_hidden.new_zeros(())
+        replay_logits = None
+        if replay is not None:
+            replay_logits = tower.lm_logits(tower.hidden(replay))  # (R, T, V)
+        if g.lm_weight > 0:
+            terms = []
+            if replay_logits is not None:
+                terms.append(lm_loss(replay_logits, replay, torch.ones_like(replay)))
+            keep = torch.nonzero(~g.heldout[fresh]).squeeze(1)[: g.item_lm_per_step]  # rows of fresh
+            if keep.numel():
+                ids, mask = items.tokens[fresh[keep]], items.mask[fresh[keep]]
+                terms.append(lm_loss(tower.lm_logits(fresh_hidden[keep]), ids, mask))
+            if terms:
+                lm = torch.stack(terms).mean()
+                self.parts["lm_loss"] = lm.detach()
+                total = total + g.lm_weight * lm
+        if g.kl_weight > 0 and replay_logits is not None:
+            ref = reference_logits(tower.lm(), g.reference, replay)
+            kl = kl_to_reference(replay_logits, ref, torch.ones_like(replay))
+            self.parts["kl"] = kl.detach()
+            total = total + g.kl_weight * kl
+        return total
 
 
 @torch.no_grad()
@@ -182,6 +236,68 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
+LORA_DIR = "lora_item"  # peft adapters of the item tower, saved beside the merged weights
+
+
+def initial_model(cfg: NightlyConfig, n_items: int, init_from: str | None) -> TwoTower:
+    """Fresh (pretrained/named-size) or warm-started weights, with LoRA adapters when configured."""
+    if init_from:
+        model, _ = load_checkpoint(init_from)
+    else:
+        model = build_two_tower(cfg.model, n_items, cfg.train.temperature, cfg.train.learn_temperature)
+    if cfg.guard.lora.enabled:
+        model.item_tower.backbone = apply_lora(model.item_tower.backbone, cfg.guard.lora)
+        if model.item_tower.lm_head is not None:
+            model.item_tower.lm_head.requires_grad_(False)
+    elif model.item_tower.lm_head is not None:
+        model.item_tower.lm_head.requires_grad_(cfg.guard.lm_weight > 0)  # DDP: no unused trainables
+    return model
+
+
+def guard_seq_len(cfg: NightlyConfig, model: TwoTower) -> int:
+    from recsys_core.model import max_positions
+
+    return min(cfg.guard.replay_seq_len, max_positions(model.item_tower.backbone))
+
+
+def guard_terms(cfg: NightlyConfig, model: TwoTower, n_items: int, replay_ids: list[int] | None,
+                device: torch.device) -> tuple[GuardTerms, torch.Tensor | None]:
+    g = cfg.guard
+    terms = GuardTerms(g.lm_weight, g.kl_weight, g.item_lm_per_step,
+                       torch.from_numpy(heldout_items(n_items, g.heldout_item_every)).to(device))
+    if not terms.active:
+        return terms, None
+    if g.kl_weight > 0:
+        ref = frozen_reference(model.item_tower.lm())
+        terms.reference = ref.to(device) if ref is not None else None
+    stream = torch.tensor(replay_ids or [], dtype=torch.long)
+    return terms, (stream if stream.numel() >= 2 else None)
+
+
+def export_model(model: nn.Module) -> TwoTower:
+    """The model as served: LoRA adapters merged into a copy (plain architecture, no peft needed)."""
+    import copy
+
+    m = unwrap(model)
+    if not is_lora(m.item_tower.backbone):
+        return m
+    merged = copy.deepcopy(m)
+    merged.item_tower.backbone = merged.item_tower.backbone.merge_and_unload()
+    return merged
+
+
+def save_model_folder(model: nn.Module, folder: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Merged weights + config + marker (a loadable checkpoint); under LoRA also the adapters alone
+    (``lora_item/``, peft format). Returns what resuming needs beyond the folder (unmerged weights)."""
+    m = unwrap(model)
+    lora = is_lora(m.item_tower.backbone)
+    if lora:
+        m.item_tower.backbone.save_pretrained(os.path.join(folder, LORA_DIR))
+    served = export_model(m)
+    save_checkpoint(served, ModelSpec.of(served), folder, extra={"metrics": metrics, "lora": lora})
+    return {"model": {k: v.detach().cpu() for k, v in m.state_dict().items()}} if lora else {}
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg: NightlyConfig = from_dict(NightlyConfig, config["cfg"])
     tc = cfg.train
@@ -195,14 +311,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     items = ItemTensors.load(paths.items).to(device)
     n_items = items.tokens.size(0)
     torch.manual_seed(tc.seed)  # identical init on every rank
-    if config.get("init_from"):
-        model, _ = load_checkpoint(config["init_from"])
-    else:
-        model = build_two_tower(cfg.model, n_items, tc.temperature, tc.learn_temperature)
+    model = initial_model(cfg, n_items, config.get("init_from"))
     torch.manual_seed(tc.seed + rank)  # per-rank randomness (dropout, negatives) after the shared init
     model.log_temperature.requires_grad_(tc.learn_temperature)
     model.item_tower.id_known.copy_(items.known.float())  # items never trained are text-only
     model.to(device)
+    guard, replay_stream = guard_terms(cfg, model, n_items, config.get("replay_ids"), device)
+    replay_gen = torch.Generator().manual_seed(tc.seed + 7919 * rank)
 
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
@@ -216,16 +331,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt:  # resume after a worker failure
         with ckpt.as_directory() as d:
-            resumed, _ = load_checkpoint(d)
-            model.load_state_dict(resumed.state_dict())
             state = torch.load(os.path.join(d, STATE), weights_only=True, map_location="cpu")
+            if "model" in state:  # LoRA: the unmerged weights (the folder's weights are merged)
+                model.load_state_dict(state["model"])
+            else:
+                resumed, _ = load_checkpoint(d)
+                model.load_state_dict(resumed.state_dict())
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
             start_epoch, best, since_best = state["epoch"] + 1, state["best"], state["since_best"]
             history = json.loads(state["history"])
         log.info("resumed from checkpoint at epoch %d", start_epoch)
 
-    objective = ray.train.torch.prepare_model(Objective(model, tc.loss, tc.num_negatives, tc.text_items_per_step))
+    objective = ray.train.torch.prepare_model(Objective(model, tc.loss, tc.num_negatives, tc.text_items_per_step,
+                                                        guard))
+    inner: Objective = unwrap(objective)
     val = load_split(paths.users, "val", tc.val_users, tc.seed) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -233,7 +353,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, tc.epochs):
         t0 = time.time()
         cache = text_table(model, items)
-        losses, samples = [], 0
+        losses, samples, parts = [], 0, {}
         bar = None
         if rank == 0:
             from tqdm import tqdm
@@ -244,14 +364,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 t_steps = time.time()  # the step loop's clock starts at the first batch
             seq, tgt, mask = (x.to(device) for x in collate(batch, cfg.model.max_seq_len))
             samples += seq.size(0)
+            replay = None
+            if replay_stream is not None:
+                replay = replay_windows(replay_stream, cfg.guard.replay_batch_size, guard_seq_len(cfg, model),
+                                        replay_gen).to(device)
             with autocast:
-                loss = objective(seq, tgt, mask, items, cache)
+                loss = objective(seq, tgt, mask, items, cache, replay)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             opt.step()
             sched.step()
             losses.append(float(loss.detach()))
+            for k, v in inner.parts.items():
+                parts.setdefault(k, []).append(float(v))
             if bar is not None:
                 bar.update(1)
         if bar is not None:
@@ -271,13 +397,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
                    VAL_METRIC: ndcg, "val_recall10": recall, "epoch_s": time.time() - t0,
                    "lr": sched.get_last_lr()[0], "best_val_ndcg10": best,
-                   "step_s": step_s, "samples_per_worker": samples, "steps": len(losses)}
+                   "step_s": step_s, "samples_per_worker": samples, "steps": len(losses),
+                   **{k: float(np.mean(v)) for k, v in parts.items()}}
         history.append(metrics)
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
-                save_checkpoint(model, ModelSpec.of(unwrap(model)), d, extra={"metrics": metrics})
-                torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch,
+                state = save_model_folder(model, d, metrics)
+                torch.save({**state, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch,
                             "best": best, "since_best": since_best, "history": json.dumps(history)},
                            os.path.join(d, STATE))
                 checkpoint = ray.train.Checkpoint.from_directory(d)
@@ -301,11 +428,17 @@ def run_train(cfg: NightlyConfig, prepared: PreparedPaths, run_dir: str, init_fr
     epath, efs = storage.ray_location(prepared.train_examples)
     train_ds = ray.data.read_parquet(epath, filesystem=efs).randomize_block_order(seed=cfg.train.seed)
     n_examples = storage_count(prepared.train_examples)
+    replay_ids = None
+    if cfg.guard.lm_weight > 0 or cfg.guard.kl_weight > 0:
+        from recsys_core.guard import corpus_ids, read_corpus
+        from recsys_core.text import load_tokenizer
+
+        replay_ids = corpus_ids(read_corpus(cfg.guard.replay_corpus, "replay"), load_tokenizer(cfg.model.tokenizer))
     spath, sfs = storage.ray_location(storage.join(run_dir, "ray_train"))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": asdict(cfg), "prepared": prepared.root, "n_examples": n_examples,
-                           "init_from": init_from},
+                           "init_from": init_from, "replay_ids": replay_ids},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
         run_config=RunConfig(
             name="train", storage_path=spath, storage_filesystem=sfs,
@@ -320,7 +453,39 @@ def run_train(cfg: NightlyConfig, prepared: PreparedPaths, run_dir: str, init_fr
         raise result.error
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1][VAL_METRIC])
     uri = ("s3://" + best_ckpt.path) if storage.is_s3(run_dir) else best_ckpt.path
-    return {"checkpoint": uri, "metrics": best_metrics, "history": _history(result, run_dir)}
+    guard = guard_report(cfg, prepared, uri)
+    log.info(guard["message"])
+    return {"checkpoint": uri, "metrics": best_metrics, "history": _history(result, run_dir), "guard": guard}
+
+
+def guard_report(cfg: NightlyConfig, prepared: PreparedPaths, checkpoint: str) -> dict[str, Any]:
+    """Perplexity of the item tower's LM before fine-tuning (the original pretrained or named-size
+    weights, whatever the warm start) and after (the checkpoint), greedy generations, and the gate."""
+    from recsys_core.guard import corpus_ids, generations, measure, read_corpus, verdict
+    from recsys_core.model import item_causal_lm, max_positions
+    from recsys_core.text import load_tokenizer
+
+    g, t0 = cfg.guard, time.time()
+    tok = load_tokenizer(cfg.model.tokenizer)
+    general = corpus_ids(read_corpus(g.heldout_corpus, "heldout"), tok)
+    item_ids = storage.read_table(prepared.items, columns=["input_ids"])["input_ids"].to_pylist()
+    held = heldout_items(len(item_ids), g.heldout_item_every)
+    held_texts = [t for t, h in zip(item_ids, held) if h]
+    torch.manual_seed(cfg.train.seed)  # the same initial weights the workers started from
+    before_model = build_two_tower(cfg.model, len(item_ids))
+    after_model, _ = load_checkpoint(checkpoint)
+    out: dict[str, Any] = {}
+    for name, m in (("before", before_model), ("after", after_model)):
+        window = min(g.eval_window, max_positions(m.item_tower.backbone))
+        stride = min(g.eval_stride, max(1, window // 2))
+        out[name] = measure(m.item_tower.lm(), general, held_texts, window, stride, g.eval_tokens)
+        out[f"generations_{name}"] = generations(item_causal_lm(m.item_tower), tok, g.prompts, g.generate_tokens)
+    rec = verdict(out["before"], out["after"], g, pretrained=bool(cfg.model.item_tower.pretrained))
+    rec.update(prompts=list(g.prompts), generations_before=out["generations_before"],
+               generations_after=out["generations_after"], heldout_tokens=min(len(general), g.eval_tokens),
+               mechanisms={"lora": g.lora.enabled, "lm_weight": g.lm_weight, "kl_weight": g.kl_weight},
+               measure_s=round(time.time() - t0, 1))
+    return rec
 
 
 def _history(result: Any, run_dir: str) -> list[dict[str, Any]]:
@@ -341,5 +506,8 @@ def copy_checkpoint(src: str, dest: str) -> None:
 
     for name in (WEIGHTS, CONFIG):
         storage.write_bytes(storage.join(dest, name), storage.read_bytes(storage.join(src, name)))
+    lora = storage.join(src, LORA_DIR)
+    for f in storage.list_files(lora) if storage.exists(storage.join(lora, "adapter_config.json")) else []:
+        storage.write_bytes(storage.join(dest, LORA_DIR, f.rsplit("/", 1)[-1]), storage.read_bytes(f))
     storage.write_bytes(storage.join(dest, MARKER), b"ok\n")
 
