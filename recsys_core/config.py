@@ -143,13 +143,14 @@ class GuardConfig:
     """Protecting the item tower's language model (see recsys_core.guard); every switch combinable."""
 
     lora: LoraConfig = field(default_factory=LoraConfig)
-    lm_weight: float = 0.0  # lambda: causal-LM loss on replay text + item text, mixed into each step
+    lm_weight: float = 0.0  # lambda: causal-LM loss on replay windows of general text, mixed into each step
+    item_lm_weight: float = 0.0  # causal-LM loss on the step's item texts (repetitive catalog text: keep small)
     kl_weight: float = 0.0  # beta: KL(reference || model) of next-token distributions on replay text
     replay_corpus: str = "builtin"  # text file (local or s3://); builtin = shipped public-domain English
     heldout_corpus: str = "builtin"  # general English never trained on, for perplexity
     replay_batch_size: int = 4  # replay windows per step
     replay_seq_len: int = 64
-    item_lm_per_step: int = 16  # item texts per step in the LM loss (held-out items never)
+    item_lm_per_step: int = 16  # item texts per step in the item LM loss (held-out items never)
     heldout_item_every: int = 20  # every n-th item's text is held out of the LM loss, for perplexity
     eval_window: int = 128  # sliding-window perplexity
     eval_stride: int = 64

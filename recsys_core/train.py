@@ -88,19 +88,21 @@ class GuardTerms:
 
     lm_weight: float = 0.0
     kl_weight: float = 0.0
+    item_lm_weight: float = 0.0
     item_lm_per_step: int = 0
     heldout: torch.Tensor | None = None  # (N,) bool: items never in the LM loss
     reference: nn.Module | None = None  # frozen copy; None under LoRA (adapters disabled instead)
 
     @property
     def active(self) -> bool:
-        return self.lm_weight > 0 or self.kl_weight > 0
+        return self.lm_weight > 0 or self.kl_weight > 0 or self.item_lm_weight > 0
 
 
 class Objective(nn.Module):
     """Wraps the model so DDP sees one forward per step: (sequences, targets, mask[, replay]) -> loss.
 
-    Loss = recommendation loss + lm_weight * LM NLL (replay text and item text) + kl_weight * KL(ref || model)."""
+    Loss = recommendation loss + lm_weight * LM NLL on replay text + item_lm_weight * LM NLL on item text
+    + kl_weight * KL(ref || model) on replay text."""
 
     def __init__(self, model: TwoTower, loss: str, num_negatives: int, text_items_per_step: int,
                  guard: GuardTerms | None = None):
@@ -147,24 +149,24 @@ class Objective(nn.Module):
 
     def guard_loss(self, fresh: torch.Tensor, fresh_hidden: torch.Tensor, items: ItemTensors,
                    replay: torch.Tensor | None) -> torch.Tensor:
-        """lm_weight * mean(LM NLL on replay windows, LM NLL on this step's item texts) + kl_weight * KL."""
+        """lm_weight * LM NLL on replay windows + item_lm_weight * LM NLL on this step's (not held-out)
+        item texts + kl_weight * KL(reference || model) on the replay windows."""
         g, tower = self.guard, self.model.item_tower
         total = fresh_hidden.new_zeros(())
         replay_logits = None
         if replay is not None:
             replay_logits = tower.lm_logits(tower.hidden(replay))  # (R, T, V)
-        if g.lm_weight > 0:
-            terms = []
-            if replay_logits is not None:
-                terms.append(lm_loss(replay_logits, replay, torch.ones_like(replay)))
+        if g.lm_weight > 0 and replay_logits is not None:
+            lm = lm_loss(replay_logits, replay, torch.ones_like(replay))
+            self.parts["lm_loss"] = lm.detach()
+            total = total + g.lm_weight * lm
+        if g.item_lm_weight > 0:
             keep = torch.nonzero(~g.heldout[fresh]).squeeze(1)[: g.item_lm_per_step]  # rows of fresh
             if keep.numel():
                 ids, mask = items.tokens[fresh[keep]], items.mask[fresh[keep]]
-                terms.append(lm_loss(tower.lm_logits(fresh_hidden[keep]), ids, mask))
-            if terms:
-                lm = torch.stack(terms).mean()
-                self.parts["lm_loss"] = lm.detach()
-                total = total + g.lm_weight * lm
+                item_lm = lm_loss(tower.lm_logits(fresh_hidden[keep]), ids, mask)
+                self.parts["item_lm_loss"] = item_lm.detach()
+                total = total + g.item_lm_weight * item_lm
         if g.kl_weight > 0 and replay_logits is not None:
             ref = reference_logits(tower.lm(), g.reference, replay)
             kl = kl_to_reference(replay_logits, ref, torch.ones_like(replay))
@@ -263,9 +265,9 @@ def guard_seq_len(cfg: NightlyConfig, model: TwoTower) -> int:
 def guard_terms(cfg: NightlyConfig, model: TwoTower, n_items: int, replay_ids: list[int] | None,
                 device: torch.device) -> tuple[GuardTerms, torch.Tensor | None]:
     g = cfg.guard
-    terms = GuardTerms(g.lm_weight, g.kl_weight, g.item_lm_per_step,
+    terms = GuardTerms(g.lm_weight, g.kl_weight, g.item_lm_weight, g.item_lm_per_step,
                        torch.from_numpy(heldout_items(n_items, g.heldout_item_every)).to(device))
-    if not terms.active:
+    if g.lm_weight <= 0 and g.kl_weight <= 0:  # no replay text needed
         return terms, None
     if g.kl_weight > 0:
         ref = frozen_reference(model.item_tower.lm())
@@ -418,8 +420,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- driver side
 
 
-def run_train(cfg: NightlyConfig, prepared: PreparedPaths, run_dir: str, init_from: str | None = None) -> dict[str, Any]:
-    """Fit with Ray Train; returns the best checkpoint's URI, its metrics and the per-epoch history."""
+def run_train(cfg: NightlyConfig, prepared: PreparedPaths, run_dir: str, init_from: str | None = None,
+              fresh: bool = False) -> dict[str, Any]:
+    """Fit with Ray Train; returns the best checkpoint's URI, its metrics, the per-epoch history and the
+    generation guard's record. ``fresh`` discards an earlier attempt's checkpoints (``--force``)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -435,13 +439,22 @@ def run_train(cfg: NightlyConfig, prepared: PreparedPaths, run_dir: str, init_fr
 
         replay_ids = corpus_ids(read_corpus(cfg.guard.replay_corpus, "replay"), load_tokenizer(cfg.model.tokenizer))
     spath, sfs = storage.ray_location(storage.join(run_dir, "ray_train"))
+    # Ray Train resumes a run of the same name from its latest checkpoint (a crashed driver's rerun);
+    # the name carries the training config, so a rerun with another config starts afresh.
+    import hashlib
+
+    ident = json.dumps([asdict(cfg.model), asdict(cfg.train), asdict(cfg.guard), prepared.root, init_from],
+                       sort_keys=True, default=str)
+    name = "train-" + hashlib.sha256(ident.encode()).hexdigest()[:12]
+    if fresh and storage.exists(storage.join(run_dir, "ray_train", name)):
+        storage.delete(storage.join(run_dir, "ray_train", name))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": asdict(cfg), "prepared": prepared.root, "n_examples": n_examples,
                            "init_from": init_from, "replay_ids": replay_ids},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
         run_config=RunConfig(
-            name="train", storage_path=spath, storage_filesystem=sfs,
+            name=name, storage_path=spath, storage_filesystem=sfs,
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=VAL_METRIC,
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
@@ -483,7 +496,8 @@ def guard_report(cfg: NightlyConfig, prepared: PreparedPaths, checkpoint: str) -
     rec = verdict(out["before"], out["after"], g, pretrained=bool(cfg.model.item_tower.pretrained))
     rec.update(prompts=list(g.prompts), generations_before=out["generations_before"],
                generations_after=out["generations_after"], heldout_tokens=min(len(general), g.eval_tokens),
-               mechanisms={"lora": g.lora.enabled, "lm_weight": g.lm_weight, "kl_weight": g.kl_weight},
+               mechanisms={"lora": g.lora.enabled, "lm_weight": g.lm_weight, "item_lm_weight": g.item_lm_weight,
+                           "kl_weight": g.kl_weight},
                measure_s=round(time.time() - t0, 1))
     return rec
 

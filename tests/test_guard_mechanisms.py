@@ -93,7 +93,7 @@ def test_lora_checkpoint_is_merged_and_adapters_saved_separately(tmp_path):
 
 
 def test_guard_terms_add_weighted_lm_and_kl():
-    """total = rec + lambda * mean(LM on replay, LM on items) + beta * KL, recomputed by hand."""
+    """total = rec + lambda * LM(replay) + mu * LM(items) + beta * KL(replay), recomputed by hand."""
     torch.manual_seed(0)
     model = build_two_tower(MODEL, N_ITEMS)
     model.eval()  # no dropout: the hand computation sees the same forward
@@ -106,8 +106,8 @@ def test_guard_terms_add_weighted_lm_and_kl():
     with torch.no_grad():  # move the model away from its reference so KL > 0
         for p in model.item_tower.backbone.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    lam, beta = 0.7, 0.3
-    obj = Objective(model, "full_softmax", 0, 100, GuardTerms(lam, beta, 100, held, reference))
+    lam, mu, beta = 0.7, 0.2, 0.3
+    obj = Objective(model, "full_softmax", 0, 100, GuardTerms(lam, beta, mu, 100, held, reference))
     cache = torch.zeros(N_ITEMS, D)
     total = obj(seq, tgt, mask, items, cache, replay)
     plain = Objective(model, "full_softmax", 0, 100)(seq, tgt, mask, items, cache)
@@ -118,11 +118,11 @@ def test_guard_terms_add_weighted_lm_and_kl():
     logits_r = tower.lm_logits(tower.hidden(replay))
     lm_items = lm_loss(tower.lm_logits(tower.hidden(items.tokens[keep], items.mask[keep])), items.tokens[keep],
                        items.mask[keep])
-    lm = (lm_loss(logits_r, replay, torch.ones_like(replay)) + lm_items) / 2
+    lm = lm_loss(logits_r, replay, torch.ones_like(replay))
     kl = kl_to_reference(logits_r, reference(input_ids=replay).logits, torch.ones_like(replay))
     assert float(kl) > 0
-    torch.testing.assert_close(total, plain + lam * lm + beta * kl, rtol=1e-5, atol=1e-5)
-    assert set(obj.parts) == {"rec_loss", "lm_loss", "kl"}
+    torch.testing.assert_close(total, plain + lam * lm + mu * lm_items + beta * kl, rtol=1e-5, atol=1e-5)
+    assert set(obj.parts) == {"rec_loss", "lm_loss", "item_lm_loss", "kl"}
     total.backward()
     assert tower.backbone.get_input_embeddings().weight.grad is not None
 

