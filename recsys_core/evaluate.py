@@ -14,6 +14,7 @@ import ray
 
 from recsys_core import storage
 from recsys_core.baselines import itemknn_scores, popularity_scores
+from recsys_core.config import EvalConfig, InferConfig
 from recsys_core.metrics import per_user_metrics, summarize_values
 from recsys_core.retrieval import topk_from_scores
 
@@ -86,15 +87,32 @@ def cold_start_metrics(model_pu: dict[str, np.ndarray], base_pu: dict[str, dict[
                           for b, pu in base_pu.items()}}
 
 
-def plot_learning_curve(history: list[dict[str, Any]], baselines: dict[str, dict[str, float]], out_uri: str) -> None:
+def metric_names(ks: tuple[int, ...]) -> list[str]:
+    return [f"{m}@{k}" for k in ks for m in ("recall", "ndcg")] + [f"mrr@{max(ks)}"]
+
+
+def evaluate_model(model_dir: str, model_version: str, items_uri: str, users_uri: str, emb_uri: str, out_uri: str,
+                   ev: EvalConfig, inf: InferConfig, max_seq_len: int, n_users: int
+                   ) -> tuple[dict[str, np.ndarray], dict[str, float], int]:
+    """One model on the holdout: embed the catalog, rank for every user with the test item hidden,
+    write ``out_uri`` (holdout_recs.parquet). Returns per-user metric columns, their summary with
+    bootstrap CIs, and the number of users scored. The new model and the production model (the
+    promotion gate) both go through here."""
+    from recsys_core.infer import catalog_ids, embed_items, score_users
+
+    embed_items(model_dir, items_uri, emb_uri, inf.item_batch_size, inf.concurrency)
+    scored = score_users(model_dir, emb_uri, users_uri, catalog_ids(items_uri), max(ev.ks), max_seq_len,
+                         model_version, inf.batch_size, inf.concurrency, holdout=True)
+    per_user, n_scored = model_holdout(scored, out_uri, metric_names(ev.ks))
+    summary = summarize_values({k: v for k, v in per_user.items() if k != "target_item_idx"}, n_users, ev.n_boot)
+    return per_user, summary, n_scored
+
+
+def learning_curve_png(history: list[dict[str, Any]], baselines: dict[str, dict[str, float]]) -> bytes:
     """PNG: training loss and validation NDCG@10 per epoch, with baselines' test NDCG@10 for scale."""
-    import io
+    from recsys_core.report import figure_png, pyplot
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     epochs = [h["epoch"] for h in history]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     a.plot(epochs, [h["train_loss"] for h in history], marker="o")
@@ -104,8 +122,8 @@ def plot_learning_curve(history: list[dict[str, Any]], baselines: dict[str, dict
         b.axhline(m["ndcg@10"], linestyle="--", color=color, label=f"{name} (test)")
     b.set(title="NDCG@10", xlabel="epoch")
     b.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    storage.write_bytes(out_uri, buf.getvalue())
+    return figure_png(fig)
+
+
+def plot_learning_curve(history: list[dict[str, Any]], baselines: dict[str, dict[str, float]], out_uri: str) -> None:
+    storage.write_bytes(out_uri, learning_curve_png(history, baselines))

@@ -100,6 +100,11 @@ class _PartNames(FilenameProvider):
         return f"part-{self.attempt}-{write_uuid}-{task_index:05d}.parquet"
 
 
+def catalog_ids(items_uri: str) -> pa.Array:
+    """The prepared catalog's ``item_id`` column in ``item_idx`` order (one array)."""
+    return storage.read_table(items_uri, columns=["item_id"])["item_id"].combine_chunks()
+
+
 def embed_items(model_uri: str, items_uri: str, out_uri: str, batch_size: int, concurrency: int) -> np.ndarray:
     """Embed the catalog with Ray Data; the (N, D) matrix is item-sized and saved as .npy."""
     path, fs = storage.ray_location(items_uri)

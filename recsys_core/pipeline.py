@@ -1,14 +1,19 @@
-"""The nightly pipeline: prepare -> train -> evaluate -> infer + publish, each stage rerunnable alone.
+"""The nightly pipeline: prepare -> train -> evaluate -> promote -> infer + publish -> report,
+each stage rerunnable alone.
 
 Storage layout under ``storage.root``::
 
     raw/<source>/                              demo sources materialised at run time
     runs/run_date=D/prepared/                  prepare outputs (see recsys_core.data)
     runs/run_date=D/ray_train/                 Ray Train run (checkpoints)
+    runs/run_date=D/production/                the production model re-indexed to today's catalog (when it
+                                               changed) and its item embeddings, for warm start and the gate
     runs/run_date=D/stages/<stage>.json        completion markers (written last)
-    models/<version>/                          registry: weights, config, metrics, marker last
-    evaluation/run_date=D/                     holdout_recs.parquet, metrics.json, learning_curve.png
+    models/<version>/, models/PRODUCTION       the registry (see recsys_core.registry)
+    evaluation/run_date=D/                     holdout_recs.parquet, metrics.json, learning_curve.png,
+                                               production_holdout_recs.parquet, promotion.json, report.html
     recommendations/run_date=D/                part-*.parquet + _MANIFEST.json (written last)
+    history/metrics.parquet                    one row per run date (see recsys_core.report)
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
-from recsys_core import storage
+from recsys_core import registry, storage
 from recsys_core.config import NightlyConfig, replace
 from recsys_core.data import PreparedPaths, run_prepare
 from recsys_core.runtime import init_ray, stage_context
@@ -85,8 +90,9 @@ class Run:
 
 
 DEPENDS: dict[str, tuple[str, ...]] = {"prepare": (), "train": ("prepare",), "evaluate": ("train",),
-                                       "infer": ("train",)}
-JOB_OF = {"prepare": "prepare", "train": "train", "evaluate": "infer", "infer": "infer"}
+                                       "promote": ("evaluate",), "infer": ("promote",), "report": ("infer",)}
+JOB_OF = {"prepare": "prepare", "train": "train", "evaluate": "infer", "promote": "infer", "infer": "infer",
+          "report": "infer"}
 
 
 def _stage(name: str, fn: Callable[[Run], dict[str, Any]], run: Run) -> dict[str, Any]:
@@ -119,36 +125,67 @@ def prepare_stage(run: Run) -> dict[str, Any]:
 
 
 def train_stage(run: Run) -> dict[str, Any]:
+    from recsys_core.infer import catalog_ids
     from recsys_core.train import copy_checkpoint, run_train
 
-    run.require("prepare")
-    fit = run_train(run.cfg, run.prepared, run.run_dir)
-    version = f"{run.run_date.replace('-', '')}-{time.strftime('%H%M%S')}"
-    model_dir = run.model_dir(version)
-    storage.write_json(storage.join(model_dir, "metrics.json"),
-                       {"best": fit["metrics"], "history": fit["history"], "run_date": run.run_date,
-                        "input": run.prepared.root, "config": asdict(run.cfg)})
-    copy_checkpoint(fit["checkpoint"], model_dir)
-    return {"model_version": version, "model_dir": model_dir, "best": fit["metrics"], "history": fit["history"]}
+    stats = run.require("prepare")["stats"]
+    for stale in registry.incomplete_versions(run.root, run.run_date):
+        log.info("removing models/%s: an earlier attempt of this date stopped before its _COMPLETE marker", stale)
+        storage.delete(registry.version_dir(run.root, stale))
+    ids = catalog_ids(run.prepared.items)
+    catalog = {"n_items": len(ids), "sha256": registry.catalog_hash(ids)}
+    config = asdict(run.cfg)
+    warm = _warm_start(run, ids, catalog["sha256"], config)
+    fit = run_train(run.cfg, run.prepared, run.run_dir, init_from=warm.get("init_from"), fresh=run.force)
+    guard = fit.get("guard")
+    version = registry.new_version(run.root, run.run_date)
+    model_dir = registry.version_dir(run.root, version)
+    storage.write_json(storage.join(model_dir, registry.METRICS),
+                       {"best": fit["metrics"], "history": fit["history"], "guard": guard, "run_date": run.run_date,
+                        "input": run.prepared.root, "config": config})
+    lineage = {
+        "version": version, "run_date": run.run_date, "parent": warm.get("from") if warm["used"] else None,
+        "warm_start": warm, "catalog": catalog, "code": registry.code_version(),
+        "tokenizer": registry.save_tokenizer(run.cfg.model.tokenizer, model_dir),
+        "input": {"prepared": run.prepared.root, "interactions_uri": stats["interactions_uri"],
+                  "items_uri": stats["items_uri"], "rows_read": stats["rows_read"],
+                  "rows_rejected": stats["rows_rejected"], "users_kept": stats["users_kept"]},
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": config,
+    }
+    registry.write_version_files(model_dir, lineage, ids)
+    copy_checkpoint(fit["checkpoint"], model_dir)  # _COMPLETE last
+    return {"model_version": version, "model_dir": model_dir, "best": fit["metrics"], "history": fit["history"],
+            "guard": guard, "parent": lineage["parent"], "warm_start": warm}
+
+
+def _warm_start(run: Run, ids: pa.Array, today_hash: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Start from the production model when there is one, warm start is on and the architecture matches
+    (a changed catalog is re-indexed: known items keep their ID vectors, new ones start at zero)."""
+    prod = registry.production_version(run.root)
+    if prod is None:
+        return {"used": False, "reason": "no production model yet"}
+    if not run.cfg.registry.warm_start:
+        return {"used": False, "from": prod, "reason": "registry.warm_start is off"}
+    ok, why = registry.warm_start_check(registry.read_lineage(run.root, prod), config)
+    if not ok:
+        log.warning("warm start from %s skipped: %s; training from scratch", prod, why)
+        return {"used": False, "from": prod, "reason": why}
+    model_dir, note = registry.on_catalog(run.root, prod, ids, today_hash, storage.join(run.run_dir, "production"))
+    log.info("warm start from production model %s (%s)", prod, note)
+    return {"used": True, "from": prod, "reason": note, "init_from": model_dir}
 
 
 def evaluate_stage(run: Run) -> dict[str, Any]:
-    from recsys_core.evaluate import baseline_per_user, cold_start_metrics, model_holdout, plot_learning_curve
-    from recsys_core.infer import embed_items, score_users
+    from recsys_core.evaluate import baseline_per_user, cold_start_metrics, evaluate_model, plot_learning_curve
     from recsys_core.metrics import summarize_values
 
     cfg, trained = run.cfg, run.require("train")
     items = storage.read_table(run.prepared.items, columns=["item_id", "train_count"])
-    emb_uri = storage.join(trained["model_dir"], "item_embeddings.npy")
-    embed_items(trained["model_dir"], run.prepared.items, emb_uri, cfg.infer.item_batch_size, cfg.infer.concurrency)
-    scored = score_users(trained["model_dir"], emb_uri, run.prepared.users, _ids(items), max(cfg.eval.ks),
-                         cfg.model.max_seq_len, trained["model_version"], cfg.infer.batch_size,
-                         cfg.infer.concurrency, holdout=True)
-    names = [f"{m}@{k}" for k in cfg.eval.ks for m in ("recall", "ndcg")] + [f"mrr@{max(cfg.eval.ks)}"]
-    per_user, n_scored = model_holdout(scored, storage.join(run.eval_dir, "holdout_recs.parquet"), names)
     n_users = run.require("prepare")["stats"]["users_kept"]
-    model_m = summarize_values({k: v for k, v in per_user.items() if k != "target_item_idx"}, n_users,
-                               cfg.eval.n_boot)
+    per_user, model_m, n_scored = evaluate_model(
+        trained["model_dir"], trained["model_version"], run.prepared.items, run.prepared.users,
+        storage.join(trained["model_dir"], "item_embeddings.npy"), storage.join(run.eval_dir, "holdout_recs.parquet"),
+        cfg.eval, cfg.infer, cfg.model.max_seq_len, n_users)
     base_pu, base_target = baseline_per_user(run.prepared.users, items.num_rows, cfg.eval.baselines, cfg.eval.ks,
                                              cfg.eval.itemknn_neighbors)
     base = {b: summarize_values(pu, n_users, cfg.eval.n_boot) for b, pu in base_pu.items()}
@@ -162,36 +199,147 @@ def evaluate_stage(run: Run) -> dict[str, Any]:
     return {"metrics": metrics, "eval_dir": run.eval_dir}
 
 
-def infer_stage(run: Run) -> dict[str, Any]:
-    from recsys_core.infer import embed_items, publish, score_users
+def promote_stage(run: Run) -> dict[str, Any]:
+    """The promotion gate: the production model is evaluated on today's holdout too; the new model
+    replaces it only when its NDCG@10 is within ``registry.ndcg_tolerance`` and the generation guard
+    passed. Decides which model's recommendations are published, then applies retention."""
+    cfg, trained, evaluated = run.cfg, run.require("train"), run.require("evaluate")
+    new = trained["model_version"]
+    pointer = registry.production(run.root)
+    # A rerun after a crash between the pointer write and this stage's record compares with the one before.
+    base = (pointer.get("previous") if pointer["version"] == new else pointer["version"]) if pointer else None
+    prod_eval, note = None, "no production model yet"
+    if base and not registry.is_complete(run.root, base):
+        base, note = None, "the previous production model is no longer in the registry"
+    elif base:
+        ok, why = registry.comparable_check(registry.read_lineage(run.root, base), asdict(cfg))
+        if ok:
+            prod_eval = _evaluate_production(run, base)
+        else:
+            note = f"production model {base} cannot score today's data: {why}"
+            log.warning("%s; the gate compares against nothing", note)
+    decision = registry.gate_decision(evaluated["metrics"]["model"]["ndcg@10"],
+                                      prod_eval["metrics"]["ndcg@10"] if prod_eval else None,
+                                      cfg.registry.ndcg_tolerance, trained.get("guard"), note)
+    new_source = {"model_version": new, "model_dir": trained["model_dir"], "role": "new",
+                  "item_embeddings": storage.join(trained["model_dir"], "item_embeddings.npy"),
+                  "max_seq_len": cfg.model.max_seq_len, "metrics": evaluated["metrics"]["model"],
+                  "guard": trained.get("guard")}
+    if decision.promote:
+        registry.promote(run.root, new, run.run_date, decision.reason, previous=base)
+        source, why_source = new_source, "the new model passed the promotion gate"
+    else:
+        log.warning("model %s NOT promoted: %s", new, decision.reason)
+        source, why_source = ON_REJECT[cfg.registry.on_reject](prod_eval, base)
+        log.warning("publishing for %s: %s", run.run_date, why_source)
+    production = registry.production_version(run.root)
+    deleted = registry.apply_retention(run.root, cfg.registry.keep_versions, protect=[new, production])
+    out = {"decision": decision.to_dict(), "model_version": new, "production_before": base,
+           "production": production, "production_eval": prod_eval, "publish": source, "publish_reason": why_source,
+           "retention_deleted": deleted}
+    storage.write_json(storage.join(run.eval_dir, "promotion.json"), out)
+    return out
 
-    cfg, trained, prepared = run.cfg, run.require("train"), run.require("prepare")
-    evaluated = run.done("evaluate")
-    items = storage.read_table(run.prepared.items, columns=["item_id"])
-    emb_uri = storage.join(trained["model_dir"], "item_embeddings.npy")
-    if not storage.exists(emb_uri):
-        embed_items(trained["model_dir"], run.prepared.items, emb_uri, cfg.infer.item_batch_size, cfg.infer.concurrency)
-    recs = score_users(trained["model_dir"], emb_uri, run.prepared.users, _ids(items), cfg.infer.k,
-                       cfg.model.max_seq_len, trained["model_version"], cfg.infer.batch_size, cfg.infer.concurrency)
-    headline = {}
-    if evaluated:
-        m = evaluated["metrics"]
-        headline = {"holdout": {k: v for k, v in m["model"].items() if "_ci_" not in k},
-                    "baselines": {b: {k: v for k, v in bm.items() if "_ci_" not in k}
-                                  for b, bm in m["baselines"].items()}}
+
+def _evaluate_production(run: Run, version: str) -> dict[str, Any]:
+    """The production model (re-indexed when the catalog changed) through the same holdout evaluation."""
+    import json
+
+    from recsys_core.evaluate import evaluate_model
+    from recsys_core.infer import catalog_ids
+    from recsys_core.model import CONFIG
+
+    cfg = run.cfg
+    ids = catalog_ids(run.prepared.items)
+    workdir = storage.join(run.run_dir, "production")
+    model_dir, note = registry.on_catalog(run.root, version, ids, registry.catalog_hash(ids), workdir)
+    max_seq_len = int(json.loads(storage.read_bytes(storage.join(model_dir, CONFIG)))["model"]["max_seq_len"])
+    emb = storage.join(workdir, f"{version}-item_embeddings.npy")
+    n_users = run.require("prepare")["stats"]["users_kept"]
+    _, summary, _ = evaluate_model(model_dir, version, run.prepared.items, run.prepared.users, emb,
+                                   storage.join(run.eval_dir, "production_holdout_recs.parquet"),
+                                   cfg.eval, cfg.infer, max_seq_len, n_users)
+    log.info("production model %s on today's holdout: NDCG@10 %.4f (%s)", version, summary["ndcg@10"], note)
+    prod_metrics = registry.read_metrics(run.root, version) or {}
+    return {"model_version": version, "model_dir": model_dir, "role": "production", "item_embeddings": emb,
+            "max_seq_len": max_seq_len, "metrics": summary, "guard": prod_metrics.get("guard"), "note": note}
+
+
+def _publish_production(prod_eval: dict[str, Any] | None, base: str | None) -> tuple[dict[str, Any] | None, str]:
+    if prod_eval is not None:
+        return prod_eval, f"recommendations from the production model {prod_eval['model_version']}"
+    if base is not None:
+        return None, f"nothing published: the production model {base} cannot score today's data"
+    return None, "nothing published: there is no production model to fall back to"
+
+
+def _publish_nothing(prod_eval: dict[str, Any] | None, base: str | None) -> tuple[dict[str, Any] | None, str]:
+    return None, "nothing published (registry.on_reject=none)"
+
+
+ON_REJECT: dict[str, Callable[[dict[str, Any] | None, str | None], tuple[dict[str, Any] | None, str]]] = {
+    "production": _publish_production,
+    "none": _publish_nothing,
+}
+
+
+def _on_reject(value: str) -> str:
+    if value not in ON_REJECT:
+        raise ValueError(f"registry.on_reject: {value!r} unknown; choose from {sorted(ON_REJECT)}")
+    return value
+
+
+def infer_stage(run: Run) -> dict[str, Any]:
+    from recsys_core.infer import catalog_ids, embed_items, publish, score_users
+
+    cfg, prepared, promoted = run.cfg, run.require("prepare"), run.require("promote")
+    evaluated = run.require("evaluate")
+    src = promoted["publish"]
+    if src is None:
+        log.warning("no recommendations published for %s: %s", run.run_date, promoted["publish_reason"])
+        return {"recommendations": None, "manifest": None, "published": False, "reason": promoted["publish_reason"]}
+    if not storage.exists(src["item_embeddings"]):
+        embed_items(src["model_dir"], run.prepared.items, src["item_embeddings"], cfg.infer.item_batch_size,
+                    cfg.infer.concurrency)
+    recs = score_users(src["model_dir"], src["item_embeddings"], run.prepared.users, catalog_ids(run.prepared.items),
+                       cfg.infer.k, src["max_seq_len"], src["model_version"], cfg.infer.batch_size,
+                       cfg.infer.concurrency)
     manifest = publish(recs, run.recs_dir, {
-        "run_date": run.run_date, "model_version": trained["model_version"], "k": cfg.infer.k,
-        "users": prepared["stats"]["users_kept"], "metrics": headline,
+        "run_date": run.run_date, "model_version": src["model_version"], "k": cfg.infer.k,
+        "users": prepared["stats"]["users_kept"],
+        "metrics": manifest_metrics(src, evaluated["metrics"]["baselines"], promoted),
         "input_snapshot": {"interactions": prepared["stats"]["interactions_uri"],
                            "items": prepared["stats"]["items_uri"], "rows_read": prepared["stats"]["rows_read"]},
     })
-    log.info("published %d users' top-%d to %s", manifest["rows"], cfg.infer.k, run.recs_dir)
-    return {"recommendations": run.recs_dir, "manifest": manifest}
+    log.info("published %d users' top-%d from model %s (%s) to %s", manifest["rows"], cfg.infer.k,
+             src["model_version"], src["role"], run.recs_dir)
+    return {"recommendations": run.recs_dir, "manifest": manifest, "published": True,
+            "reason": promoted["publish_reason"]}
 
 
-def _ids(items: pa.Table) -> pa.Array:
-    col = items["item_id"]
-    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+def manifest_metrics(src: dict[str, Any], baselines: dict[str, dict[str, float]],
+                     promoted: dict[str, Any]) -> dict[str, Any]:
+    """Headline numbers of the model whose recommendations are published (all on today's holdout)."""
+    from recsys_core.report import point_metrics
+
+    guard = src.get("guard") or {}
+    return {"holdout": point_metrics(src["metrics"]), "baselines": {b: point_metrics(m) for b, m in baselines.items()},
+            "ppl_general_before": guard.get("ppl_general_before"), "ppl_general_after": guard.get("ppl_general_after"),
+            "guard_passed": guard.get("passed"), "source": src["role"],
+            "promotion": {**promoted["decision"], "new_version": promoted["model_version"],
+                          "production_before": promoted["production_before"],
+                          "production": promoted["production"], "publish_reason": promoted["publish_reason"]}}
+
+
+def report_stage(run: Run) -> dict[str, Any]:
+    from recsys_core import report
+
+    records = {s: run.require(s) for s in ("prepare", "train", "evaluate", "promote", "infer")}
+    history = report.upsert_history(run.root, report.history_row(run.run_date, records))
+    uri = storage.join(run.eval_dir, "report.html")
+    storage.write_bytes(uri, report.render(run.run_date, records, history).encode())
+    log.info("report: %s", uri)
+    return {"report": uri, "history": report.history_uri(run.root)}
 
 
 def _log_table(model: dict[str, float], base: dict[str, dict[str, float]]) -> None:
@@ -204,9 +352,10 @@ def _log_table(model: dict[str, float], base: dict[str, dict[str, float]]) -> No
 STAGES: dict[str, list[tuple[str, Callable[[Run], dict[str, Any]]]]] = {
     "prepare": [("prepare", prepare_stage)],
     "train": [("train", train_stage)],
-    "infer": [("evaluate", evaluate_stage), ("infer", infer_stage)],
+    "infer": [("evaluate", evaluate_stage), ("promote", promote_stage), ("infer", infer_stage),
+              ("report", report_stage)],
     "nightly": [("prepare", prepare_stage), ("train", train_stage), ("evaluate", evaluate_stage),
-                ("infer", infer_stage)],
+                ("promote", promote_stage), ("infer", infer_stage), ("report", report_stage)],
 }
 
 
@@ -214,6 +363,7 @@ def run_job(job: str, cfg: NightlyConfig, run_date: str, force: bool = False) ->
     """Run a job's stages in order; returns each stage's completion record."""
     if not storage.is_s3(cfg.storage.root):  # Ray workers run in other folders: pin relative roots
         cfg = replace(cfg, **{"storage.root": os.path.abspath(cfg.storage.root)})
+    _on_reject(cfg.registry.on_reject)  # a typo fails before hours of training
     init_ray(cfg.ray)
     run = Run(cfg, run_date, force)
     t0 = time.time()

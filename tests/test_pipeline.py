@@ -68,10 +68,29 @@ def test_evaluation_outputs(nightly):
     assert manifest["metrics"]["holdout"]["ndcg@10"] == pytest.approx(m["ndcg@10"])
 
 
+def test_first_model_is_registered_promoted_and_reported(nightly):
+    from recsys_core import registry
+
+    cfg, out = nightly
+    version = out["train"]["model_version"]
+    assert registry.list_versions(cfg.storage.root) == [version]
+    assert registry.production_version(cfg.storage.root) == version
+    assert out["promote"]["decision"]["promote"] is True and out["promote"]["production_before"] is None
+    lineage = storage.read_json(storage.join(out["train"]["model_dir"], "lineage.json"))
+    assert lineage["parent"] is None and lineage["warm_start"]["reason"] == "no production model yet"
+    assert lineage["input"]["interactions_uri"] == out["prepare"]["stats"]["interactions_uri"]
+    _, manifest = read_recommendations(out["infer"]["recommendations"])
+    assert manifest["metrics"]["promotion"]["promote"] is True
+    assert {"ppl_general_before", "ppl_general_after"} <= set(manifest["metrics"])
+    page = storage.read_bytes(out["report"]["report"]).decode()
+    assert "PROMOTED" in page and RUN_DATE in page
+    assert storage.read_table(out["report"]["history"])["run_date"].to_pylist() == [RUN_DATE]
+
+
 def test_rerun_same_date_skips_completed_stages(nightly):
     cfg, out = nightly
     again = jobs.nightly.main(cfg=cfg, run_date=RUN_DATE)
-    for stage in ("prepare", "train", "evaluate", "infer"):
+    for stage in ("prepare", "train", "evaluate", "promote", "infer", "report"):
         assert again[stage] == out[stage]
     recs, manifest = read_recommendations(out["infer"]["recommendations"])
     assert manifest["attempt"] == out["infer"]["manifest"]["attempt"]
@@ -112,6 +131,6 @@ def test_redone_upstream_stage_makes_downstream_records_stale(nightly):
     rec = dict(run.done("prepare"), finished_at="2099-01-01T00:00:00Z-redo")
     storage.write_json(run.marker("prepare"), rec)
     assert run.done("prepare") is not None
-    assert run.done("train") is None and run.done("evaluate") is None and run.done("infer") is None
+    assert all(run.done(s) is None for s in ("train", "evaluate", "promote", "infer", "report"))
     with pytest.raises(RuntimeError, match="jobs.train"):
         run.require("train")

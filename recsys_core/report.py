@@ -1,0 +1,256 @@
+"""The run report and the metrics history across run dates.
+
+- ``history/metrics.parquet``: one row per run date (re-running a date replaces its row), rewritten
+  in one atomic write. Columns: the new model's holdout metrics, the production model's NDCG@10 on the
+  same holdout, the baselines', the promotion decision, what was published, perplexity before/after,
+  data counts.
+- ``evaluation/run_date=D/report.html``: self-contained (plots are inline base64 PNGs): promotion
+  decision, learning curve, metrics vs baselines and vs the production model, the generation guard's
+  perplexity before/after, data and quarantine counts, and the history plot.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+from typing import Any
+
+import pyarrow as pa
+
+from recsys_core import storage
+
+HEADLINE = ("ndcg@10", "recall@10")
+
+
+def history_uri(root: str) -> str:
+    return storage.join(root, "history", "metrics.parquet")
+
+
+def point_metrics(m: dict[str, Any] | None) -> dict[str, float]:
+    """Point estimates only (no CI bounds)."""
+    return {k: v for k, v in (m or {}).items() if "_ci_" not in k}
+
+
+def history_row(run_date: str, records: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The run as one flat row, from the stage records (prepare, train, evaluate, promote, infer)."""
+    stats, trained = records["prepare"]["stats"], records["train"]
+    metrics, promoted, inferred = records["evaluate"]["metrics"], records["promote"], records["infer"]
+    guard = trained.get("guard") or {}
+    prod = promoted.get("production_eval") or {}
+    row: dict[str, Any] = {
+        "run_date": run_date,
+        "model_version": trained["model_version"],
+        "parent_version": trained.get("parent"),
+        "promoted": bool(promoted["decision"]["promote"]),
+        "decision_reason": promoted["decision"]["reason"],
+        "production_version": promoted.get("production"),
+        "published_version": (inferred.get("manifest") or {}).get("model_version"),
+        "epochs": len(trained["history"]),
+        "best_val_ndcg10": trained["best"].get("val_ndcg10"),
+        "ppl_general_before": guard.get("ppl_general_before"),
+        "ppl_general_after": guard.get("ppl_general_after"),
+        "rows_read": stats["rows_read"],
+        "rows_rejected": stats["rows_rejected"],
+        "users_kept": stats["users_kept"],
+        "items": stats["items"],
+        "compared_version": prod.get("model_version"),
+        "compared_ndcg@10": point_metrics(prod.get("metrics")).get("ndcg@10"),
+    }
+    row.update({f"model_{k}": v for k, v in point_metrics(metrics["model"]).items()})
+    for name, m in metrics["baselines"].items():
+        row.update({f"{name}_{k}": v for k, v in point_metrics(m).items() if k in HEADLINE})
+    return row
+
+
+def upsert(rows: list[dict[str, Any]], row: dict[str, Any]) -> list[dict[str, Any]]:
+    """Replace the row of the same run date (or add it); sorted by run date."""
+    return sorted([r for r in rows if r["run_date"] != row["run_date"]] + [row], key=lambda r: r["run_date"])
+
+
+def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Columns are the union of the rows' keys (a metric added later is null for older dates)."""
+    keys = ["run_date"] + sorted({k for r in rows for k in r} - {"run_date"})
+    return pa.table({k: pa.array([r.get(k) for r in rows]) for k in keys})
+
+
+def upsert_history(root: str, row: dict[str, Any]) -> list[dict[str, Any]]:
+    uri = history_uri(root)
+    rows = storage.read_table(uri).to_pylist() if storage.exists(uri) else []
+    rows = upsert(rows, row)
+    storage.write_table(rows_to_table(rows), uri)  # one atomic write
+    return rows
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def figure_png(fig: Any) -> bytes:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def comparison_png(rows: dict[str, dict[str, float]]) -> bytes:
+    """Grouped bars: each model's headline metrics on today's holdout."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    width = 0.8 / max(len(rows), 1)
+    for i, (name, m) in enumerate(rows.items()):
+        xs = [j + i * width for j in range(len(HEADLINE))]
+        ax.bar(xs, [m.get(k, 0.0) or 0.0 for k in HEADLINE], width=width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(HEADLINE))], list(HEADLINE))
+    ax.set(title="today's holdout")
+    ax.legend(fontsize=8)
+    return figure_png(fig)
+
+
+def perplexity_png(guard: dict[str, Any]) -> bytes:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    labels, before, after = [], [], []
+    for name in ("general", "items"):
+        b, a = guard.get(f"ppl_{name}_before"), guard.get(f"ppl_{name}_after")
+        if b is not None and a is not None:
+            labels.append(name)
+            before.append(b)
+            after.append(a)
+    xs = list(range(len(labels)))
+    ax.bar([x - 0.2 for x in xs], before, width=0.4, label="before fine-tuning")
+    ax.bar([x + 0.2 for x in xs], after, width=0.4, label="after")
+    ax.set_xticks(xs, labels)
+    ax.set(title="language-model perplexity (lower is better)")
+    ax.legend(fontsize=8)
+    return figure_png(fig)
+
+
+def history_png(rows: list[dict[str, Any]]) -> bytes:
+    """NDCG@10 per run date: the new model, the model it was compared with, the baselines; promoted dates marked."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    dates = [r["run_date"] for r in rows]
+    xs = list(range(len(dates)))
+    ax.plot(xs, [r.get("model_ndcg@10") for r in rows], marker="o", label="new model")
+    ax.plot(xs, [r.get("compared_ndcg@10") for r in rows], marker="s", linestyle=":", label="production (same holdout)")
+    for col in sorted(k for k in {k for r in rows for k in r} if k.endswith("_ndcg@10")
+                      and not k.startswith(("model_", "compared_"))):
+        ax.plot(xs, [r.get(col) for r in rows], linestyle="--", marker="x", label=col.removesuffix("_ndcg@10"))
+    promoted = [(x, r.get("model_ndcg@10")) for x, r in zip(xs, rows) if r.get("promoted")]
+    if promoted:
+        ax.scatter(*zip(*promoted), s=120, facecolors="none", edgecolors="tab:green", label="promoted")
+    ax.set_xticks(xs, dates, rotation=30, fontsize=8)
+    ax.set(title="holdout NDCG@10 by run date")
+    ax.legend(fontsize=8)
+    return figure_png(fig)
+
+
+# ----------------------------------------------------------------------------- HTML
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def _section(key: str, title: str, body: str) -> str:
+    return f'<section id="{key}"><h2>{html.escape(title)}</h2>{body}</section>'
+
+
+def render(run_date: str, records: dict[str, dict[str, Any]], history: list[dict[str, Any]]) -> str:
+    """report.html from the stage records and the history rows."""
+    from recsys_core.evaluate import learning_curve_png
+
+    stats, trained = records["prepare"]["stats"], records["train"]
+    metrics, promoted, inferred = records["evaluate"]["metrics"], records["promote"], records["infer"]
+    d = promoted["decision"]
+    prod = promoted.get("production_eval")
+    verdict = "PROMOTED" if d["promote"] else "NOT PROMOTED"
+    published = (f"{inferred['manifest']['rows']:,} users' recommendations from model "
+                 f"{inferred['manifest']['model_version']} at {inferred['recommendations']}"
+                 if inferred.get("published") else "nothing published")
+    warm = trained.get("warm_start") or {}
+    parts = [_section("decision", "Promotion decision", (
+        f"<p class='verdict {'ok' if d['promote'] else 'bad'}'>{verdict}: model {html.escape(trained['model_version'])}"
+        f"</p><p>{html.escape(d['reason'])}</p>"
+        + _table(["", "value"], [
+            ["new model NDCG@10", d["new_ndcg"]], ["production model", promoted.get("production_before")],
+            ["production NDCG@10 (today's holdout)", d["production_ndcg"]], ["tolerance", d["tolerance"]],
+            ["generation guard passed", d["guard_passed"]], ["PRODUCTION now", promoted.get("production")],
+            ["published", published], ["why", promoted["publish_reason"]],
+            ["retention deleted", ", ".join(promoted.get("retention_deleted") or []) or None]])))]
+    parts.append(_section("training", "Training", (
+        f"<p>Warm start: {html.escape(_fmt(warm.get('used')))} ({html.escape(str(warm.get('reason', '')))}); "
+        f"parent model: {html.escape(_fmt(trained.get('parent')))}; {len(trained['history'])} epochs.</p>"
+        + _img(learning_curve_png(trained["history"], metrics["baselines"]), "loss and validation NDCG@10 per epoch"))))
+    rows = {"new model": point_metrics(metrics["model"])}
+    if prod:
+        rows[f"production {prod['model_version']}"] = point_metrics(prod["metrics"])
+    rows.update({name: point_metrics(m) for name, m in metrics["baselines"].items()})
+    cols = list(rows["new model"])
+    parts.append(_section("metrics", "Holdout metrics vs baselines and the production model", (
+        _table(["model", *cols], [[name, *(m.get(c) for c in cols)] for name, m in rows.items()])
+        + "<p>95% bootstrap interval of the new model's NDCG@10: "
+        + html.escape(f"[{_fmt(metrics['model'].get('ndcg@10_ci_low'))}, {_fmt(metrics['model'].get('ndcg@10_ci_high'))}]")
+        + "</p>" + _img(comparison_png(rows), "metrics vs baselines and production"))))
+    guard = trained.get("guard")
+    if guard:
+        gens = list(zip(guard.get("prompts") or [], guard.get("generations_before") or [],
+                        guard.get("generations_after") or []))
+        body = (_table(["", "before", "after"], [
+            ["general-English perplexity", guard.get("ppl_general_before"), guard.get("ppl_general_after")],
+            ["item-text perplexity", guard.get("ppl_items_before"), guard.get("ppl_items_after")]])
+            + f"<p>{html.escape(str(guard.get('message', '')))}</p>"
+            + _img(perplexity_png(guard), "perplexity before and after"))
+        if gens:
+            body += "<h3>Greedy generations</h3>" + _table(["prompt", "before", "after"], [list(g) for g in gens])
+    else:
+        body = "<p>No generation-guard record for this model.</p>"
+    parts.append(_section("guard", "Generation guard: perplexity before/after", body))
+    reasons = [[r, n] for r, n in (stats.get("rejected_by_reason") or {}).items()]
+    parts.append(_section("data", "Data and quarantine", (
+        _table(["", "count"], [[k, stats.get(k)] for k in ("rows_read", "rows_good", "rows_rejected", "users_seen",
+                                                            "users_kept", "items", "train_interactions",
+                                                            "train_examples")])
+        + "<h3>Quarantined rows by reason</h3>" + _table(["reason", "rows"], reasons)
+        + f"<p>Source: {html.escape(str(stats.get('source', '')))}</p>")))
+    hist_cols = ["run_date", "model_version", "promoted", "published_version", "model_ndcg@10", "compared_ndcg@10",
+                 "ppl_general_after", "rows_read", "rows_rejected"]
+    parts.append(_section("history", "History across run dates", (
+        _img(history_png(history), "NDCG@10 by run date")
+        + _table(hist_cols, [[r.get(c) for c in hist_cols] for r in history]))))
+    style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;"
+             "text-align:left}.verdict{font-size:1.3em;font-weight:bold}.ok{color:#17702b}.bad{color:#b00020}"
+             "img{max-width:100%}pre{white-space:pre-wrap;margin:0}")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>recsys-core report {html.escape(run_date)}"
+            f"</title><style>{style}</style></head><body><h1>Nightly run {html.escape(run_date)}</h1>"
+            + "".join(parts) + "</body></html>")
