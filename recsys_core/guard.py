@@ -174,9 +174,13 @@ def generations(causal_lm: Any, tokenizer: Any, prompts: tuple[str, ...], max_ne
     """Greedy continuations of fixed prompts (the same prompts before and after fine-tuning)."""
     out = []
     dev = next(causal_lm.parameters()).device
+    c = causal_lm.config
+    window = int(getattr(c, "n_positions", None) or getattr(c, "max_position_embeddings", 1024))
+    new = max(1, min(max_new_tokens, window // 2))
     for prompt in prompts:
-        ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=dev)
-        gen = causal_lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][-(window - new):]  # prompt + new fit
+        ids = torch.tensor([ids], device=dev)
+        gen = causal_lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
                                  do_sample=False, pad_token_id=tokenizer.eos_token_id)
         out.append(tokenizer.decode(gen[0, ids.size(1):], skip_special_tokens=True))
     return out

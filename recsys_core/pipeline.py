@@ -90,9 +90,10 @@ class Run:
 
 
 DEPENDS: dict[str, tuple[str, ...]] = {"prepare": (), "train": ("prepare",), "evaluate": ("train",),
-                                       "promote": ("evaluate",), "infer": ("promote",), "report": ("infer",)}
+                                       "promote": ("evaluate",), "infer": ("promote",), "report": ("infer",),
+                                       "explain": ("infer",)}
 JOB_OF = {"prepare": "prepare", "train": "train", "evaluate": "infer", "promote": "infer", "infer": "infer",
-          "report": "infer"}
+          "report": "infer", "explain": "explain"}
 
 
 def _stage(name: str, fn: Callable[[Run], dict[str, Any]], run: Run) -> dict[str, Any]:
@@ -331,6 +332,23 @@ def manifest_metrics(src: dict[str, Any], baselines: dict[str, dict[str, float]]
                           "production": promoted["production"], "publish_reason": promoted["publish_reason"]}}
 
 
+def explain_stage(run: Run) -> dict[str, Any]:
+    """One-line taste descriptions from the published model's protected LM, beside the recommendations."""
+    from recsys_core.explain import describe_users
+
+    published = run.require("infer")
+    if not published.get("published") or run.cfg.explain.n_users <= 0:
+        return {"explanations": None, "reason": published.get("reason") or "explain.n_users is 0"}
+    version = published["manifest"]["model_version"]
+    table = describe_users(run.model_dir(version), run.prepared.users, run.prepared.items, run.cfg.model.tokenizer,
+                           run.cfg.explain, version)
+    uri = storage.join(run.recs_dir, "explanations.parquet")
+    storage.write_table(table, uri)
+    return {"explanations": uri, "users": table.num_rows, "model_version": version,
+            "examples": [{"prompt": p, "description": d} for p, d in
+                         zip(table["prompt"].to_pylist()[:3], table["description"].to_pylist()[:3])]}
+
+
 def report_stage(run: Run) -> dict[str, Any]:
     from recsys_core import report
 
@@ -354,8 +372,10 @@ STAGES: dict[str, list[tuple[str, Callable[[Run], dict[str, Any]]]]] = {
     "train": [("train", train_stage)],
     "infer": [("evaluate", evaluate_stage), ("promote", promote_stage), ("infer", infer_stage),
               ("report", report_stage)],
+    "explain": [("explain", explain_stage)],
     "nightly": [("prepare", prepare_stage), ("train", train_stage), ("evaluate", evaluate_stage),
-                ("promote", promote_stage), ("infer", infer_stage), ("report", report_stage)],
+                ("promote", promote_stage), ("infer", infer_stage), ("report", report_stage),
+                ("explain", explain_stage)],
 }
 
 

@@ -193,3 +193,15 @@ def test_item_causal_lm_matches_the_tower_and_generates():
     out = causal.generate(ids[:, :3], attention_mask=torch.ones(1, 3, dtype=torch.long), max_new_tokens=4,
                           do_sample=False, pad_token_id=0)
     assert out.shape == (1, 7) and np.array_equal(out[0, :3].numpy(), ids[0, :3].numpy())
+
+
+def test_generations_fit_the_position_window():
+    """A long prompt plus many new tokens on an 8-position LM: the prompt is cut, nothing overflows."""
+    from recsys_core.guard import generations
+    from recsys_core.text import load_tokenizer
+
+    torch.manual_seed(0)
+    model = build_two_tower(MODEL, N_ITEMS).eval()  # max_text_tokens=8: 8 positions
+    out = generations(item_causal_lm(model.item_tower), load_tokenizer("gpt2-offline"),
+                      ("a rather long prompt that is much longer than eight tokens in total",), 16)
+    assert len(out) == 1 and isinstance(out[0], str)

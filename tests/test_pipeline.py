@@ -87,10 +87,26 @@ def test_first_model_is_registered_promoted_and_reported(nightly):
     assert storage.read_table(out["report"]["history"])["run_date"].to_pylist() == [RUN_DATE]
 
 
+def test_explanations_written_beside_recommendations(nightly):
+    cfg, out = nightly
+    ex = out["explain"]
+    assert ex["explanations"] == storage.join(out["infer"]["recommendations"], "explanations.parquet")
+    table = storage.read_table(ex["explanations"])
+    users = set(storage.read_table(storage.join(out["prepare"]["prepared"], "users"))["user_id"].to_pylist())
+    assert table.num_rows == ex["users"] == min(cfg.explain.n_users, len(users))
+    assert set(table["user_id"].to_pylist()) <= users
+    assert all(p.startswith("A viewer who enjoyed ") for p in table["prompt"].to_pylist())
+    assert set(table["model_version"].to_pylist()) == {out["infer"]["manifest"]["model_version"]}
+    # the guard measured the model before and after training and its record travels with the model
+    guard = out["train"]["guard"]
+    assert guard["ppl_general_before"] > 1 and guard["ppl_general_after"] > 1 and not guard["enforced"]
+    assert len(guard["generations_after"]) == len(cfg.guard.prompts)
+
+
 def test_rerun_same_date_skips_completed_stages(nightly):
     cfg, out = nightly
     again = jobs.nightly.main(cfg=cfg, run_date=RUN_DATE)
-    for stage in ("prepare", "train", "evaluate", "promote", "infer", "report"):
+    for stage in ("prepare", "train", "evaluate", "promote", "infer", "report", "explain"):
         assert again[stage] == out[stage]
     recs, manifest = read_recommendations(out["infer"]["recommendations"])
     assert manifest["attempt"] == out["infer"]["manifest"]["attempt"]
@@ -108,7 +124,8 @@ def test_forced_republish_switches_manifest_and_retires_old_generations(nightly)
     second = publish(ds, folder, {"run_date": RUN_DATE})
     third = publish(ds, folder, {"run_date": RUN_DATE})
     assert len({first["attempt"], second["attempt"], third["attempt"]}) == 3
-    names = sorted(f.rsplit("/", 1)[-1] for f in storage.list_files(folder, ".parquet"))
+    names = sorted(n for n in (f.rsplit("/", 1)[-1] for f in storage.list_files(folder, ".parquet"))
+                   if n.startswith("part-"))  # explanations.parquet sits beside the parts
     assert names == sorted(third["files"] + second["files"])  # first generation gone, previous kept
     assert third["previous_files"] == second["files"]
     again, manifest = read_recommendations(folder)
