@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from recsys_core.retrieval import topk_excluding, topk_from_scores
+from recsys_core.retrieval import select_topk, tile_shape, topk_excluding, topk_from_scores
 
 ITEMS = torch.tensor([[1.0, 0.0], [2.0, 1.0], [3.0, -1.0], [0.0, 2.0], [-1.0, 3.0]])
 USERS = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
@@ -69,3 +69,49 @@ def test_topk_from_scores_matches_hand_case(chunk):
 @pytest.mark.unit
 def test_topk_from_scores_no_users():
     assert topk_from_scores(np.zeros((0, 5)), [], k=3).shape == (0, 3)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("tile_items,tile_bytes", [(2, 1 << 20), (3, 8), (5, 4 * 5), (4096, 1 << 25)])
+def test_topk_excluding_item_tiles_match_hand_case(tile_items, tile_bytes):
+    # Tiles of 2-3 items split each user's row (and its seen items) across tiles; 8 bytes = 1 user per tile.
+    idx, scores = topk_excluding(USERS, ITEMS, SEEN, k=3, tile_items=tile_items, tile_bytes=tile_bytes)
+    np.testing.assert_array_equal(idx, WANT_IDX)
+    np.testing.assert_array_equal(scores, WANT_SCORES)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("width", [64 * 300, 64 * 300 + 17, 64 * 20 + 5, 7])
+def test_select_topk_two_stage_equals_full_sort(width):
+    # Long rows take the two-stage path (group maxima, then the best groups' columns and the tail).
+    g = torch.Generator().manual_seed(width)
+    scores = torch.randn(6, width, generator=g)
+    scores[0, :] = float("-inf")  # a row with nothing left
+    scores[1, width - 3:] = 100.0  # the best items sit in the ragged tail
+    val, col = select_topk(scores, 10)
+    want_val, want_col = torch.topk(scores, min(10, width), dim=1)
+    torch.testing.assert_close(val, want_val)
+    torch.testing.assert_close(scores.gather(1, col), val)  # columns point at their values
+    np.testing.assert_array_equal(col[2:].numpy(), want_col[2:].numpy())  # distinct values: same columns
+
+
+@pytest.mark.unit
+def test_topk_excluding_random_matches_brute_force_across_tiles():
+    rng = np.random.default_rng(0)
+    users, items = torch.randn(37, 8, generator=torch.Generator().manual_seed(1)), torch.randn(5000, 8)
+    seen = [rng.choice(5000, size=int(rng.integers(0, 200)), replace=False) for _ in range(37)]
+    idx, scores = topk_excluding(users, items, seen, k=20, chunk=8, tile_items=1024)
+    full = (users @ items.T).numpy()
+    for u in range(37):
+        row = full[u].copy()
+        row[seen[u]] = -np.inf
+        want = np.argsort(-row, kind="stable")[:20]
+        np.testing.assert_array_equal(idx[u], want)
+        np.testing.assert_allclose(scores[u], row[want], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.unit
+def test_tile_shape_respects_the_byte_budget():
+    assert tile_shape(10_000, 1_000_000, chunk=1024) == (128, 131_072)  # 64 MiB / (4 B * 131,072)
+    assert tile_shape(10, 1682, chunk=1024) == (10, 1682)
+    assert tile_shape(5000, 1682, chunk=1024) == (1024, 1682)

@@ -1,0 +1,220 @@
+"""Batch inference: users/s end to end vs a naive Python loop, and peak RSS from 100k to 1M users.
+
+    python benchmarks/bench_infer.py [--sizes 100000 1000000] [--items 10000] [--json infer.json]
+
+A tiny random-init two-tower model (GPT-2 tiny towers, 32-d embeddings) and synthetic parquet
+written directly: a catalog of ``--items`` items with random BPE token ids, and users with
+histories of 5-10 items (``max_seq_len`` 10). Each size runs in a fresh process with its own local
+Ray cluster, through the real code path: ``infer.embed_items`` (Ray Data, ItemEmbedder actors),
+``infer.score_users`` (Ray Data, UserScorer actors: user tower + exact top-k with seen masking)
+and ``infer.publish`` (parquet parts + ``_MANIFEST.json``). A sampler thread reads the RSS of the
+driver and of every process of the local Ray cluster every 0.2 s.
+
+The naive alternative loops in Python over users and, per user, over every item (one user-tower
+forward per user, a numpy dot product per item, seen items skipped, ``heapq.nlargest``), embeds
+items one at a time, and writes one parquet file; it runs on a subset of users and is extrapolated
+per user.
+"""
+from __future__ import annotations
+
+import argparse
+import heapq
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+import benchlib
+
+K = 10
+SEQ = 10
+USERS_PER_FILE = 100_000
+
+
+def model_config() -> Any:
+    from recsys_core.config import ModelConfig, TowerConfig
+
+    return ModelConfig(item_tower=TowerConfig("tiny", dropout=0.0), user_tower=TowerConfig("tiny", dropout=0.0),
+                       embed_dim=32, max_text_tokens=16, max_seq_len=SEQ)
+
+
+def setup(root: Path, n_items: int, sizes: list[int]) -> None:
+    """Model checkpoint, item catalog and one users dataset per size (skipped when already there)."""
+    from recsys_core.model import ModelSpec, build_two_tower, save_checkpoint
+
+    rng = np.random.default_rng(0)
+    if not (root / "model" / "_COMPLETE").exists():
+        torch.manual_seed(0)
+        model = build_two_tower(model_config(), n_items)
+        save_checkpoint(model, ModelSpec.of(model), root / "model")
+    if not (root / "items.parquet").exists():
+        lens = rng.integers(6, 16, size=n_items)
+        tokens = [rng.integers(0, 50_000, size=n).astype(np.int32) for n in lens]
+        pq.write_table(pa.table({"item_idx": pa.array(np.arange(n_items, dtype=np.int32)),
+                                 "item_id": pa.array(np.arange(n_items, dtype=np.int64)),
+                                 "input_ids": pa.array(tokens, pa.list_(pa.int32()))}), root / "items.parquet")
+    for n in sizes:
+        folder = root / f"users_{n}"
+        if (folder / "_DONE").exists():
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        for f, s in enumerate(range(0, n, USERS_PER_FILE)):  # written in slices: never all users at once
+            m = min(USERS_PER_FILE, n - s)
+            lens = rng.integers(5, SEQ + 1, size=m)
+            flat = rng.integers(0, n_items, size=int(lens.sum())).astype(np.int32)
+            offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+            pq.write_table(pa.table({"user_id": pa.array(np.arange(s, s + m, dtype=np.int64)),
+                                     "items": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))}),
+                           folder / f"part-{f:05d}.parquet")
+        (folder / "_DONE").write_text("ok\n")
+
+
+def scale_run(root: Path, n_users: int) -> dict[str, Any]:
+    """One size, in this (fresh) process: Ray start, embed items, score users, publish; peak RSS sampled."""
+    import ray
+
+    from recsys_core.config import InferConfig, RayConfig
+    from recsys_core.infer import embed_items, publish, score_users
+    from recsys_core.runtime import init_ray
+
+    icfg = InferConfig()
+    items = pq.read_table(root / "items.parquet", columns=["item_id"])["item_id"].combine_chunks()
+    out = root / f"recs_{n_users}"
+    with benchlib.RssSampler() as rss:
+        t0 = time.time()
+        init_ray(RayConfig())
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        t1 = time.time()
+        emb_uri = str(root / f"item_embeddings_{n_users}.npy")
+        embed_items(str(root / "model"), str(root / "items.parquet"), emb_uri, icfg.item_batch_size,
+                    icfg.concurrency)
+        t2 = time.time()
+        recs = score_users(str(root / "model"), emb_uri, str(root / f"users_{n_users}"), items, K, SEQ, "bench",
+                           icfg.batch_size, icfg.concurrency)
+        manifest = publish(recs, str(out), {"k": K, "users": n_users})
+        t3 = time.time()
+    ray.shutdown()
+    if manifest["rows"] != n_users:
+        raise RuntimeError(f"published {manifest['rows']} rows for {n_users} users")
+    return {"users": n_users, "ray_start_s": t1 - t0, "embed_s": t2 - t1, "score_write_s": t3 - t2,
+            "end_to_end_s": t3 - t1, "users_per_s": n_users / (t3 - t1), "rss": rss.summary(),
+            "load": benchlib.load()}
+
+
+def naive(root: Path, n_users: int, n_item_sample: int, total_users: int) -> dict[str, Any]:
+    """Python loops over users and items on a subset; seconds per user, item embedding amortised."""
+    from recsys_core.model import load_checkpoint
+
+    torch.set_num_threads(1)
+    model, _ = load_checkpoint(str(root / "model"))
+    items = pq.read_table(root / "items.parquet")
+    n_items = items.num_rows
+    tokens = items["input_ids"].to_pylist()
+
+    def embed_one(j: int) -> np.ndarray:
+        ids = torch.tensor([tokens[j]])
+        with torch.no_grad():
+            text = model.item_tower.text_embed(ids, torch.ones_like(ids))
+            return model.item_embeddings(text, torch.tensor([j]))[0].numpy()
+
+    t = time.perf_counter()
+    for j in range(n_item_sample):
+        embed_one(j)
+    item_s = (time.perf_counter() - t) / n_item_sample  # seconds per item, one at a time
+    table = np.load(root / f"item_embeddings_{total_users}.npy")  # the same vectors, to score against
+    table_t = torch.from_numpy(table)
+    users = pq.read_table(root / f"users_{total_users}" / "part-00000.parquet").slice(0, n_users)
+    rows = []
+    t, c = time.perf_counter(), time.process_time()
+    for uid, hist in zip(users["user_id"].to_pylist(), users["items"].to_pylist()):
+        seq = torch.tensor([hist[-SEQ:]])
+        with torch.no_grad():
+            u = model.last_state(table_t, seq, torch.ones_like(seq))[0].numpy()
+        seen = set(hist)
+        scored = []
+        for j in range(n_items):
+            if j not in seen:
+                scored.append((float(np.dot(u, table[j])), j))
+        top = heapq.nlargest(K, scored)
+        rows.append({"user_id": uid, "item_ids": [j for _, j in top], "scores": [s for s, _ in top]})
+    with tempfile.TemporaryDirectory() as d:
+        pq.write_table(pa.Table.from_pylist(rows), Path(d) / "naive.parquet")
+    user_s, user_cpu = (time.perf_counter() - t) / n_users, (time.process_time() - c) / n_users
+    per_user = user_s + item_s * n_items / total_users
+    return {"users_timed": n_users, "items": n_items, "item_embed_s_per_item": item_s, "s_per_user": user_s,
+            "cpu_s_per_user": user_cpu, "users_per_s": 1.0 / per_user, "amortised_over_users": total_users}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    p.add_argument("--items", type=int, default=10_000)
+    p.add_argument("--naive-users", type=int, default=100)
+    p.add_argument("--root", default=None, help="data folder (default: a temporary one, removed at the end)")
+    p.add_argument("--scale-run", type=int, default=None, help=argparse.SUPPRESS)  # child mode: one size
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    if a.scale_run is not None:
+        benchlib.write_json(a.json, scale_run(Path(a.root), a.scale_run))
+        return
+    t0, load0 = time.time(), benchlib.load()
+    with tempfile.TemporaryDirectory(prefix="bench-infer-") as tmp:
+        root = Path(a.root or tmp)
+        setup(root, a.items, a.sizes)
+        runs = []
+        for n in a.sizes:
+            runs.append(benchlib.run_child("bench_infer.py", ["--root", str(root), "--scale-run", str(n)],
+                                           root / f"scale_{n}.json", timeout_s=900))
+            r = runs[-1]
+            print(f"{n:,} users: {r['users_per_s']:,.0f} users/s end to end, driver+workers peak RSS "
+                  f"{r['rss']['driver_plus_workers_mib']:,.0f} MiB", flush=True)
+        nv = naive(root, a.naive_users, 200, a.sizes[0])
+    print(benchlib.table(
+        f"Batch inference end to end (embed {a.items:,} items + user tower + exact top-{K} with seen masking + "
+        "parquet write + manifest), Ray Data, 2 actors x 1 thread",
+        ["users", "Ray start s", "embed items s", "score + write s", "users/s", "Ray worker processes seen"],
+        [[r["users"], r["ray_start_s"], r["embed_s"], r["score_write_s"], r["users_per_s"],
+          r["rss"]["worker_processes"]] for r in runs]), flush=True)
+    mem_rows = [("driver", "driver_mib", "driver_private_mib"),
+                ("largest Ray worker", "max_worker_mib", "max_worker_private_mib"),
+                ("driver + all Ray workers (sum at one instant)", "driver_plus_workers_mib",
+                 "driver_plus_workers_private_mib"),
+                ("Ray infrastructure (raylet, GCS, agents)", "ray_infra_mib", None)]
+    print(benchlib.table(
+        "Peak memory of the inference path, MiB: RSS (private = RSS minus shared object-store pages)",
+        ["process"] + [f"{r['users']:,} users RSS / private" for r in runs] + ["growth RSS / private"],
+        [[name] + [f"{r['rss'][k]:,.0f} / " + (f"{r['rss'][kp]:,.0f}" if kp else "-") for r in runs]
+         + [f"{runs[-1]['rss'][k] / runs[0]['rss'][k]:.2f} / "
+            + (f"{runs[-1]['rss'][kp] / runs[0]['rss'][kp]:.2f}" if kp else "-")]
+         for name, k, kp in mem_rows]), flush=True)
+    biggest = runs[-1]["rss"]
+    print(f"largest worker at {runs[-1]['users']:,} users: {biggest['max_worker_title']} (RSS), "
+          f"{biggest['max_worker_private_title']} (private)\n", flush=True)
+    first, last = runs[0], runs[-1]
+    speedup = first["users_per_s"] / nv["users_per_s"]
+    print(benchlib.table(
+        "Ours vs a naive Python loop over users and items (same model, same item vectors)",
+        ["method", "users/s", "speed-up"],
+        [["naive: per-user forward, per-item numpy dot, heapq (timed on "
+          f"{nv['users_timed']} users, items embedded one by one)", nv["users_per_s"], 1.0],
+         [f"ours, {first['users']:,} users end to end", first["users_per_s"], speedup]]), flush=True)
+    keys = ("driver_mib", "max_worker_mib", "driver_plus_workers_mib", "driver_private_mib",
+            "max_worker_private_mib", "driver_plus_workers_private_mib")
+    growth = {k: last["rss"][k] / first["rss"][k] for k in keys}
+    name = ("infer_rss_growth_100k_to_1m" if (first["users"], last["users"]) == (100_000, 1_000_000)
+            else f"infer_rss_growth_{first['users']}_to_{last['users']}")
+    out = {"infer_vs_naive": speedup, name: growth["driver_plus_workers_mib"],
+           "infer_rss_growth_parts": growth, "infer_users_per_s": {str(r["users"]): r["users_per_s"] for r in runs},
+           "runs": runs, "naive": nv, "items": a.items, "seq_len": SEQ, "k": K,
+           "wall_s": time.time() - t0, "load_before": load0, "load_after": benchlib.load()}
+    benchlib.write_json(a.json, out)
+
+
+if __name__ == "__main__":
+    benchlib.setup_env()
+    main()

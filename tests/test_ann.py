@@ -1,0 +1,103 @@
+"""FAISS ANN path: seen items never returned, over-fetch refills short lists, recall vs exact search."""
+
+import numpy as np
+import pytest
+import torch
+
+from recsys_core.ann import AnnIndex, AnnSpec, default_nlist, drop_seen, recall_at_k
+from recsys_core.retrieval import topk_excluding
+
+pytest.importorskip("faiss")
+
+
+def clustered(n_items: int, n_users: int, n_clusters: int = 20, dim: int = 16, seed: int = 0):
+    """Items and users drawn around shared cluster centres (how trained embeddings look)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_clusters, dim)).astype(np.float32) * 3
+    items = centres[rng.integers(n_clusters, size=n_items)] + rng.normal(size=(n_items, dim)).astype(np.float32)
+    users = centres[rng.integers(n_clusters, size=n_users)] + rng.normal(size=(n_users, dim)).astype(np.float32)
+    return items.astype(np.float32), users.astype(np.float32)
+
+
+@pytest.mark.unit
+def test_drop_seen_hand_case():
+    # user 0: candidates 4, 2, 7, 1 with 2 seen -> 4, 7 (k=2); user 1: a miss (-1) and 3 seen -> only 5 left.
+    idx = np.array([[4, 2, 7, 1], [3, 5, -1, -1]])
+    scores = np.array([[9, 8, 7, 6], [5, 4, -np.inf, -np.inf]], np.float32)
+    out_idx, out_scores, found = drop_seen(idx, scores, [np.array([2]), np.array([3, 0])], k=2, n_items=8)
+    np.testing.assert_array_equal(out_idx, [[4, 7], [5, -1]])
+    np.testing.assert_array_equal(out_scores, np.array([[9, 7], [4, -np.inf]], np.float32))
+    np.testing.assert_array_equal(found, [3, 1])
+
+
+@pytest.mark.unit
+def test_drop_seen_pads_when_fewer_candidates_than_k():
+    out_idx, out_scores, found = drop_seen(np.array([[1]]), np.array([[0.5]], np.float32), [np.array([], np.int64)],
+                                           k=3, n_items=4)
+    np.testing.assert_array_equal(out_idx, [[1, -1, -1]])
+    assert out_scores[0, 0] == np.float32(0.5) and np.isneginf(out_scores[0, 1:]).all()
+    assert found.tolist() == [1]
+
+
+@pytest.mark.unit
+def test_default_nlist_bounds():
+    assert default_nlist(1_000_000) == 4000
+    assert default_nlist(1000) == 25  # 1000 // 39: enough training points per centroid
+    assert default_nlist(10) == 1
+
+
+@pytest.mark.unit
+def test_flat_index_equals_exact_search_with_seen_masked():
+    items, users = clustered(500, 40)
+    rng = np.random.default_rng(1)
+    seen = [rng.choice(500, size=rng.integers(0, 30), replace=False) for _ in range(40)]
+    want_idx, want_scores = topk_excluding(torch.from_numpy(users), torch.from_numpy(items), seen, k=10)
+    idx, scores = AnnIndex(items, AnnSpec(kind="flat")).search(users, seen, k=10, block=16)
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_ann_never_returns_seen_items_even_when_they_fill_the_top(kind):
+    items, users = clustered(3000, 60)
+    exact, _ = topk_excluding(torch.from_numpy(users), torch.from_numpy(items), [np.zeros(0, np.int64)] * 60, k=200)
+    # 3 users have seen their 150 best items (over the over-fetch quantile: a second, longer search); the rest 0-3.
+    seen = [exact[u, :150] if u % 20 == 0 else exact[u, : u % 4] for u in range(60)]
+    index = AnnIndex(items, AnnSpec(kind=kind, nlist=40, nprobe=10))
+    calls = []
+    raw = index._raw
+    index._raw = lambda q, kk: calls.append((len(q), kk)) or raw(q, kk)
+    idx, scores = index.search(users, seen, k=10)
+    assert calls[0] == (60, 13) and calls[1] == (3, 160), calls  # k + 0.9-quantile of lengths, then k + 150
+    assert idx.shape == (60, 10) and idx.dtype == np.int64 and scores.dtype == np.float32
+    for u in range(60):
+        assert not set(idx[u].tolist()) & set(seen[u].tolist()), f"user {u} got a seen item"
+        assert (idx[u] >= 0).all(), f"user {u} has fewer than 10 items"
+        np.testing.assert_allclose(scores[u], items[idx[u]] @ users[u], rtol=1e-5, atol=1e-4)
+        assert np.all(np.diff(scores[u]) <= 0)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("kind,spec", [("ivf", AnnSpec(kind="ivf", nlist=50, nprobe=8)),
+                                        ("hnsw", AnnSpec(kind="hnsw", hnsw_m=16, ef_search=64))])
+def test_ann_recall_at_10_on_clustered_data(kind, spec):
+    items, users = clustered(5000, 200)
+    rng = np.random.default_rng(2)
+    seen = [rng.choice(5000, size=20, replace=False) for _ in range(200)]
+    exact, _ = topk_excluding(torch.from_numpy(users), torch.from_numpy(items), seen, k=10)
+    approx, _ = AnnIndex(items, spec).search(users, seen, k=10)
+    assert recall_at_k(approx, exact) >= 0.9
+
+
+@pytest.mark.unit
+def test_recall_at_k_hand_case():
+    exact = np.array([[1, 2, 3, 4], [5, 6, -1, -1], [-1, -1, -1, -1]])  # the third user has nothing to find
+    approx = np.array([[1, 2, 9, 8], [6, 7, -1, -1], [0, 1, 2, 3]])
+    assert recall_at_k(approx, exact) == pytest.approx((2 / 4 + 1 / 2) / 2)
+
+
+@pytest.mark.unit
+def test_unknown_kind_names_the_choices():
+    with pytest.raises(ValueError, match="hnsw"):
+        AnnIndex(np.zeros((4, 2), np.float32), AnnSpec(kind="lsh"))
