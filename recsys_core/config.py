@@ -97,6 +97,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 64  # sequences per worker per step
     lr: float = 1e-3
+    item_backbone_lr: float | None = None  # lr of the item tower's LM body or its LoRA adapters; None = lr
     weight_decay: float = 0.01
     warmup_steps: int = 20
     grad_clip: float = 1.0

@@ -256,6 +256,18 @@ def initial_model(cfg: NightlyConfig, n_items: int, init_from: str | None) -> Tw
     return model
 
 
+def param_groups(model: TwoTower, tc: Any) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices only; the item tower's language-model body (or its LoRA
+    adapters) at ``train.item_backbone_lr`` when set (pretrained bodies want a smaller step)."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            body = n.startswith("item_tower.backbone.") and tc.item_backbone_lr is not None
+            groups.setdefault((body, p.dim() >= 2), []).append(p)
+    return [{"params": ps, "weight_decay": tc.weight_decay if matrix else 0.0,
+             "lr": tc.item_backbone_lr if body else tc.lr} for (body, matrix), ps in sorted(groups.items())]
+
+
 def guard_seq_len(cfg: NightlyConfig, model: TwoTower) -> int:
     from recsys_core.model import max_positions
 
@@ -321,11 +333,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     guard, replay_stream = guard_terms(cfg, model, n_items, config.get("replay_ids"), device)
     replay_gen = torch.Generator().manual_seed(tc.seed + 7919 * rank)
 
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr,
-                            fused=device.type == "cuda", foreach=device.type != "cuda")
+    opt = torch.optim.AdamW(param_groups(model, tc), lr=tc.lr, fused=device.type == "cuda",
+                            foreach=device.type != "cuda")
     steps_per_epoch = max(1, math.ceil(config["n_examples"] / (world * tc.batch_size)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc.warmup_steps, steps_per_epoch * tc.epochs))
 

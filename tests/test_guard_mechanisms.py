@@ -205,3 +205,19 @@ def test_generations_fit_the_position_window():
     out = generations(item_causal_lm(model.item_tower), load_tokenizer("gpt2-offline"),
                       ("a rather long prompt that is much longer than eight tokens in total",), 16)
     assert len(out) == 1 and isinstance(out[0], str)
+
+
+def test_param_groups_give_the_item_lm_body_its_own_lr():
+    from recsys_core.config import TrainConfig
+    from recsys_core.train import param_groups
+
+    torch.manual_seed(0)
+    model = build_two_tower(MODEL, N_ITEMS)
+    body = {id(p) for p in model.item_tower.backbone.parameters() if p.requires_grad}
+    groups = param_groups(model, TrainConfig(lr=1e-3, item_backbone_lr=5e-5, weight_decay=0.1))
+    for g in groups:
+        ids = {id(p) for p in g["params"]}
+        assert ids <= body if g["lr"] == 5e-5 else not (ids & body)
+        assert g["weight_decay"] == (0.1 if all(p.dim() >= 2 for p in g["params"]) else 0.0)
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+    assert {g["lr"] for g in param_groups(model, TrainConfig(lr=1e-3))} == {1e-3}
