@@ -2,24 +2,61 @@
 
 S3 endpoint, region and credentials come from the standard AWS environment (``AWS_ENDPOINT_URL``,
 ``AWS_REGION``/``AWS_DEFAULT_REGION``, ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` or an
-instance role). Transient S3 errors are retried by pyarrow's AWS standard retry strategy.
+instance role).
+
+Transient S3 errors are retried at two levels:
+
+1. each HTTP request, by the AWS SDK's standard retry strategy (``S3_RETRY_ATTEMPTS`` attempts:
+   503 SlowDown, 500 InternalError, other 5xx, dropped connections), in this process and in every
+   Ray worker the filesystem is pickled to (:class:`RetryingS3FileSystem`);
+2. each call of this module, when an error still escapes as a transient one
+   (:func:`is_transient`). The SDK cannot retry every transient failure: the XML body of a 503
+   answering a small ranged GET overflows the read buffer pyarrow hands it, and the SDK then
+   reports a non-retryable ``INTERNAL_FAILURE ... Failed to flush response stream``. Every call
+   here is idempotent (a write rewrites the whole object), so it is simply repeated.
+
+The project makes no boto3 calls of its own; ``AWS_RETRY_MODE``/``AWS_MAX_ATTEMPTS`` in
+``cluster/`` configure the boto3 clients Ray itself uses (e.g. to fetch an s3:// working_dir).
 """
 from __future__ import annotations
 
 import functools
 import io
 import json
+import logging
 import os
 import posixpath
+import random
+import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-S3_RETRY_ATTEMPTS = 10
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+S3_RETRY_ATTEMPTS = 10  # per HTTP request, inside the AWS SDK
+CALL_RETRY_ATTEMPTS = 5  # per call of this module, for transient errors the SDK gave up on
+CALL_RETRY_BASE_S = 0.2
+CALL_RETRY_MAX_S = 10.0
+# Substrings of pyarrow's OSError messages for failures worth repeating (the AWS SDK's error
+# types, as Ray Data's DataContext.retried_io_errors lists them, plus the flush failure above).
+TRANSIENT_MARKERS = (
+    "AWS Error SLOW_DOWN",
+    "AWS Error INTERNAL_FAILURE",
+    "AWS Error NETWORK_CONNECTION",
+    "AWS Error SERVICE_UNAVAILABLE",
+    "AWS Error THROTTLING",
+    "AWS Error REQUEST_TIMEOUT",
+    "(HTTP status 500)",
+    "(HTTP status 502)",
+    "(HTTP status 503)",
+    "(HTTP status 504)",
+    "Failed to flush response stream",
+)
 
 
 def is_s3(uri: str) -> bool:
@@ -27,25 +64,74 @@ def is_s3(uri: str) -> bool:
 
 
 def join(base: str, *parts: str) -> str:
-    """Join path parts; parts never contain '..' (ids from data never reach here)."""
+    """Join path parts under ``base``; a part may not climb out of it ('..') or restart it ('/...').
+
+    Ids from the data never reach here: paths are built from fixed names, validated run dates and
+    model versions only."""
     for p in parts:
-        if ".." in p.split("/"):
-            raise ValueError(f"refusing path component {p!r}")
+        if ".." in p.split("/") or p.startswith(("/", "\\")):
+            raise ValueError(f"refusing path component {p!r} (it would leave {base!r})")
     if is_s3(base):
         return posixpath.join(base, *parts)
     return os.path.join(base, *parts)
 
 
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem that keeps its retry policy when pickled.
+
+    pyarrow pickles an ``S3FileSystem`` without its ``retry_strategy``, so the copy a Ray Data task
+    or a Ray Train worker receives would fall back to pyarrow's default of 3 attempts. This one
+    unpickles through :func:`_s3`, i.e. rebuilt with the same endpoint, region and retries (and
+    credentials from the worker's own environment or instance role: none travel in the pickle)."""
+
+    def __init__(self, endpoint: str | None, region: str):
+        self._key = (endpoint, region)
+        kwargs: dict[str, Any] = {
+            "region": region,
+            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_RETRY_ATTEMPTS),
+        }
+        if endpoint:
+            scheme, _, host = endpoint.partition("://")
+            kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+        super().__init__(**kwargs)
+
+    def __reduce__(self) -> tuple[Any, tuple[str | None, str]]:
+        return _s3, self._key
+
+
 @functools.lru_cache(maxsize=8)
-def _s3(endpoint: str | None, region: str) -> pafs.S3FileSystem:
-    kwargs: dict[str, Any] = {
-        "region": region,
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_RETRY_ATTEMPTS),
-    }
-    if endpoint:
-        scheme, _, host = endpoint.partition("://")
-        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
-    return pafs.S3FileSystem(**kwargs)
+def _s3(endpoint: str | None, region: str) -> RetryingS3FileSystem:
+    return RetryingS3FileSystem(endpoint, region)
+
+
+def is_transient(err: BaseException) -> bool:
+    """An S3 error that may succeed when repeated (throttling, 5xx, network); never 'not found'."""
+    if not isinstance(err, OSError) or isinstance(err, (FileNotFoundError, PermissionError)):
+        return False
+    text = str(err)
+    return any(m in text for m in TRANSIENT_MARKERS)
+
+
+def backoff_s(attempt: int, base: float = CALL_RETRY_BASE_S, cap: float = CALL_RETRY_MAX_S) -> float:
+    """Upper bound of the 'full jitter' delay before retry ``attempt`` (0-based): base * 2^attempt, capped."""
+    return min(cap, base * 2.0 ** attempt)
+
+
+def _retry(uri: str, what: str, fn: Callable[[], T]) -> T:
+    """Run one idempotent S3 call, repeating it on transient errors; local calls run once."""
+    if not is_s3(uri):
+        return fn()
+    for attempt in range(CALL_RETRY_ATTEMPTS):
+        try:
+            return fn()
+        except OSError as e:
+            if not is_transient(e) or attempt == CALL_RETRY_ATTEMPTS - 1:
+                raise
+            delay = random.uniform(0, backoff_s(attempt))
+            log.warning("transient S3 error in %s %s (attempt %d of %d), retrying in %.2fs: %s",
+                        what, uri, attempt + 1, CALL_RETRY_ATTEMPTS, delay, e)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -59,14 +145,18 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    return _retry(uri, "exists", lambda: fs.get_file_info(path).type != pafs.FileType.NotFound)
 
 
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
-    try:
+
+    def read() -> bytes:
         with fs.open_input_stream(path) as f:
             return f.read()
+
+    try:
+        return _retry(uri, "read", read)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{uri}: not found") from e
 
@@ -87,8 +177,12 @@ def write_bytes(uri: str, data: bytes) -> None:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         return
-    with fs.open_output_stream(path) as f:
-        f.write(data)
+
+    def put() -> None:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+    _retry(uri, "write", put)
 
 
 def read_json(uri: str) -> Any:
@@ -102,9 +196,9 @@ def write_json(uri: str, obj: Any) -> None:
 def list_files(uri: str, suffix: str = "") -> list[str]:
     """All files below ``uri`` (recursive), as URIs of the same kind, sorted."""
     fs, path = filesystem(uri)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+    if not exists(uri):
         return []
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    infos = _retry(uri, "list", lambda: fs.get_file_info(pafs.FileSelector(path, recursive=True)))
     prefix = "s3://" if is_s3(uri) else ""
     return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
 
@@ -112,11 +206,15 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
 def delete(uri: str) -> None:
     """Delete a file or a whole folder; missing is fine."""
     fs, path = filesystem(uri)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.Directory:
-        fs.delete_dir(path)
-    elif info.type == pafs.FileType.File:
-        fs.delete_file(path)
+
+    def remove() -> None:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(path)
+        elif info.type == pafs.FileType.File:
+            fs.delete_file(path)
+
+    _retry(uri, "delete", remove)
 
 
 def upload_dir(local_dir: str | Path, uri: str) -> None:
@@ -128,14 +226,19 @@ def upload_dir(local_dir: str | Path, uri: str) -> None:
 
 
 def download_dir(uri: str, local_dir: str | Path) -> Path:
+    """Copy the files below ``uri`` into ``local_dir``; an object key that would land outside it
+    (``a/../../x``: S3 keys are plain strings) is refused."""
     local_dir = Path(local_dir)
     fs, root = filesystem(uri)
     files = list_files(uri)
     if not files:
         raise FileNotFoundError(f"{uri}: no files")
+    top = local_dir.resolve()
     for f in files:
         rel = posixpath.relpath(filesystem(f)[1], root)
         dest = local_dir / rel
+        if not dest.resolve().is_relative_to(top):
+            raise ValueError(f"{f}: refusing to download outside {local_dir}")
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_bytes(read_bytes(f))
     return local_dir
@@ -144,9 +247,9 @@ def download_dir(uri: str, local_dir: str | Path) -> Path:
 def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
     """A parquet file or a folder of parquet files (hive partitions become columns)."""
     fs, path = filesystem(uri)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+    if not exists(uri):
         raise FileNotFoundError(f"{uri}: not found")
-    return pq.read_table(path, filesystem=fs, columns=columns)
+    return _retry(uri, "read_table", lambda: pq.read_table(path, filesystem=fs, columns=columns))
 
 
 def write_table(table: pa.Table, uri: str) -> None:

@@ -1,5 +1,7 @@
 """Static checks of the deployment files in cluster/ (no cloud, no cluster needed)."""
 
+import fcntl
+import os
 import re
 import shlex
 import subprocess
@@ -52,15 +54,43 @@ def dist_name(requirement: str) -> str:
     return re.match(r"[A-Za-z0-9_.-]+", requirement).group(0).lower()
 
 
-def test_kuberay_pip_covers_pyproject_dependencies():
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    pip = yaml.safe_load(load("kuberay/rayjob.yaml")["spec"]["runtimeEnvYAML"])["pip"]
-    missing = {dist_name(d) for d in deps} - {"ray"} - {dist_name(p) for p in pip}
-    assert not missing, f"add to runtimeEnvYAML pip (rayjob + raycronjob): {missing}"
+def test_runtime_env_pip_covers_pyproject_dependencies():
+    deps = {dist_name(d) for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    envs = {"kuberay/rayjob.yaml runtimeEnvYAML (and raycronjob)": yaml.safe_load(
+        load("kuberay/rayjob.yaml")["spec"]["runtimeEnvYAML"]), "runtime_env.yaml": load("runtime_env.yaml")}
+    for where, env in envs.items():
+        missing = deps - {"ray"} - {dist_name(p) for p in env["pip"]}
+        assert not missing, f"add to the pip list of {where}: {missing}"
 
 
 def test_runtime_env_excludes_local_state():
     assert {".venv", ".git"} <= set(load("runtime_env.yaml")["excludes"])
+
+
+def test_s3_access_by_role_with_retries_everywhere():
+    """No keys anywhere: nodes use instance profiles (VM) or a service account (EKS); boto3 retries."""
+    aws = load("aws-cluster.yaml")
+    for node in aws["available_node_types"].values():
+        assert node["node_config"]["IamInstanceProfile"]["Arn"].startswith("arn:aws:iam::")
+    assert any(t.get("resources", {}).get("GPU") for t in aws["available_node_types"].values())
+    for cmd in aws["head_start_ray_commands"][-1:] + aws["worker_start_ray_commands"][-1:]:
+        assert "AWS_RETRY_MODE=standard" in cmd and "AWS_MAX_ATTEMPTS=" in cmd
+    job = load("kuberay/rayjob.yaml")["spec"]
+    groups = [job["rayClusterSpec"]["headGroupSpec"], *job["rayClusterSpec"]["workerGroupSpecs"]]
+    for group in groups:
+        pod = group["template"]["spec"]
+        assert pod["serviceAccountName"] == "recsys-ray"
+        env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+        assert env["AWS_RETRY_MODE"] == "standard" and int(env["AWS_MAX_ATTEMPTS"]) >= 3
+    for env in (load("runtime_env.yaml"), yaml.safe_load(job["runtimeEnvYAML"])):
+        assert env["env_vars"]["AWS_RETRY_MODE"] == "standard"
+
+
+def test_entrypoints_survive_a_lost_train_worker():
+    for spec in (load("kuberay/rayjob.yaml")["spec"], load("kuberay/raycronjob.yaml")["spec"]["jobTemplate"]):
+        assert re.search(r"--set train\.max_failures=[1-9]", spec["entrypoint"])
+        assert spec["backoffLimit"] >= 1 and spec["activeDeadlineSeconds"] < 24 * 3600
+    assert re.search(r"--set train\.max_failures=[1-9]", NIGHTLY_SH.read_text())
 
 
 def test_job_runtime_envs_set_the_worker_environment():
@@ -85,3 +115,50 @@ def test_no_aws_secrets_under_cluster():
     for path in (p for p in CLUSTER.rglob("*") if p.is_file()):
         text = path.read_text(errors="ignore")
         assert not key.search(text), f"{path} looks like it holds an AWS key"
+
+
+FAKE_RAY = """#!/usr/bin/env bash
+echo "$*" >> "$FAKE_RAY_CALLS"
+[ "$(wc -l < "$FAKE_RAY_CALLS")" -ge "$FAKE_RAY_SUCCEEDS_AT" ]
+"""
+
+
+def run_cron(tmp_path: Path, succeeds_at: int, **env: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Run cron/nightly.sh with a fake `ray` that fails until its ``succeeds_at``-th call."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "ray").write_text(FAKE_RAY)
+    (bin_dir / "ray").chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    calls.unlink(missing_ok=True)
+    calls.touch()
+    full = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path), "LOG_DIR": str(tmp_path / "logs"),
+            "LOCK_FILE": str(tmp_path / "lock"), "FAKE_RAY_CALLS": str(calls),
+            "FAKE_RAY_SUCCEEDS_AT": str(succeeds_at), **env}
+    r = subprocess.run(["bash", str(NIGHTLY_SH)], env=full, capture_output=True, text=True, timeout=60)
+    return r, calls.read_text().splitlines()
+
+
+def test_cron_script_resubmits_a_failed_run_for_the_same_date(tmp_path):
+    r, calls = run_cron(tmp_path, succeeds_at=2, RUN_DATE="2026-11-27", STORAGE_ROOT="s3://my-bucket/recsys")
+    assert r.returncode == 0 and r.stdout == r.stderr == "", r.stderr
+    assert len(calls) == 2
+    for call in calls:
+        argv = shlex.split(call)
+        assert argv[0] == "job" and argv[1] == "submit"
+        assert_runnable(argv[argv.index("--") + 1:])
+        assert argv[argv.index("--run-date") + 1] == "2026-11-27"
+        assert "storage.root=s3://my-bucket/recsys" in argv
+    log = (tmp_path / "logs" / "nightly-2026-11-27.log").read_text()
+    assert "attempt 1 of run 2026-11-27 failed" in log and "run 2026-11-27 finished" in log
+
+
+def test_cron_script_reports_a_failed_night_and_skips_while_locked(tmp_path):
+    r, calls = run_cron(tmp_path, succeeds_at=99, RUN_DATE="2026-11-27", ATTEMPTS="2")
+    assert r.returncode == 1 and len(calls) == 2
+    assert r.stderr.strip() == f"recsys nightly 2026-11-27 failed (exit 1), log: {tmp_path}/logs/nightly-2026-11-27.log"
+
+    with open(tmp_path / "lock", "w") as held:  # a previous run still holds the lock
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r, calls = run_cron(tmp_path, succeeds_at=1, RUN_DATE="2026-11-28")
+    assert r.returncode == 75 and calls == []

@@ -12,15 +12,22 @@
 #   STORAGE_ROOT   optional; adds --set storage.root=$STORAGE_ROOT
 #                  (e.g. s3://my-recsys-bucket/recsys) if the config does not
 #                  already point at the bucket
+#   RUN_DATE       the date to (re)run  (default today, UTC); a failed night is
+#                  rerun with RUN_DATE=YYYY-MM-DD cluster/cron/nightly.sh
+#   ATTEMPTS       submissions per run  (default 2): a failed job is submitted
+#                  again once. The rerun resumes: completed stages are skipped,
+#                  an interrupted training restores Ray Train's latest
+#                  checkpoint, and recommendations switch by one manifest write.
 #   LOG_DIR        where logs go        (default ~/recsys-nightly-logs)
 #   LOCK_FILE      overlap guard        (default /tmp/recsys-nightly.lock)
 #
-# Exit status: that of `ray job submit` (it waits for the job and exits 1 if
-# the job fails), or 75 if a previous run still holds the lock.
+# Exit status: that of the last `ray job submit` (it waits for the job and
+# exits 1 if the job fails), or 75 if a previous run still holds the lock.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-RUN_DATE="$(date -u +%F)"
+RUN_DATE="${RUN_DATE:-$(date -u +%F)}"
+ATTEMPTS="${ATTEMPTS:-2}"
 LOG_DIR="${LOG_DIR:-$HOME/recsys-nightly-logs}"
 LOCK_FILE="${LOCK_FILE:-/tmp/recsys-nightly.lock}"
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
@@ -41,12 +48,26 @@ if ! flock -n 9; then
   exit 75
 fi
 
-echo "$(date -u +%FT%TZ) submitting run $RUN_DATE from $REPO"
 cd "$REPO"
-ray job submit \
-  --address "${RAY_ADDRESS:-http://127.0.0.1:8265}" \
-  --submission-id "recsys-nightly-$RUN_DATE-$(date -u +%H%M%S)" \
-  --working-dir "$REPO" \
-  --runtime-env "$REPO/cluster/runtime_env.yaml" \
-  -- python -m jobs.nightly --config jobs/configs/ml100k.yaml --run-date "$RUN_DATE" "${EXTRA_ARGS[@]}"
-echo "$(date -u +%FT%TZ) run $RUN_DATE finished"
+rc=1
+for attempt in $(seq 1 "$ATTEMPTS"); do
+  echo "$(date -u +%FT%TZ) submitting run $RUN_DATE from $REPO (attempt $attempt of $ATTEMPTS)"
+  # train.use_gpu: one GPU per Ray Train worker (the autoscaler starts GPU
+  # nodes for them). train.max_failures: Ray Train restarts its workers from
+  # the latest checkpoint when one dies (e.g. a GPU node is lost), up to 3 times.
+  if ray job submit \
+      --address "${RAY_ADDRESS:-http://127.0.0.1:8265}" \
+      --submission-id "recsys-nightly-$RUN_DATE-$(date -u +%H%M%S)-$attempt" \
+      --working-dir "$REPO" \
+      --runtime-env "$REPO/cluster/runtime_env.yaml" \
+      -- python -m jobs.nightly --config jobs/configs/ml100k.yaml --run-date "$RUN_DATE" \
+      --set train.use_gpu=true --set train.max_failures=3 "${EXTRA_ARGS[@]}"; then
+    rc=0
+    break
+  else
+    rc=$?
+    echo "$(date -u +%FT%TZ) attempt $attempt of run $RUN_DATE failed (exit $rc)"
+  fi
+done
+[ "$rc" -eq 0 ] && echo "$(date -u +%FT%TZ) run $RUN_DATE finished"
+exit "$rc"
