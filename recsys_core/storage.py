@@ -252,6 +252,12 @@ def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
     return _retry(uri, "read_table", lambda: pq.read_table(path, filesystem=fs, columns=columns))
 
 
+def parquet_rows(uri: str) -> int:
+    """Row count of one parquet file, from its footer (a small ranged read: retried like every call here)."""
+    fs, path = filesystem(uri)
+    return _retry(uri, "parquet_rows", lambda: pq.ParquetFile(path, filesystem=fs).metadata.num_rows)
+
+
 def write_table(table: pa.Table, uri: str) -> None:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
