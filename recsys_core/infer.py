@@ -141,27 +141,31 @@ def publish(ds: ray.data.Dataset, folder: str, manifest: dict[str, Any]) -> dict
     overlapping publish never removes another attempt's fresh parts."""
     man_uri = storage.join(folder, MANIFEST)
     previous = storage.read_json(man_uri) if storage.exists(man_uri) else None
-    attempt = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    import datetime as dt
+
+    # microseconds: a later attempt sorts later, even within one second (see part_attempt)
+    attempt = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f") + "-" + uuid.uuid4().hex[:6]
     path, fs = storage.ray_location(folder)
     ds.write_parquet(path, filesystem=fs, filename_provider=_PartNames(attempt))
     files = [f for f in storage.list_files(folder, ".parquet") if f.rsplit("/", 1)[-1].startswith(f"part-{attempt}-")]
-    rows = sum(_rows(f) for f in files)
+    rows = sum(storage.parquet_rows(f) for f in files)
     full = {**manifest, "attempt": attempt, "files": [f.rsplit("/", 1)[-1] for f in files], "rows": rows,
             "published_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "previous_files": previous["files"] if previous else []}
     storage.write_json(man_uri, full)  # the atomic switch
     keep = set(full["files"]) | set(full["previous_files"])
-    for name in (previous or {}).get("previous_files", []):
-        if name not in keep:
-            storage.delete(storage.join(folder, name))
+    for uri in storage.list_files(folder, ".parquet"):
+        name = uri.rsplit("/", 1)[-1]
+        # Older attempts' parts that no manifest still names: the generation before the previous one,
+        # and the parts of an attempt killed before its manifest (one publisher per date).
+        if name.startswith("part-") and name not in keep and part_attempt(name) < attempt:
+            storage.delete(uri)
     return full
 
 
-def _rows(uri: str) -> int:
-    import pyarrow.parquet as pq
-
-    fs, path = storage.filesystem(uri)
-    return pq.ParquetFile(path, filesystem=fs).metadata.num_rows
+def part_attempt(name: str) -> str:
+    """``part-<attempt>-<write uuid>-<task>.parquet`` -> ``<attempt>`` (``%Y%m%dT%H%M%S%f-<6 hex>``: sorts by start)."""
+    return name[len("part-"):len("part-") + len("20261127T020000123456-abcdef")]
 
 
 def read_recommendations(folder: str) -> tuple[pa.Table, dict[str, Any]]:
