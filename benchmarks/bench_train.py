@@ -1,17 +1,19 @@
 """Training throughput: the Ray Train loop (1 and 2 workers) vs a plain single-process PyTorch loop.
 
-    python benchmarks/bench_train.py [--epochs 3] [--root DIR] [--json train.json]
+    python benchmarks/bench_train.py [--epochs 3] [--nightly] [--root DIR] [--json train.json]
 
 Data and model: the shipped MovieLens-100k config (tiny GPT-2 towers, full softmax over 1,682
-items, 64 sequences per worker per step). The nightly job runs first with ``train.epochs`` cut to
-``--epochs`` (2 Ray Train workers as shipped); its stage records give the per-stage wall times and
-its train history the 2-worker throughput. Then Ray Train with 1 worker on the same prepared data,
-then the plain loop in this process (Ray shut down) on the same prepared examples, built from the
-same pieces as the worker loop (``initial_model``, ``Objective``, ``ItemTensors``, ``collate``,
-``text_table``, AdamW with the same groups and schedule, gradient clipping), 1 thread and 2 threads.
+items, 64 sequences per worker per step). The prepare and train jobs run first with
+``train.epochs`` cut to ``--epochs`` (2 Ray Train workers as shipped; ``--nightly``: every stage
+of the nightly job); their stage records give per-stage wall times and the train history the
+2-worker throughput. Ray Train with 1 worker runs on the same prepared data, between two runs of
+the plain loop in this process on the same prepared examples (2 epochs each, 1 thread), built
+from the same pieces as the worker loop (``initial_model``, ``Objective``, ``ItemTensors``,
+``collate``, ``text_table``, AdamW with the same groups and schedule, gradient clipping); the
+plain loop with 2 threads runs last, for at most 10 steps per epoch.
 
 Throughput counts the step loop only (from the first batch to the last step of each epoch, what
-the train history's ``step_s`` measures), summed over epochs after the first (warm-up). The
+the train history's ``step_s`` measures), summed over epochs after the first of each run (warm-up). The
 per-epoch work outside it (the text-embedding cache, rank-0 validation, checkpointing) is reported
 separately, as is the cost of iterating the Ray dataset alone.
 """
@@ -156,30 +158,39 @@ def ray_data_iteration(cfg: Any, prepared: Any, epochs: int, materialize: bool =
             "first_batch_s": float(np.median(first[1:] or first)), "batches": batches}
 
 
-def measure(epochs: int, root: str, config: str) -> dict[str, Any]:
-    """Run everything; returns the raw measurements (histories, timings) that :func:`report` prints."""
+def measure(epochs: int, root: str, config: str, nightly: bool) -> dict[str, Any]:
+    """Run everything; returns the raw measurements (histories, timings) that :func:`report` prints.
+
+    ``nightly``: the whole nightly job (every stage) instead of its prepare and train jobs."""
     import ray
 
-    import jobs.nightly
     from recsys_core.config import load_config, replace
-    from recsys_core.pipeline import Run
+    from recsys_core.pipeline import Run, run_job
+    from recsys_core.runtime import setup_logging
     from recsys_core.train import run_train
 
     cfg = load_config(config, [f"storage.root={root}", f"train.epochs={epochs}", f"train.patience={epochs}"])
+    setup_logging()
     t0 = time.time()
-    stages = jobs.nightly.main(cfg=cfg, run_date=RUN_DATE, force=True)
-    nightly_s = time.time() - t0
+    stages = run_job("prepare", cfg, RUN_DATE, force=True)
+    prepare_s = time.time() - t0
     run = Run(cfg, RUN_DATE)
-    cfg1 = replace(cfg, **{"train.num_workers": 1})
+    # The plain loop runs just before and just after Ray Train's 1-worker run (Ray started but
+    # idle), so that a change in other processes' load during the run affects both sides alike.
+    plain_a = plain_loop(cfg, run.prepared, 2, threads=1)
     t0 = time.time()
-    fit1 = run_train(cfg1, run.prepared, str(Path(root) / "bench_1worker"))
+    fit1 = run_train(replace(cfg, **{"train.num_workers": 1}), run.prepared, str(Path(root) / "bench_1worker"))
     fit1_s = time.time() - t0
+    plain_b = plain_loop(cfg, run.prepared, 2, threads=1)
+    t0 = time.time()
+    stages.update(run_job("nightly" if nightly else "train", cfg, RUN_DATE))  # prepare is done: not redone
+    nightly_s = prepare_s + time.time() - t0
     data_iter = ray_data_iteration(cfg, run.prepared, 3)
     data_iter_mat = ray_data_iteration(cfg, run.prepared, 3, materialize=True)
     ray.shutdown()
-    plain1 = plain_loop(cfg, run.prepared, epochs, threads=1)
-    plain2 = plain_loop(cfg, run.prepared, 2, threads=2, max_steps=15, max_step_s=60)  # slow when contended
-    return {"epochs": epochs, "ray_1w": fit1["history"], "ray_2w": stages["train"]["history"], "plain_1t": plain1,
+    plain2 = plain_loop(cfg, run.prepared, 2, threads=2, max_steps=10, max_step_s=20)  # slow when contended
+    return {"epochs": epochs, "ray_1w": fit1["history"], "ray_2w": stages["train"]["history"],
+            "plain_1t": plain_a + plain_b, "plain_1t_before": plain_a, "plain_1t_after": plain_b,
             "plain_2t": plain2, "data_iter": data_iter, "data_iter_materialized": data_iter_mat, "fit1_s": fit1_s,
             "guard_s": float(fit1.get("guard", {}).get("measure_s", 0.0)),
             "stage_s": {k: v["wall_s"] for k, v in stages.items()}, "nightly_s": nightly_s,
@@ -191,11 +202,12 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--root", default=None, help="storage root (default: a temporary folder, removed at the end)")
     p.add_argument("--config", default=str(benchlib.REPO / "jobs" / "configs" / "ml100k.yaml"))
+    p.add_argument("--nightly", action="store_true", help="run every nightly stage (per-stage wall times)")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     t_all, load0 = time.time(), benchlib.load()
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
-        raw = measure(a.epochs, str(Path(a.root or tmp).resolve()), a.config)
+        raw = measure(a.epochs, str(Path(a.root or tmp).resolve()), a.config, a.nightly)
     out = report(raw)
     out.update(wall_s=time.time() - t_all, load_before=load0, load_after=benchlib.load())
     benchlib.write_json(a.json, out)
@@ -203,13 +215,17 @@ def main() -> None:
 
 def report(raw: dict[str, Any]) -> dict[str, Any]:
     """Print the tables; returns the JSON record (headline ratios first)."""
-    hist1, hist2, plain1, plain2 = raw["ray_1w"], raw["ray_2w"], raw["plain_1t"], raw["plain_2t"]
+    hist1, hist2, plain2 = raw["ray_1w"], raw["ray_2w"], raw["plain_2t"]
     data_iter, fit1_s, guard_s, pos = raw["data_iter"], raw["fit1_s"], raw["guard_s"], raw["positions_per_example"]
     epochs = raw["epochs"]
     r1, r2 = throughput(hist1, 1), throughput(hist2, 2)
-    p1, p2 = throughput(plain1, 1), throughput(plain2, 1)
-    rows = [["plain PyTorch loop, 1 process, 1 thread", p1],
-            ["plain PyTorch loop, 1 process, 2 threads (up to 15 steps)", p2],
+    p1 = throughput(raw["plain_1t_before"][1:] + raw["plain_1t_after"][1:], 1, skip=0)  # each run's 2nd epoch
+    p2 = throughput(plain2, 1)
+    pa, pb = throughput(raw["plain_1t_before"], 1), throughput(raw["plain_1t_after"], 1)
+    rows = [["plain PyTorch loop, 1 process, 1 thread (before and after Ray 1 worker)", p1],
+            ["  plain, before Ray 1 worker", pa],
+            ["  plain, after Ray 1 worker", pb],
+            ["plain PyTorch loop, 1 process, 2 threads (up to 10 steps)", p2],
             ["Ray Train, 1 worker x 1 thread", r1],
             ["Ray Train DDP, 2 workers x 1 thread (global batch 2 x 64)", r2]]
     print(benchlib.table(
@@ -220,7 +236,7 @@ def report(raw: dict[str, Any]) -> dict[str, Any]:
         [[name, r["samples_per_s"], r["samples_per_s"] * pos, r["step_ms"], r["samples_per_s"] / p1["samples_per_s"],
           r["epoch_samples_per_s"], r["epoch_samples_per_s"] / p1["epoch_samples_per_s"]]
          for name, r in rows]), flush=True)
-    later = plain1[1:] or plain1
+    later = raw["plain_1t_before"][1:] + raw["plain_1t_after"][1:]
     epochs_s = sum(e["epoch_s"] for e in hist1)
     per_epoch = {"text_cache_s": float(np.mean([e["cache_s"] for e in later])),
                  "validation_s": float(np.mean([e["val_s"] for e in later])),
@@ -252,9 +268,9 @@ def report(raw: dict[str, Any]) -> dict[str, Any]:
           f"{epochs_s:.1f} / {guard_s:.1f} / {fit1_s - epochs_s - guard_s:.1f}"]]), flush=True)
     stage_s = raw["stage_s"]
     print(benchlib.table(
-        f"Nightly on MovieLens-100k, train.epochs={epochs} (2 workers), per stage",
+        f"Nightly stages on MovieLens-100k, train.epochs={epochs} (2 workers), wall time",
         ["stage", "wall s"],
-        [[k, v] for k, v in stage_s.items()] + [["whole job (incl. Ray start)", raw["nightly_s"]]]), flush=True)
+        [[k, v] for k, v in stage_s.items()] + [["these stages (incl. Ray start)", raw["nightly_s"]]]), flush=True)
     return {"train_ray_vs_plain": r1["samples_per_s"] / p1["samples_per_s"],
             "train_ray2_vs_plain": r2["samples_per_s"] / p1["samples_per_s"],
             "train_epoch_ray_vs_plain": r1["epoch_samples_per_s"] / p1["epoch_samples_per_s"],
@@ -263,7 +279,7 @@ def report(raw: dict[str, Any]) -> dict[str, Any]:
                                     "ray_1w": r1["samples_per_s"], "ray_2w": r2["samples_per_s"]},
             "positions_per_example": pos, "per_epoch_overheads": per_epoch, "ray_fit_1w_s": fit1_s,
             "nightly_stage_wall_s": stage_s, "nightly_wall_s": raw["nightly_s"], "epochs": epochs,
-            "histories": {k: raw[k] for k in ("ray_1w", "ray_2w", "plain_1t", "plain_2t")}}
+            "histories": {k: raw[k] for k in ("ray_1w", "ray_2w", "plain_1t_before", "plain_1t_after", "plain_2t")}}
 
 
 if __name__ == "__main__":

@@ -129,15 +129,32 @@ class RssSampler:
 
 
 def run_child(script: str, args: Sequence[str], out_json: Path, timeout_s: float) -> dict[str, Any]:
-    """Run ``benchmarks/<script>`` in a fresh process (its own Ray cluster and memory); returns its JSON."""
+    """Run ``benchmarks/<script>`` in a fresh process (its own Ray cluster and memory); returns its JSON.
+
+    Its stdout (the tables) passes through; its stderr (Ray's logs) goes to ``<out_json>.log``. On a
+    timeout the child's whole process group is terminated (its local Ray cluster with it)."""
+    import signal
+
     env = {**os.environ, **BENCH_ENV}
     cmd = [sys.executable, str(REPO / "benchmarks" / script), *args, "--json", str(out_json)]
+    log = out_json.with_suffix(".log")
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, timeout=timeout_s, stdout=sys.stdout, stderr=subprocess.PIPE,
-                          text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}) after {time.time() - t0:.0f}s:\n"
-                           f"{proc.stderr[-3000:]}")
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=sys.stdout, stderr=err, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            rc = None
+    if rc != 0:
+        tail = log.read_text()[-3000:]
+        why = f"timed out after {timeout_s:.0f}s" if rc is None else f"failed ({rc}) after {time.time() - t0:.0f}s"
+        raise RuntimeError(f"{' '.join(cmd)} {why}:\n{tail}")
     return json.loads(out_json.read_text())
 
 

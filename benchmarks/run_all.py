@@ -1,6 +1,6 @@
 """Every CPU benchmark of the project, each against its alternative, in one command (about 10 minutes on 2 cores).
 
-    python benchmarks/run_all.py --json benchmarks/results/results.json [--quick] [--only topk infer train]
+    python benchmarks/run_all.py --json benchmarks/results/results.json [--quick] [--only topk infer train] [--nightly]
 
 Each area runs in its own process (its own local Ray cluster and memory) and prints its tables:
 - topk  (bench_topk.py):  exact torch top-k with seen masking vs FAISS IndexFlatIP; FAISS IVF/HNSW recall@10
@@ -24,12 +24,12 @@ import benchlib
 
 HEADLINES = ["train_ray_vs_plain", "train_ray2_vs_plain", "infer_vs_naive", "topk_vs_faiss",
              "infer_rss_growth_100k_to_1m", "ann_recall_at_10"]
+# name: (script, arguments for a full / quick run, timeout in seconds: generous, for a machine shared with others)
 AREAS: dict[str, tuple[str, Callable[[bool], list[str]], int]] = {
-    # name: (script, arguments for a full / quick run, timeout in seconds)
-    "topk": ("bench_topk.py", lambda quick: ["--quick"] if quick else [], 600),
+    "topk": ("bench_topk.py", lambda quick: ["--quick"] if quick else [], 1800),
     "infer": ("bench_infer.py", lambda quick: ["--sizes", "20000", "50000", "--items", "2000", "--naive-users", "20"]
-              if quick else [], 900),
-    "train": ("bench_train.py", lambda quick: ["--epochs", "2"] if quick else [], 900),
+              if quick else [], 2400),
+    "train": ("bench_train.py", lambda quick: ["--epochs", "2"] if quick else [], 2400),
 }
 
 
@@ -51,6 +51,8 @@ def main() -> None:
     p.add_argument("--json", default=None)
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run of every script (~5 min)")
     p.add_argument("--only", nargs="+", choices=sorted(AREAS), default=list(AREAS))
+    p.add_argument("--nightly", action="store_true",
+                   help="train area: the whole nightly (every stage's wall time) instead of prepare + train")
     a = p.parse_args()
     t0 = time.time()
     results: dict[str, Any] = {}
@@ -59,7 +61,8 @@ def main() -> None:
             script, args, timeout = AREAS[name]
             print(f"\n## {name} ({script})\n", flush=True)
             ts = time.time()
-            results[name] = benchlib.run_child(script, args(a.quick), Path(tmp) / f"{name}.json", timeout)
+            extra = ["--nightly"] if name == "train" and a.nightly else []
+            results[name] = benchlib.run_child(script, args(a.quick) + extra, Path(tmp) / f"{name}.json", timeout)
             print(f"[{name}: {time.time() - ts:.0f} s, load averages before {results[name]['load_before']} "
                   f"after {results[name]['load_after']}]", flush=True)
     head = {k: v for r in results.values() for k, v in r.items() if k in HEADLINES}
