@@ -187,8 +187,8 @@ def measure(epochs: int, root: str, config: str, nightly: bool) -> dict[str, Any
     nightly_s = prepare_s + time.time() - t0
     data_iter = ray_data_iteration(cfg, run.prepared, 3)
     data_iter_mat = ray_data_iteration(cfg, run.prepared, 3, materialize=True)
-    ray.shutdown()
     plain2 = plain_loop(cfg, run.prepared, 2, threads=2, max_steps=10, max_step_s=20)  # slow when contended
+    ray.shutdown()
     return {"epochs": epochs, "ray_1w": fit1["history"], "ray_2w": stages["train"]["history"],
             "plain_1t": plain_a + plain_b, "plain_1t_before": plain_a, "plain_1t_after": plain_b,
             "plain_2t": plain2, "data_iter": data_iter, "data_iter_materialized": data_iter_mat, "fit1_s": fit1_s,

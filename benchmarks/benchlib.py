@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
+# RAY_ENABLE_AUTO_CONNECT=0: a Ray Data prefetch thread outliving ray.shutdown() must not start a new cluster.
 BENCH_ENV = {"RAY_AUTH_MODE": "disabled", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-             "RAY_DEDUP_LOGS": "0"}
+             "RAY_DEDUP_LOGS": "0", "RAY_ENABLE_AUTO_CONNECT": "0"}
 
 
 def setup_env() -> None:
