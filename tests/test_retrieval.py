@@ -96,11 +96,14 @@ def test_select_topk_two_stage_equals_full_sort(width):
 
 
 @pytest.mark.unit
-def test_topk_excluding_random_matches_brute_force_across_tiles():
+@pytest.mark.parametrize("tile_items", [1024, 1000, 131_072])
+def test_topk_excluding_random_matches_brute_force_across_tiles(tile_items):
+    # 6,000 items: 6 tiles of 1,024 (the last 880 wide), 6 of 1,000, or one tile of 6,000: 93 groups of
+    # 64 > 4 k, the two-stage selection with a ragged tail of 48 columns.
     rng = np.random.default_rng(0)
-    users, items = torch.randn(37, 8, generator=torch.Generator().manual_seed(1)), torch.randn(5000, 8)
-    seen = [rng.choice(5000, size=int(rng.integers(0, 200)), replace=False) for _ in range(37)]
-    idx, scores = topk_excluding(users, items, seen, k=20, chunk=8, tile_items=1024)
+    users, items = torch.randn(37, 8, generator=torch.Generator().manual_seed(1)), torch.randn(6000, 8)
+    seen = [rng.choice(6000, size=int(rng.integers(0, 200)), replace=False) for _ in range(37)]
+    idx, scores = topk_excluding(users, items, seen, k=20, chunk=8, tile_items=tile_items)
     full = (users @ items.T).numpy()
     for u in range(37):
         row = full[u].copy()
