@@ -63,7 +63,7 @@ def plain_loop(cfg: Any, prepared: Any, epochs: int, threads: int, device: str =
     ``max_step_s`` end an epoch's step loop early (after at least 3 steps)."""
     from recsys_core import storage
     from recsys_core.train import (ItemTensors, Objective, collate, evaluate_histories, initial_model, load_split,
-                                   lr_lambda, text_table)
+                                   lr_lambda, param_groups, text_table, train_step)
 
     tc = cfg.train
     torch.set_num_threads(threads)
@@ -77,11 +77,7 @@ def plain_loop(cfg: Any, prepared: Any, epochs: int, threads: int, device: str =
     model.to(dev)
     cuda = dev.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr,
-                            fused=cuda, foreach=not cuda)
+    opt = torch.optim.AdamW(param_groups(model, tc), lr=tc.lr, fused=cuda, foreach=not cuda)
     examples = storage.read_table(prepared.train_examples, columns=["input", "target"])
     inputs = examples["input"].to_numpy(zero_copy_only=False)  # object arrays of int32 arrays
     targets = examples["target"].to_numpy(zero_copy_only=False)
@@ -106,14 +102,8 @@ def plain_loop(cfg: Any, prepared: Any, epochs: int, threads: int, device: str =
                                                           cfg.model.max_seq_len))
             data_s += time.time() - td
             samples += seq.size(0)
-            with autocast:
-                loss = objective(seq, tgt, mask, items, cache)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
+            losses.append(train_step(objective, opt, sched, model.parameters(), tc.grad_clip, autocast,
+                                     seq, tgt, mask, items, cache))
             if len(losses) >= 3 and ((max_steps and len(losses) >= max_steps)
                                      or (max_step_s and time.time() - t_steps > max_step_s)):
                 break

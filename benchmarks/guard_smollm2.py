@@ -11,6 +11,7 @@ before/after, its relative change, and holdout Recall@10 / NDCG@10 (leave-one-ou
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -68,11 +69,12 @@ def prepare(cfg: NightlyConfig, run_date: str) -> str:
 
 def run_variant(cfg: NightlyConfig, prepared_root: str, steps: int, batch: int) -> dict[str, Any]:
     from recsys_core.data import PreparedPaths
-    from recsys_core.guard import corpus_ids, measure, read_corpus, replay_windows, verdict
+    from recsys_core.guard import (corpus_ids, guard_terms, heldout_items, measure, needs_replay, read_corpus,
+                                   replay_windows, verdict)
     from recsys_core.model import max_positions
     from recsys_core.text import load_tokenizer
-    from recsys_core.train import (ItemTensors, Objective, collate, evaluate_histories, guard_terms, heldout_items,
-                                   initial_model, load_split, param_groups, text_table)
+    from recsys_core.train import (ItemTensors, Objective, collate, evaluate_histories, initial_model, load_split,
+                                   param_groups, text_table, train_step)
 
     g, tc = cfg.guard, cfg.train
     paths = PreparedPaths(prepared_root)
@@ -88,8 +90,8 @@ def run_variant(cfg: NightlyConfig, prepared_root: str, steps: int, batch: int) 
     model.item_tower.id_known.copy_(items.known.float())
     window = min(g.eval_window, max_positions(model.item_tower.backbone))
     before = measure(model.item_tower.lm(), general, held_texts, window, window // 2, g.eval_tokens)
-    terms, stream = guard_terms(cfg, model, n_items, corpus_ids(read_corpus(g.replay_corpus, "replay"), tok)
-                                if (g.lm_weight > 0 or g.kl_weight > 0) else None, torch.device("cpu"))
+    terms, stream = guard_terms(g, model.item_tower, n_items, corpus_ids(read_corpus(g.replay_corpus, "replay"), tok)
+                                if needs_replay(g) else None, torch.device("cpu"))
     obj = Objective(model, tc.loss, tc.num_negatives, tc.text_items_per_step, terms)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(param_groups(model, tc), lr=tc.lr)
@@ -105,11 +107,8 @@ def run_variant(cfg: NightlyConfig, prepared_root: str, steps: int, batch: int) 
         seq, tgt, mask = collate({"input": rows["input"].to_numpy(zero_copy_only=False),
                                   "target": rows["target"].to_numpy(zero_copy_only=False)}, cfg.model.max_seq_len)
         replay = replay_windows(stream, g.replay_batch_size, g.replay_seq_len, gen) if stream is not None else None
-        loss = obj(seq, tgt, mask, items, cache, replay)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
-        opt.step()
+        train_step(obj, opt, None, trainable, tc.grad_clip, contextlib.nullcontext(), seq, tgt, mask, items, cache,
+                   replay)
         parts.append({k: float(v) for k, v in obj.parts.items()})
     train_s = time.time() - t_train
     after = measure(model.item_tower.lm(), general, held_texts, window, window // 2, g.eval_tokens)

@@ -17,7 +17,8 @@ import torch
 
 from recsys_core import storage
 from recsys_core.config import ExplainConfig
-from recsys_core.model import item_causal_lm, load_checkpoint, max_positions
+from recsys_core.guard import greedy_continuation
+from recsys_core.model import item_causal_lm, load_checkpoint
 from recsys_core.text import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -50,21 +51,15 @@ def describe_users(model_dir: str, users_uri: str, items_uri: str, tokenizer: st
     tok = load_tokenizer(tokenizer)
     model, _ = load_checkpoint(model_dir)
     lm = item_causal_lm(model.item_tower)
-    window = max_positions(model.item_tower.backbone)
-    new_tokens = max(1, min(ecfg.max_new_tokens, window // 2))
     texts = storage.read_table(items_uri, columns=["text"])["text"].to_pylist()
     users = storage.read_table(users_uri, columns=["user_id", "items"])
     users = users.take(pa.array(sample_users(users.num_rows, ecfg.n_users, ecfg.seed)))
     rows: dict[str, list[Any]] = {"user_id": [], "prompt": [], "description": []}
     for uid, hist in zip(users["user_id"].to_pylist(), users["items"].to_pylist()):
         prompt = build_prompt(ecfg.prompt, [texts[i] for i in hist[-ecfg.max_history:]])
-        ids = tok(prompt, add_special_tokens=False)["input_ids"][-(window - new_tokens):]  # fits the window
-        x = torch.tensor([ids])
-        out = lm.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, do_sample=False,
-                          pad_token_id=tok.eos_token_id)
         rows["user_id"].append(uid)
         rows["prompt"].append(prompt)
-        rows["description"].append(first_sentence(tok.decode(out[0, x.size(1):], skip_special_tokens=True)))
+        rows["description"].append(first_sentence(greedy_continuation(lm, tok, prompt, ecfg.max_new_tokens)))
     table = pa.table({"user_id": pa.array(rows["user_id"], users.schema.field("user_id").type),
                       "prompt": pa.array(rows["prompt"], pa.string()),
                       "description": pa.array(rows["description"], pa.string()),

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import copy
 import math
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -25,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from recsys_core import storage
-from recsys_core.config import GuardConfig, LoraConfig
+from recsys_core.config import GuardConfig, LoraConfig, NightlyConfig
+from recsys_core.model import ItemTower, is_lora, max_positions
 
 
 class CausalLM(Protocol):
@@ -113,10 +116,6 @@ def apply_lora(backbone: nn.Module, lcfg: LoraConfig) -> nn.Module:
     return get_peft_model(backbone, pc)
 
 
-def is_lora(backbone: nn.Module) -> bool:
-    return hasattr(backbone, "disable_adapter") and hasattr(backbone, "peft_config")
-
-
 def frozen_reference(lm: nn.Module) -> nn.Module | None:
     """The KL reference: a frozen copy of the LM at the start of training; ``None`` under LoRA,
     where the frozen base itself (adapters disabled) is the reference and no copy is needed."""
@@ -152,6 +151,70 @@ def heldout_items(n_items: int, every: int) -> np.ndarray:
     return np.arange(n_items) % max(every, 1) == 0
 
 
+def needs_replay(g: GuardConfig) -> bool:
+    """Replay text is read only for the replay LM loss or the KL term."""
+    return g.lm_weight > 0 or g.kl_weight > 0
+
+
+@dataclass
+class GuardTerms:
+    """The generation guard's training terms (weights 0 = off): LM replay and KL to a reference."""
+
+    lm_weight: float = 0.0
+    kl_weight: float = 0.0
+    item_lm_weight: float = 0.0
+    item_lm_per_step: int = 0
+    heldout: torch.Tensor | None = None  # (N,) bool: items never in the LM loss
+    reference: nn.Module | None = None  # frozen copy; None under LoRA (adapters disabled instead)
+
+    @property
+    def active(self) -> bool:
+        return self.lm_weight > 0 or self.kl_weight > 0 or self.item_lm_weight > 0
+
+    def loss(self, tower: ItemTower, fresh: torch.Tensor, fresh_hidden: torch.Tensor, tokens: torch.Tensor,
+             mask: torch.Tensor, replay: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """lm_weight * LM NLL on replay windows (R, T) + item_lm_weight * LM NLL on this step's (not held-out)
+        item texts (rows ``fresh`` of ``tokens``/``mask``, hidden states (F, T, H) already computed)
+        + kl_weight * KL(reference || model) on the replay windows. Returns the sum and its detached parts."""
+        total, parts = fresh_hidden.new_zeros(()), {}
+        replay_logits = tower.lm_logits(tower.hidden(replay)) if replay is not None else None  # (R, T, V)
+        if self.lm_weight > 0 and replay_logits is not None:
+            lm = lm_loss(replay_logits, replay, torch.ones_like(replay))
+            parts["lm_loss"] = lm.detach()
+            total = total + self.lm_weight * lm
+        if self.item_lm_weight > 0:
+            keep = torch.nonzero(~self.heldout[fresh]).squeeze(1)[: self.item_lm_per_step]  # rows of fresh
+            if keep.numel():
+                item_lm = lm_loss(tower.lm_logits(fresh_hidden[keep]), tokens[fresh[keep]], mask[fresh[keep]])
+                parts["item_lm_loss"] = item_lm.detach()
+                total = total + self.item_lm_weight * item_lm
+        if self.kl_weight > 0 and replay_logits is not None:
+            ref = reference_logits(tower.lm(), self.reference, replay)
+            kl = kl_to_reference(replay_logits, ref, torch.ones_like(replay))
+            parts["kl"] = kl.detach()
+            total = total + self.kl_weight * kl
+        return total, parts
+
+
+def guard_terms(g: GuardConfig, tower: ItemTower, n_items: int, replay_ids: list[int] | None,
+                device: torch.device) -> tuple[GuardTerms, torch.Tensor | None]:
+    """The training terms for a worker and its replay token stream (None when no replay is needed)."""
+    terms = GuardTerms(g.lm_weight, g.kl_weight, g.item_lm_weight, g.item_lm_per_step,
+                       torch.from_numpy(heldout_items(n_items, g.heldout_item_every)).to(device))
+    if not needs_replay(g):
+        return terms, None
+    if g.kl_weight > 0:
+        ref = frozen_reference(tower.lm())
+        terms.reference = ref.to(device) if ref is not None else None
+    stream = torch.tensor(replay_ids or [], dtype=torch.long)
+    return terms, (stream if stream.numel() >= 2 else None)
+
+
+def replay_len(g: GuardConfig, tower: ItemTower) -> int:
+    """Replay window length: ``guard.replay_seq_len``, at most the body's position window."""
+    return min(g.replay_seq_len, max_positions(tower.backbone))
+
+
 # ----------------------------------------------------------------------------- measurement and gate
 
 
@@ -170,20 +233,21 @@ def measure(lm: nn.Module, general: list[int], item_texts: list[list[int]], wind
 
 
 @torch.no_grad()
+def greedy_continuation(causal_lm: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -> str:
+    """Greedy continuation of ``prompt``; the prompt is cut from the left so prompt + new tokens fit the
+    LM's position window (new tokens at most half of it)."""
+    window = max_positions(causal_lm)
+    new = max(1, min(max_new_tokens, window // 2))
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][-(window - new):]
+    x = torch.tensor([ids], device=next(causal_lm.parameters()).device)
+    gen = causal_lm.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, do_sample=False,
+                             pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(gen[0, x.size(1):], skip_special_tokens=True)
+
+
 def generations(causal_lm: Any, tokenizer: Any, prompts: tuple[str, ...], max_new_tokens: int) -> list[str]:
     """Greedy continuations of fixed prompts (the same prompts before and after fine-tuning)."""
-    out = []
-    dev = next(causal_lm.parameters()).device
-    c = causal_lm.config
-    window = int(getattr(c, "n_positions", None) or getattr(c, "max_position_embeddings", 1024))
-    new = max(1, min(max_new_tokens, window // 2))
-    for prompt in prompts:
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][-(window - new):]  # prompt + new fit
-        ids = torch.tensor([ids], device=dev)
-        gen = causal_lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                                 do_sample=False, pad_token_id=tokenizer.eos_token_id)
-        out.append(tokenizer.decode(gen[0, ids.size(1):], skip_special_tokens=True))
-    return out
+    return [greedy_continuation(causal_lm, tokenizer, p, max_new_tokens) for p in prompts]
 
 
 ENFORCE: dict[str, Callable[[bool], bool]] = {
@@ -209,4 +273,34 @@ def verdict(before: dict[str, float], after: dict[str, float], gcfg: GuardConfig
     if "ppl_items" in before and "ppl_items" in after:
         rec.update(ppl_items_before=before["ppl_items"], ppl_items_after=after["ppl_items"],
                    items_change=after["ppl_items"] / before["ppl_items"] - 1.0)
+    return rec
+
+
+def guard_report(cfg: NightlyConfig, items_uri: str, checkpoint: str) -> dict[str, Any]:
+    """Perplexity of the item tower's LM before fine-tuning (the original pretrained or named-size
+    weights, whatever the warm start) and after (the checkpoint), greedy generations, and the gate."""
+    from recsys_core.model import build_two_tower, item_causal_lm, load_checkpoint
+    from recsys_core.text import load_tokenizer
+
+    g, t0 = cfg.guard, time.time()
+    tok = load_tokenizer(cfg.model.tokenizer)
+    general = corpus_ids(read_corpus(g.heldout_corpus, "heldout"), tok)
+    item_ids = storage.read_table(items_uri, columns=["input_ids"])["input_ids"].to_pylist()
+    held = heldout_items(len(item_ids), g.heldout_item_every)
+    held_texts = [t for t, h in zip(item_ids, held) if h]
+    torch.manual_seed(cfg.train.seed)  # the same initial weights the workers started from
+    before_model = build_two_tower(cfg.model, len(item_ids))
+    after_model, _ = load_checkpoint(checkpoint)
+    out: dict[str, Any] = {}
+    for name, m in (("before", before_model), ("after", after_model)):
+        window = min(g.eval_window, max_positions(m.item_tower.backbone))
+        stride = min(g.eval_stride, max(1, window // 2))
+        out[name] = measure(m.item_tower.lm(), general, held_texts, window, stride, g.eval_tokens)
+        out[f"generations_{name}"] = generations(item_causal_lm(m.item_tower), tok, g.prompts, g.generate_tokens)
+    rec = verdict(out["before"], out["after"], g, pretrained=bool(cfg.model.item_tower.pretrained))
+    rec.update(prompts=list(g.prompts), generations_before=out["generations_before"],
+               generations_after=out["generations_after"], heldout_tokens=min(len(general), g.eval_tokens),
+               mechanisms={"lora": g.lora.enabled, "lm_weight": g.lm_weight, "item_lm_weight": g.item_lm_weight,
+                           "kl_weight": g.kl_weight},
+               measure_s=round(time.time() - t0, 1))
     return rec

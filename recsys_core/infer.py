@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import datetime as dt
 import io
 import logging
 import time
@@ -141,8 +142,6 @@ def publish(ds: ray.data.Dataset, folder: str, manifest: dict[str, Any]) -> dict
     overlapping publish never removes another attempt's fresh parts."""
     man_uri = storage.join(folder, MANIFEST)
     previous = storage.read_json(man_uri) if storage.exists(man_uri) else None
-    import datetime as dt
-
     # microseconds: a later attempt sorts later, even within one second (see part_attempt)
     attempt = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f") + "-" + uuid.uuid4().hex[:6]
     path, fs = storage.ray_location(folder)

@@ -294,6 +294,44 @@ def load_checkpoint(folder: str, map_location: str = "cpu") -> tuple[TwoTower, d
     return model.to(map_location).eval(), meta
 
 
+LORA_DIR = "lora_item"  # peft adapters of the item tower, saved beside the merged weights
+
+
+def export_model(model: nn.Module) -> TwoTower:
+    """The model as served: LoRA adapters merged into a copy (plain architecture, no peft needed)."""
+    import copy
+
+    m = unwrap(model)
+    if not is_lora(m.item_tower.backbone):
+        return m
+    served = copy.deepcopy(m)
+    served.item_tower.backbone = served.item_tower.backbone.merge_and_unload()
+    return served
+
+
+def save_model_folder(model: nn.Module, folder: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Merged weights + config + marker (a loadable checkpoint); under LoRA also the adapters alone
+    (``lora_item/``, peft format). Returns what resuming needs beyond the folder (unmerged weights)."""
+    m = unwrap(model)
+    lora = is_lora(m.item_tower.backbone)
+    if lora:
+        m.item_tower.backbone.save_pretrained(str(Path(folder) / LORA_DIR))
+    served = export_model(m)
+    save_checkpoint(served, ModelSpec.of(served), folder, extra={"metrics": metrics, "lora": lora})
+    return {"model": {k: v.detach().cpu() for k, v in m.state_dict().items()}} if lora else {}
+
+
+def copy_model_folder(src: str, dest: str) -> None:
+    """Copy model files (weights, config, LoRA adapters; not optimizer state) from a checkpoint into a
+    registry folder, marker last."""
+    for name in (WEIGHTS, CONFIG):
+        storage.write_bytes(storage.join(dest, name), storage.read_bytes(storage.join(src, name)))
+    lora = storage.join(src, LORA_DIR)
+    for f in storage.list_files(lora) if storage.exists(storage.join(lora, "adapter_config.json")) else []:
+        storage.write_bytes(storage.join(dest, LORA_DIR, f.rsplit("/", 1)[-1]), storage.read_bytes(f))
+    storage.write_bytes(storage.join(dest, MARKER), b"ok\n")
+
+
 def max_positions(backbone: nn.Module) -> int:
     """The longest token window the body accepts (GPT-2 ``n_positions``, Llama ``max_position_embeddings``)."""
     c = backbone.config
@@ -305,15 +343,23 @@ def build_lm(tower: TowerConfig, n_positions: int) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(gpt2_config(tower, n_positions))
 
 
+def is_lora(backbone: nn.Module) -> bool:
+    """Whether a body is wrapped with peft LoRA adapters."""
+    return hasattr(backbone, "disable_adapter") and hasattr(backbone, "peft_config")
+
+
+def merged_body(backbone: nn.Module) -> nn.Module:
+    """The body with its LoRA adapters merged (into a copy), or the body itself without adapters."""
+    import copy
+
+    return copy.deepcopy(backbone).merge_and_unload() if is_lora(backbone) else backbone
+
+
 def item_causal_lm(tower: ItemTower) -> nn.Module:
     """The item tower's language model as a transformers ``*ForCausalLM`` (a copy; ``generate()`` works)."""
     from transformers import AutoModelForCausalLM
 
-    body = tower.backbone
-    if hasattr(body, "merge_and_unload"):  # peft-wrapped: merge a copy's adapters
-        import copy
-
-        body = copy.deepcopy(body).merge_and_unload()
+    body = merged_body(tower.backbone)
     lm = AutoModelForCausalLM.from_config(body.config, attn_implementation="sdpa")
     lm.base_model.load_state_dict(body.state_dict())
     if tower.lm_head is not None:

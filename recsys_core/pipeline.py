@@ -127,7 +127,8 @@ def prepare_stage(run: Run) -> dict[str, Any]:
 
 def train_stage(run: Run) -> dict[str, Any]:
     from recsys_core.infer import catalog_ids
-    from recsys_core.train import copy_checkpoint, run_train
+    from recsys_core.model import copy_model_folder
+    from recsys_core.train import run_train
 
     stats = run.require("prepare")["stats"]
     for stale in registry.incomplete_versions(run.root, run.run_date):
@@ -154,7 +155,7 @@ def train_stage(run: Run) -> dict[str, Any]:
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": config,
     }
     registry.write_version_files(model_dir, lineage, ids)
-    copy_checkpoint(fit["checkpoint"], model_dir)  # _COMPLETE last
+    copy_model_folder(fit["checkpoint"], model_dir)  # _COMPLETE last
     return {"model_version": version, "model_dir": model_dir, "best": fit["metrics"], "history": fit["history"],
             "guard": guard, "parent": lineage["parent"], "warm_start": warm}
 

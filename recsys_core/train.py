@@ -26,11 +26,11 @@ from torch import nn
 from recsys_core import storage
 from recsys_core.config import NightlyConfig, from_dict
 from recsys_core.data import PreparedPaths
-from recsys_core.guard import apply_lora, frozen_reference, heldout_items, is_lora, kl_to_reference, lm_loss
-from recsys_core.guard import reference_logits, replay_windows
+from recsys_core.guard import (GuardTerms, apply_lora, corpus_ids, guard_report, guard_terms, needs_replay,
+                               read_corpus, replay_len, replay_windows)
 from recsys_core.losses import expected_log_q, get_loss
 from recsys_core.metrics import per_user_metrics
-from recsys_core.model import ModelSpec, TwoTower, build_two_tower, load_checkpoint, save_checkpoint, unwrap
+from recsys_core.model import TwoTower, build_two_tower, load_checkpoint, save_model_folder, unwrap
 from recsys_core.retrieval import topk_excluding
 from recsys_core.text import pad_token_lists
 
@@ -82,22 +82,6 @@ def collate(batch: dict[str, np.ndarray], length: int) -> tuple[torch.Tensor, to
 # ----------------------------------------------------------------------------- objective
 
 
-@dataclass
-class GuardTerms:
-    """The generation guard's training terms (weights 0 = off): LM replay and KL to a reference."""
-
-    lm_weight: float = 0.0
-    kl_weight: float = 0.0
-    item_lm_weight: float = 0.0
-    item_lm_per_step: int = 0
-    heldout: torch.Tensor | None = None  # (N,) bool: items never in the LM loss
-    reference: nn.Module | None = None  # frozen copy; None under LoRA (adapters disabled instead)
-
-    @property
-    def active(self) -> bool:
-        return self.lm_weight > 0 or self.kl_weight > 0 or self.item_lm_weight > 0
-
-
 class Objective(nn.Module):
     """Wraps the model so DDP sees one forward per step: (sequences, targets, mask[, replay]) -> loss.
 
@@ -144,36 +128,10 @@ class Objective(nn.Module):
         loss = self.loss_fn(states[valid], table, pos, m.temperature, log_q)
         self.parts = {"rec_loss": loss.detach()}
         if self.guard.active:
-            loss = loss + self.guard_loss(fresh, fresh_hidden, items, replay)
+            extra, parts = self.guard.loss(m.item_tower, fresh, fresh_hidden, items.tokens, items.mask, replay)
+            self.parts.update(parts)
+            loss = loss + extra
         return loss
-
-    def guard_loss(self, fresh: torch.Tensor, fresh_hidden: torch.Tensor, items: ItemTensors,
-                   replay: torch.Tensor | None) -> torch.Tensor:
-        """lm_weight * LM NLL on replay windows + item_lm_weight * LM NLL on this step's (not held-out)
-        item texts + kl_weight * KL(reference || model) on the replay windows."""
-        g, tower = self.guard, self.model.item_tower
-        total = fresh_hidden.new_zeros(())
-        replay_logits = None
-        if replay is not None:
-            replay_logits = tower.lm_logits(tower.hidden(replay))  # (R, T, V)
-        if g.lm_weight > 0 and replay_logits is not None:
-            lm = lm_loss(replay_logits, replay, torch.ones_like(replay))
-            self.parts["lm_loss"] = lm.detach()
-            total = total + g.lm_weight * lm
-        if g.item_lm_weight > 0:
-            keep = torch.nonzero(~g.heldout[fresh]).squeeze(1)[: g.item_lm_per_step]  # rows of fresh
-            if keep.numel():
-                ids, mask = items.tokens[fresh[keep]], items.mask[fresh[keep]]
-                item_lm = lm_loss(tower.lm_logits(fresh_hidden[keep]), ids, mask)
-                self.parts["item_lm_loss"] = item_lm.detach()
-                total = total + g.item_lm_weight * item_lm
-        if g.kl_weight > 0 and replay_logits is not None:
-            ref = reference_logits(tower.lm(), g.reference, replay)
-            kl = kl_to_reference(replay_logits, ref, torch.ones_like(replay))
-            self.parts["kl"] = kl.detach()
-            total = total + g.kl_weight * kl
-        return total
-
 
 @torch.no_grad()
 def text_table(model: TwoTower, items: ItemTensors, batch_size: int = 512) -> torch.Tensor:
@@ -238,9 +196,6 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
-LORA_DIR = "lora_item"  # peft adapters of the item tower, saved beside the merged weights
-
-
 def initial_model(cfg: NightlyConfig, n_items: int, init_from: str | None) -> TwoTower:
     """Fresh (pretrained/named-size) or warm-started weights, with LoRA adapters when configured."""
     if init_from:
@@ -268,48 +223,18 @@ def param_groups(model: TwoTower, tc: Any) -> list[dict[str, Any]]:
              "lr": tc.item_backbone_lr if body else tc.lr} for (body, matrix), ps in sorted(groups.items())]
 
 
-def guard_seq_len(cfg: NightlyConfig, model: TwoTower) -> int:
-    from recsys_core.model import max_positions
-
-    return min(cfg.guard.replay_seq_len, max_positions(model.item_tower.backbone))
-
-
-def guard_terms(cfg: NightlyConfig, model: TwoTower, n_items: int, replay_ids: list[int] | None,
-                device: torch.device) -> tuple[GuardTerms, torch.Tensor | None]:
-    g = cfg.guard
-    terms = GuardTerms(g.lm_weight, g.kl_weight, g.item_lm_weight, g.item_lm_per_step,
-                       torch.from_numpy(heldout_items(n_items, g.heldout_item_every)).to(device))
-    if g.lm_weight <= 0 and g.kl_weight <= 0:  # no replay text needed
-        return terms, None
-    if g.kl_weight > 0:
-        ref = frozen_reference(model.item_tower.lm())
-        terms.reference = ref.to(device) if ref is not None else None
-    stream = torch.tensor(replay_ids or [], dtype=torch.long)
-    return terms, (stream if stream.numel() >= 2 else None)
-
-
-def export_model(model: nn.Module) -> TwoTower:
-    """The model as served: LoRA adapters merged into a copy (plain architecture, no peft needed)."""
-    import copy
-
-    m = unwrap(model)
-    if not is_lora(m.item_tower.backbone):
-        return m
-    merged = copy.deepcopy(m)
-    merged.item_tower.backbone = merged.item_tower.backbone.merge_and_unload()
-    return merged
-
-
-def save_model_folder(model: nn.Module, folder: str, metrics: dict[str, Any]) -> dict[str, Any]:
-    """Merged weights + config + marker (a loadable checkpoint); under LoRA also the adapters alone
-    (``lora_item/``, peft format). Returns what resuming needs beyond the folder (unmerged weights)."""
-    m = unwrap(model)
-    lora = is_lora(m.item_tower.backbone)
-    if lora:
-        m.item_tower.backbone.save_pretrained(os.path.join(folder, LORA_DIR))
-    served = export_model(m)
-    save_checkpoint(served, ModelSpec.of(served), folder, extra={"metrics": metrics, "lora": lora})
-    return {"model": {k: v.detach().cpu() for k, v in m.state_dict().items()}} if lora else {}
+def train_step(objective: nn.Module, opt: torch.optim.Optimizer, sched: Any, params: Any, grad_clip: float,
+               autocast: Any, *inputs: Any) -> float:
+    """One optimisation step (forward under ``autocast``, backward, clip, step, schedule); the loss."""
+    with autocast:
+        loss = objective(*inputs)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    if sched is not None:
+        sched.step()
+    return float(loss.detach())
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -330,7 +255,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model.log_temperature.requires_grad_(tc.learn_temperature)
     model.item_tower.id_known.copy_(items.known.float())  # items never trained are text-only
     model.to(device)
-    guard, replay_stream = guard_terms(cfg, model, n_items, config.get("replay_ids"), device)
+    guard, replay_stream = guard_terms(cfg.guard, model.item_tower, n_items, config.get("replay_ids"), device)
     replay_gen = torch.Generator().manual_seed(tc.seed + 7919 * rank)
 
     opt = torch.optim.AdamW(param_groups(model, tc), lr=tc.lr, fused=device.type == "cuda",
@@ -377,16 +302,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             samples += seq.size(0)
             replay = None
             if replay_stream is not None:
-                replay = replay_windows(replay_stream, cfg.guard.replay_batch_size, guard_seq_len(cfg, model),
-                                        replay_gen).to(device)
-            with autocast:
-                loss = objective(seq, tgt, mask, items, cache, replay)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
+                replay = replay_windows(replay_stream, cfg.guard.replay_batch_size,
+                                        replay_len(cfg.guard, model.item_tower), replay_gen).to(device)
+            losses.append(train_step(objective, opt, sched, model.parameters(), tc.grad_clip, autocast,
+                                     seq, tgt, mask, items, cache, replay))
             for k, v in inner.parts.items():
                 parts.setdefault(k, []).append(float(v))
             if bar is not None:
@@ -442,8 +361,7 @@ def run_train(cfg: NightlyConfig, prepared: PreparedPaths, run_dir: str, init_fr
     train_ds = ray.data.read_parquet(epath, filesystem=efs).randomize_block_order(seed=cfg.train.seed)
     n_examples = storage_count(prepared.train_examples)
     replay_ids = None
-    if cfg.guard.lm_weight > 0 or cfg.guard.kl_weight > 0:
-        from recsys_core.guard import corpus_ids, read_corpus
+    if needs_replay(cfg.guard):
         from recsys_core.text import load_tokenizer
 
         replay_ids = corpus_ids(read_corpus(cfg.guard.replay_corpus, "replay"), load_tokenizer(cfg.model.tokenizer))
@@ -475,40 +393,9 @@ def run_train(cfg: NightlyConfig, prepared: PreparedPaths, run_dir: str, init_fr
         raise result.error
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1][VAL_METRIC])
     uri = ("s3://" + best_ckpt.path) if storage.is_s3(run_dir) else best_ckpt.path
-    guard = guard_report(cfg, prepared, uri)
+    guard = guard_report(cfg, prepared.items, uri)
     log.info(guard["message"])
     return {"checkpoint": uri, "metrics": best_metrics, "history": _history(result, run_dir), "guard": guard}
-
-
-def guard_report(cfg: NightlyConfig, prepared: PreparedPaths, checkpoint: str) -> dict[str, Any]:
-    """Perplexity of the item tower's LM before fine-tuning (the original pretrained or named-size
-    weights, whatever the warm start) and after (the checkpoint), greedy generations, and the gate."""
-    from recsys_core.guard import corpus_ids, generations, measure, read_corpus, verdict
-    from recsys_core.model import item_causal_lm, max_positions
-    from recsys_core.text import load_tokenizer
-
-    g, t0 = cfg.guard, time.time()
-    tok = load_tokenizer(cfg.model.tokenizer)
-    general = corpus_ids(read_corpus(g.heldout_corpus, "heldout"), tok)
-    item_ids = storage.read_table(prepared.items, columns=["input_ids"])["input_ids"].to_pylist()
-    held = heldout_items(len(item_ids), g.heldout_item_every)
-    held_texts = [t for t, h in zip(item_ids, held) if h]
-    torch.manual_seed(cfg.train.seed)  # the same initial weights the workers started from
-    before_model = build_two_tower(cfg.model, len(item_ids))
-    after_model, _ = load_checkpoint(checkpoint)
-    out: dict[str, Any] = {}
-    for name, m in (("before", before_model), ("after", after_model)):
-        window = min(g.eval_window, max_positions(m.item_tower.backbone))
-        stride = min(g.eval_stride, max(1, window // 2))
-        out[name] = measure(m.item_tower.lm(), general, held_texts, window, stride, g.eval_tokens)
-        out[f"generations_{name}"] = generations(item_causal_lm(m.item_tower), tok, g.prompts, g.generate_tokens)
-    rec = verdict(out["before"], out["after"], g, pretrained=bool(cfg.model.item_tower.pretrained))
-    rec.update(prompts=list(g.prompts), generations_before=out["generations_before"],
-               generations_after=out["generations_after"], heldout_tokens=min(len(general), g.eval_tokens),
-               mechanisms={"lora": g.lora.enabled, "lm_weight": g.lm_weight, "item_lm_weight": g.item_lm_weight,
-                           "kl_weight": g.kl_weight},
-               measure_s=round(time.time() - t0, 1))
-    return rec
 
 
 def _history(result: Any, run_dir: str) -> list[dict[str, Any]]:
@@ -521,16 +408,3 @@ def _history(result: Any, run_dir: str) -> list[dict[str, Any]]:
     uri = ("s3://" + latest.path) if storage.is_s3(run_dir) else latest.path
     state = torch.load(io.BytesIO(storage.read_bytes(storage.join(uri, STATE))), weights_only=True)
     return json.loads(state["history"])
-
-
-def copy_checkpoint(src: str, dest: str) -> None:
-    """Copy model files (not optimizer state) from a Ray checkpoint into a registry folder, marker last."""
-    from recsys_core.model import CONFIG, MARKER, WEIGHTS
-
-    for name in (WEIGHTS, CONFIG):
-        storage.write_bytes(storage.join(dest, name), storage.read_bytes(storage.join(src, name)))
-    lora = storage.join(src, LORA_DIR)
-    for f in storage.list_files(lora) if storage.exists(storage.join(lora, "adapter_config.json")) else []:
-        storage.write_bytes(storage.join(dest, LORA_DIR, f.rsplit("/", 1)[-1]), storage.read_bytes(f))
-    storage.write_bytes(storage.join(dest, MARKER), b"ok\n")
-

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from recsys_core.config import GuardConfig, LoraConfig, ModelConfig, NightlyConfig, TowerConfig
-from recsys_core.guard import (apply_lora, frozen_reference, heldout_items, is_lora, kl_to_reference, lm_loss,
-                               reference_logits, replay_windows, verdict)
-from recsys_core.model import build_two_tower, item_causal_lm, load_checkpoint
-from recsys_core.train import GuardTerms, ItemTensors, Objective, initial_model, save_model_folder
+from recsys_core.guard import (GuardTerms, apply_lora, frozen_reference, heldout_items, is_lora, kl_to_reference,
+                               lm_loss, reference_logits, replay_windows, verdict)
+from recsys_core.model import build_two_tower, item_causal_lm, load_checkpoint, save_model_folder
+from recsys_core.train import ItemTensors, Objective, initial_model
 
 pytestmark = pytest.mark.unit
 N_ITEMS, D, L, T = 12, 16, 6, 8
