@@ -1,9 +1,12 @@
 """Reference recommenders (popularity, item-kNN) scored on the same split as the model.
 
-They return raw SCORE matrices; masking of seen items and top-k selection are the caller's job.
+They return raw SCORE matrices (item-kNN also as bounded blocks of query users); masking of seen items
+and top-k selection are the caller's job.
 """
 
 from __future__ import annotations
+
+from typing import Iterator
 
 import numpy as np
 import scipy.sparse as sp
@@ -79,7 +82,7 @@ def _itemknn_weights(x: sp.csr_matrix, k_neighbors: int, shrink: float) -> sp.cs
     return sp.csr_matrix((vals, (rows, cols)), shape=(n_items, n_items))
 
 
-def itemknn_scores(
+def itemknn_score_chunks(
     train_users: np.ndarray,
     train_items: np.ndarray,
     n_users: int,
@@ -89,11 +92,15 @@ def itemknn_scores(
     shrink: float = 0.0,
     *,
     chunk_size: int = 4096,
-) -> np.ndarray:
-    """Item-kNN with cosine similarity (as in RecBole's ItemKNN): build the binary user-item matrix (scipy.sparse csr) from training interactions (duplicates count once), item-item cosine sim = (X^T X) / (||x_i|| ||x_j|| + shrink), zero the diagonal, keep the top k_neighbors per item (column), then score for each query user = sum of similarity rows of the items in their history. Returns dense (len(query_histories), n_items) float32. Must work for n_items up to ~5k quickly and process queries in chunks to bound memory.
+) -> Iterator[np.ndarray]:
+    """Item-kNN with cosine similarity (as in RecBole's ItemKNN), as dense (q, n_items) float32 score
+    blocks of at most ``chunk_size`` query users, in query order: memory is bounded by one block.
 
-    Items repeated within one history count once (binary history, as in RecBole).
-    Ties at the k_neighbors cut-off are broken arbitrarily; zero similarities are dropped.
+    The binary user-item matrix (scipy.sparse csr) is built from the training interactions (duplicates
+    count once); item-item similarity = (X^T X) / (||x_i|| ||x_j|| + shrink) with a zero diagonal, the
+    top ``k_neighbors`` kept per item (column); a query user's scores = the sum of the similarity rows of
+    the items in their history (items repeated within one history count once, as in RecBole). Ties at
+    the ``k_neighbors`` cut-off are broken arbitrarily; zero similarities are dropped.
     """
     if k_neighbors < 1:
         raise ValueError(f"k_neighbors must be >= 1, got {k_neighbors}")
@@ -115,9 +122,6 @@ def itemknn_scores(
     q_rows = np.repeat(np.arange(n_q, dtype=np.int64), lens)
     q_cols = np.concatenate(hists) if n_q else np.zeros(0, dtype=np.int64)
     q = _binary_matrix(q_rows, q_cols, n_q, n_items)  # (Q, I)
-
-    scores = np.zeros((n_q, n_items), dtype=np.float32)  # (Q, I)
     for start in range(0, n_q, chunk_size):
-        stop = min(start + chunk_size, n_q)
-        scores[start:stop] = (q[start:stop] @ w).toarray()  # (q, I)
-    return scores
+        yield (q[start:start + chunk_size] @ w).toarray().astype(np.float32, copy=False)  # (q, I)
+

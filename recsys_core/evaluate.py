@@ -6,14 +6,14 @@ input and is excluded from the candidates. Users missing from the output count a
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import ray
 
 from recsys_core import storage
-from recsys_core.baselines import itemknn_scores, popularity_scores
+from recsys_core.baselines import itemknn_score_chunks, popularity_scores
 from recsys_core.config import EvalConfig, InferConfig
 from recsys_core.metrics import per_user_metrics, summarize_values
 from recsys_core.retrieval import topk_from_scores
@@ -36,18 +36,24 @@ def model_holdout(scored: ray.data.Dataset, out_uri: str, metric_names: list[str
     return {m: np.concatenate(v) if v else np.zeros(0) for m, v in cols.items()}, table.num_rows
 
 
+BLOCK_USERS = 4096  # query users per dense score block of a baseline
+
+
 def _baseline_popularity(train_users: np.ndarray, train_items: np.ndarray, n_users: int, n_items: int,
-                         hist: list[np.ndarray], **_: Any) -> np.ndarray:
-    pop = popularity_scores(train_items, n_items)
-    return np.broadcast_to(pop, (len(hist), n_items))
+                         hist: list[np.ndarray], **_: Any) -> Iterator[np.ndarray]:
+    pop = popularity_scores(train_items, n_items)  # (N,), one row shared by every user
+    for s in range(0, len(hist), BLOCK_USERS):
+        yield np.broadcast_to(pop, (len(hist[s:s + BLOCK_USERS]), n_items))
 
 
 def _baseline_itemknn(train_users: np.ndarray, train_items: np.ndarray, n_users: int, n_items: int,
-                      hist: list[np.ndarray], k_neighbors: int = 200, **_: Any) -> np.ndarray:
-    return itemknn_scores(train_users, train_items, n_users, n_items, hist, k_neighbors=k_neighbors)
+                      hist: list[np.ndarray], k_neighbors: int = 200, **_: Any) -> Iterator[np.ndarray]:
+    return itemknn_score_chunks(train_users, train_items, n_users, n_items, hist, k_neighbors=k_neighbors,
+                                chunk_size=BLOCK_USERS)
 
 
-BASELINES: dict[str, Callable[..., np.ndarray]] = {
+# name -> (..., query histories) -> (q, N) score blocks in query order (memory: one block at a time)
+BASELINES: dict[str, Callable[..., Iterator[np.ndarray]]] = {
     "popularity": _baseline_popularity,
     "itemknn": _baseline_itemknn,
 }
@@ -68,8 +74,12 @@ def baseline_per_user(users_uri: str, n_items: int, names: tuple[str, ...], ks: 
     for name in names:
         if name not in BASELINES:
             raise ValueError(f"eval.baselines: {name!r} unknown; choose from {sorted(BASELINES)}")
-        scores = BASELINES[name](train_users, train_items, len(hist), n_items, hist, k_neighbors=k_neighbors)
-        out[name] = per_user_metrics(topk_from_scores(scores, hist, max(ks)), target, ks)
+        ranked, done = [], 0
+        for block in BASELINES[name](train_users, train_items, len(hist), n_items, hist, k_neighbors=k_neighbors):
+            ranked.append(topk_from_scores(block, hist[done:done + len(block)], max(ks)))  # (q, K)
+            done += len(block)
+        top = np.concatenate(ranked) if ranked else np.zeros((0, max(ks)), np.int64)
+        out[name] = per_user_metrics(top, target, ks)
     return out, target
 
 
@@ -102,7 +112,8 @@ def evaluate_model(model_dir: str, model_version: str, items_uri: str, users_uri
 
     embed_items(model_dir, items_uri, emb_uri, inf.item_batch_size, inf.concurrency)
     scored = score_users(model_dir, emb_uri, users_uri, catalog_ids(items_uri), max(ev.ks), max_seq_len,
-                         model_version, inf.batch_size, inf.concurrency, holdout=True)
+                         model_version, inf.batch_size, inf.concurrency, holdout=True,
+                         block_mib=inf.block_mib)
     per_user, n_scored = model_holdout(scored, out_uri, metric_names(ev.ks))
     summary = summarize_values({k: v for k, v in per_user.items() if k != "target_item_idx"}, n_users, ev.n_boot)
     return per_user, summary, n_scored

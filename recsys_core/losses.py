@@ -12,11 +12,16 @@ import torch
 import torch.nn.functional as F
 
 
+def logits(states: torch.Tensor, table: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
+    """(M, D) user states x (C, D) candidates -> (M, C) scores / tau, in float32 for the softmax."""
+    return (states @ table.T / temperature).float()
+
+
 def full_softmax_loss(states: torch.Tensor, table: torch.Tensor, pos: torch.Tensor,
                       temperature: torch.Tensor | float, log_q: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy over every candidate: mean_m -log softmax(s_m . T / tau)[pos_m]."""
-    logits = states @ table.T / temperature  # (M, C)
-    return F.cross_entropy(logits.float(), pos)
+    """Cross-entropy over every candidate: mean_m -log softmax(s_m . T / tau)[pos_m]. ``log_q`` is
+    ignored: the candidates are the whole catalog, an unbiased set."""
+    return F.cross_entropy(logits(states, table, temperature), pos)
 
 
 def sampled_softmax_loss(states: torch.Tensor, table: torch.Tensor, pos: torch.Tensor,
@@ -26,10 +31,10 @@ def sampled_softmax_loss(states: torch.Tensor, table: torch.Tensor, pos: torch.T
     ``log_q`` (C,) is the log of each candidate's expected count in the sample; subtracting it
     removes the bias toward popular items that in-batch negatives introduce.
     """
-    logits = states @ table.T / temperature  # (M, C)
+    scores = logits(states, table, temperature)  # (M, C)
     if log_q is not None:
-        logits = logits - log_q.unsqueeze(0)
-    return F.cross_entropy(logits.float(), pos)
+        scores = scores - log_q.unsqueeze(0).float()
+    return F.cross_entropy(scores, pos)
 
 
 LossFn = Callable[..., torch.Tensor]

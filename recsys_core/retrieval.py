@@ -42,11 +42,13 @@ def select_topk(scores: torch.Tensor, k: int, group: int = GROUP) -> tuple[torch
     _, gi = torch.topk(body.amax(2), k, dim=1, sorted=False)  # (r, k) best groups, any order
     cand = body.gather(1, gi.unsqueeze(-1).expand(r, k, group)).reshape(r, k * group)  # (r, k*g)
     cols = (gi.unsqueeze(-1) * group + torch.arange(group, device=scores.device)).reshape(r, k * group)
-    if w > n_groups * group:  # the tail columns are always candidates
-        cand = torch.cat([cand, scores[:, n_groups * group:]], 1)
-        cols = torch.cat([cols, torch.arange(n_groups * group, w, device=scores.device).expand(r, -1)], 1)
     val, j = torch.topk(cand, k, dim=1)
-    return val, cols.gather(1, j)
+    cols = cols.gather(1, j)
+    if w > n_groups * group:  # the ragged tail (< group columns) is merged with the body's top-k
+        tail = torch.arange(n_groups * group, w, device=scores.device).expand(r, -1)
+        val, j = torch.topk(torch.cat([val, scores[:, n_groups * group:]], 1), k, dim=1)
+        cols = torch.cat([cols, tail], 1).gather(1, j)
+    return val, cols
 
 
 def _finish(val: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -88,7 +90,8 @@ def topk_excluding(user_vecs: torch.Tensor, item_table: torch.Tensor, seen: Sequ
     n_users, n_items = user_vecs.size(0), item_table.size(0)
     if n_users == 0:
         return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
-    users, items = user_vecs.float(), item_table.float()
+    users = user_vecs.float()
+    items_t = item_table.float().T.contiguous()  # (D, N): GEMM with row-major items is ~8% faster on CPU
     rows, width = tile_shape(n_users, n_items, chunk, tile_items, tile_bytes)
     buf = torch.empty(rows * width, device=users.device)  # reused by every tile
     idx_parts, val_parts = [], []
@@ -100,7 +103,7 @@ def topk_excluding(user_vecs: torch.Tensor, item_table: torch.Tensor, seen: Sequ
         for t0 in range(0, n_items, width):
             w = min(width, n_items - t0)
             tile = buf[: r * w].view(r, w)
-            torch.mm(u, items[t0:t0 + w].T, out=tile)  # (r, w)
+            torch.mm(u, items_t[:, t0:t0 + w], out=tile)  # (r, w)
             inside = (scol >= t0) & (scol < t0 + w)
             tile[srow[inside], scol[inside] - t0] = float("-inf")
             v, i = select_topk(tile, k)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import shutil
 import string
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -73,12 +74,15 @@ def tokenize_texts(tok: PreTrainedTokenizerBase, texts: list[str], max_tokens: i
     return [ids + [tok.eos_token_id] for ids in out]
 
 
-def pad_token_lists(ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad to a matrix: (N, T) ids and (N, T) attention mask."""
-    t = max((len(x) for x in ids), default=1)
+def pad_token_lists(ids: Sequence[Sequence[int] | np.ndarray], pad_id: int,
+                    length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad to a matrix: (N, T) ids and (N, T) mask. T is the longest list, or ``length``, in which
+    case longer lists keep their last ``length`` entries (a history's most recent items)."""
+    t = length if length is not None else max((len(x) for x in ids), default=1)
     mat = np.full((len(ids), t), pad_id, dtype=np.int64)
     mask = np.zeros((len(ids), t), dtype=np.int64)
     for i, x in enumerate(ids):
+        x = np.asarray(x)[-t:] if length is not None else x
         mat[i, : len(x)] = x
         mask[i, : len(x)] = 1
     return mat, mask

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from recsys_core import baselines
-from recsys_core.baselines import itemknn_scores, popularity_scores
+from recsys_core.baselines import itemknn_score_chunks, popularity_scores
+
+
+def itemknn_scores(train_users, train_items, n_users, n_items, query_histories, **kw) -> np.ndarray:
+    """Every score block of the item-kNN baseline stacked into one dense (Q, n_items) matrix."""
+    blocks = list(itemknn_score_chunks(train_users, train_items, n_users, n_items, query_histories, **kw))
+    return np.concatenate(blocks) if blocks else np.zeros((0, n_items), dtype=np.float32)
+
 
 # Training interactions (user, item); (0, 0) is duplicated and must count once.
 #   u0: {0, 1}   u1: {0, 1, 2}   u2: {1, 2, 3}   u3: {0}
@@ -118,3 +125,25 @@ def test_itemknn_chunking_matches_dense_reference(monkeypatch):
         q[r, h] = 1.0
     got = itemknn_scores(users, items, n_users, n_items, hists, chunk_size=2)
     np.testing.assert_allclose(got, q @ sim, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("name", ["popularity", "itemknn"])
+def test_baselines_rank_the_same_in_small_score_blocks(tmp_path, monkeypatch, name):
+    """The evaluate stage scores baselines a block of users at a time; block size changes nothing."""
+    import pyarrow as pa
+
+    from recsys_core import evaluate, storage
+
+    rng = np.random.default_rng(1)
+    seqs = [rng.choice(40, size=int(rng.integers(3, 12)), replace=False).tolist() for _ in range(25)]
+    uri = str(tmp_path / "users.parquet")
+    storage.write_table(pa.table({"items": seqs}), uri)
+    whole, target = evaluate.baseline_per_user(uri, 40, (name,), (5, 10), 20)
+    monkeypatch.setattr(evaluate, "BLOCK_USERS", 4)  # 7 blocks, the last one ragged
+    blocked, target2 = evaluate.baseline_per_user(uri, 40, (name,), (5, 10), 20)
+    np.testing.assert_array_equal(target, [s[-1] for s in seqs])
+    np.testing.assert_array_equal(target, target2)
+    for m, v in whole[name].items():
+        np.testing.assert_array_equal(v, blocked[name][m])
+    assert whole[name]["recall@10"].shape == (25,)

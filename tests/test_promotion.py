@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import uuid
 
-import pyarrow as pa
 import pytest
 
 import jobs.nightly

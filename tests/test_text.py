@@ -65,6 +65,13 @@ def test_pad_token_lists_right_pads_with_mask():
 
 
 @pytest.mark.unit
+def test_pad_token_lists_fixed_length_keeps_the_most_recent():
+    mat, mask = pad_token_lists([np.array([1, 2, 3, 4]), [5], []], pad_id=0, length=3)
+    np.testing.assert_array_equal(mat, [[2, 3, 4], [5, 0, 0], [0, 0, 0]])
+    np.testing.assert_array_equal(mask, [[1, 1, 1], [1, 0, 0], [0, 0, 0]])
+
+
+@pytest.mark.unit
 def test_pad_token_lists_empty():
     mat, mask = pad_token_lists([], pad_id=EOS)
     assert mat.shape == (0, 1) and mask.shape == (0, 1)
