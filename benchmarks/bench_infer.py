@@ -1,6 +1,6 @@
 """Batch inference: users/s end to end vs a naive Python loop, and peak RSS from 100k to 1M users.
 
-    python benchmarks/bench_infer.py [--sizes 100000 1000000] [--items 10000] [--variant-block-mib 4]
+    python benchmarks/bench_infer.py [--sizes 100000 1000000] [--items 10000] [--no-uncapped]
                                      [--json infer.json]
 
 A tiny random-init two-tower model (GPT-2 tiny towers, 32-d embeddings) and synthetic parquet
@@ -17,10 +17,11 @@ items one at a time, and writes one parquet file; it runs on a subset of users a
 per user (its item embedding amortised over the largest size's users).
 
 Finding: the users parquet of 1M users is 43 MB, under Ray Data's 128 MiB target block size, so
-``read_parquet`` yields ONE block: one UserScorer actor scores every user (the other idles; Ray Data
-warns) and buffers its output until the block is done (private memory grows with the number of
-users, the write starts only at the end). The variant run sets ``target_max_block_size`` to
-``--variant-block-mib`` (the fix belongs in ``infer.score_users``: read with enough blocks).
+an uncapped ``read_parquet`` yields ONE block: one UserScorer actor scores every user (the other
+idles; Ray Data warns) and buffers its output until the block is done (private memory grows with the
+number of users, the write starts only at the end). ``infer.score_users`` therefore caps users'
+blocks at ``infer.block_mib`` (8 MiB) on its dataset's own DataContext; the shipped sizes run with
+that cap, and a comparison run repeats the largest size uncapped (``block_mib=0``, Ray's default).
 """
 from __future__ import annotations
 
@@ -81,11 +82,11 @@ def setup(root: Path, n_items: int, sizes: list[int]) -> None:
         (folder / "_DONE").write_text("ok\n")
 
 
-def scale_run(root: Path, n_users: int, block_mib: int | None = None) -> dict[str, Any]:
+def scale_run(root: Path, n_users: int, block_mib: int) -> dict[str, Any]:
     """One size, in this (fresh) process: Ray start, embed items, score users, publish; peak RSS sampled.
 
-    ``block_mib``: Ray Data's ``target_max_block_size`` (default 128 MiB), which also caps the size
-    of a read block: the users files are small, so by default all users arrive as one block."""
+    ``block_mib``: ``score_users``' cap on a users block (0: uncapped, Ray's 128 MiB default, which
+    makes the small users file one block)."""
     import ray
 
     from recsys_core.config import InferConfig, RayConfig
@@ -100,15 +101,13 @@ def scale_run(root: Path, n_users: int, block_mib: int | None = None) -> dict[st
         init_ray(RayConfig())
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
-        if block_mib:
-            ctx.target_max_block_size = block_mib << 20
         t1 = time.time()
         emb_uri = str(root / f"item_embeddings_{n_users}.npy")
         embed_items(str(root / "model"), str(root / "items.parquet"), emb_uri, icfg.item_batch_size,
                     icfg.concurrency)
         t2 = time.time()
         recs = score_users(str(root / "model"), emb_uri, str(root / f"users_{n_users}"), items, K, SEQ, "bench",
-                           icfg.batch_size, icfg.concurrency)
+                           icfg.batch_size, icfg.concurrency, block_mib=block_mib)
         manifest = publish(recs, str(out), {"k": K, "users": n_users})
         t3 = time.time()
     ray.shutdown()
@@ -168,18 +167,21 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--items", type=int, default=10_000)
     p.add_argument("--naive-users", type=int, default=100)
-    p.add_argument("--variant-block-mib", type=int, default=4,
-                   help="also run the largest size with Ray Data blocks of at most this many MiB (0: skip)")
+    p.add_argument("--no-uncapped", action="store_true",
+                   help="skip the comparison run of the largest size with uncapped (one) users blocks")
     p.add_argument("--root", default=None, help="data folder (default: a temporary one, removed at the end)")
     p.add_argument("--scale-run", type=int, default=None, help=argparse.SUPPRESS)  # child mode: one size
     p.add_argument("--block-mib", type=int, default=0, help=argparse.SUPPRESS)  # child mode: block size
     p.add_argument("--json", default=None)
     a = p.parse_args()
     if a.scale_run is not None:
-        benchlib.write_json(a.json, scale_run(Path(a.root), a.scale_run, a.block_mib or None))
+        benchlib.write_json(a.json, scale_run(Path(a.root), a.scale_run, a.block_mib))
         return
     t0, load0 = time.time(), benchlib.load()
-    plan = [(n, 0) for n in a.sizes] + ([(a.sizes[-1], a.variant_block_mib)] if a.variant_block_mib else [])
+    from recsys_core.config import InferConfig
+
+    cap = InferConfig().block_mib
+    plan = [(n, cap) for n in a.sizes] + ([] if a.no_uncapped else [(a.sizes[-1], 0)])
     with tempfile.TemporaryDirectory(prefix="bench-infer-") as tmp:
         root = Path(a.root or tmp)
         setup(root, a.items, a.sizes)
@@ -188,12 +190,12 @@ def main() -> None:
             runs.append(benchlib.run_child("bench_infer.py",
                                            ["--root", str(root), "--scale-run", str(n), "--block-mib", str(mib)],
                                            root / f"scale_{n}_{mib}.json", timeout_s=1800))
-            runs[-1]["block_mib"] = mib or 128
-            print(f"{n:,} users ({runs[-1]['block_mib']} MiB blocks): {runs[-1]['users_per_s']:,.0f} users/s end to "
+            runs[-1]["block_mib"] = mib
+            print(f"{n:,} users ({f'{mib} MiB blocks' if mib else 'uncapped: one block'}): {runs[-1]['users_per_s']:,.0f} users/s end to "
                   f"end, driver+workers peak RSS {runs[-1]['rss']['driver_plus_workers_mib']:,.0f} MiB", flush=True)
         nv = naive(root, a.naive_users, 200, a.sizes[-1])
     shipped = runs[: len(a.sizes)]
-    label = {id(r): f"{r['users']:,}" + ("" if r["block_mib"] == 128 else f" ({r['block_mib']} MiB blocks)")
+    label = {id(r): f"{r['users']:,}" + ("" if r["block_mib"] else " (uncapped: one block)")
              for r in runs}
     print(benchlib.table(
         f"Batch inference end to end (embed {a.items:,} items + user tower + exact top-{K} with seen masking + "
@@ -236,10 +238,12 @@ def main() -> None:
            "infer_users_per_s": {label[id(r)]: r["users_per_s"] for r in runs},
            "runs": runs, "naive": nv, "items": a.items, "seq_len": SEQ, "k": K,
            "wall_s": time.time() - t0, "load_before": load0, "load_after": benchlib.load()}
-    if a.variant_block_mib:
+    out["infer_block_mib"] = cap
+    if not a.no_uncapped:
         v = runs[-1]
-        out["infer_variant"] = {
-            "block_mib": a.variant_block_mib, "users": v["users"], "users_per_s": v["users_per_s"],
+        out["infer_uncapped"] = {
+            "block_mib": 0, "users": v["users"], "users_per_s": v["users_per_s"],
+            "ours_vs_uncapped": last["users_per_s"] / v["users_per_s"],
             "vs_naive": v["users_per_s"] / nv["users_per_s"],
             "rss_growth_vs_shipped_smallest": {k: v["rss"][k] / first["rss"][k] for k in keys}}
     benchlib.write_json(a.json, out)

@@ -247,9 +247,10 @@ def report(raw: dict[str, Any]) -> dict[str, Any]:
           f"{r2['outside_steps_s_per_epoch']:.2f}"],
          ["  of which text-embedding cache (plain loop), s", per_epoch["text_cache_s"]],
          ["  of which validation, 943 users (plain loop), s", per_epoch["validation_s"]],
-         ["  Ray Data: wait for an epoch's first batch, read_parquet re-executed each epoch (as now), s",
+         ["  Ray Data: wait for an epoch's first batch, read_parquet re-executed each epoch "
+          "(train.materialize_mib=0), s",
           data_iter["first_batch_s"]],
-         ["  Ray Data: the same with the dataset materialized once, s",
+         ["  Ray Data: the same with the dataset materialized once (as shipped), s",
           raw["data_iter_materialized"]["first_batch_s"]],
          ["collate per batch, in-memory examples (plain loop), ms", per_epoch["plain_collate_ms_per_batch"]],
          ["Ray Data shard iteration + collate per batch, no training, ms", per_epoch["ray_data_iter_ms_per_batch"]],

@@ -102,7 +102,9 @@ def run_variant(cfg: NightlyConfig, prepared_root: str, steps: int, batch: int) 
     t_train, parts = time.time(), []
     for step in range(steps):
         if step % 10 == 0:
-            print(f"  step {step}/{steps} ({time.time() - t_train:.0f}s)", flush=True)
+            last = {k: float(np.mean([p[k] for p in parts[-10:] if k in p])) for k in (parts[-1] if parts else {})}
+            print(f"  step {step}/{steps} ({time.time() - t_train:.0f}s) "
+                  + " ".join(f"{k} {v:.3f}" for k, v in last.items()), flush=True)
         rows = examples.take(rng.choice(examples.num_rows, batch, replace=False))
         seq, tgt, mask = collate({"input": rows["input"].to_numpy(zero_copy_only=False),
                                   "target": rows["target"].to_numpy(zero_copy_only=False)}, cfg.model.max_seq_len)
@@ -122,6 +124,21 @@ def run_variant(cfg: NightlyConfig, prepared_root: str, steps: int, batch: int) 
             "final_terms": {k: float(np.mean([p[k] for p in parts[-10:] if k in p])) for k in parts[-1]}}
 
 
+def popularity(prepared_root: str) -> dict[str, float]:
+    """The reference every variant should beat: train-interaction counts, seen items excluded, same holdout."""
+    from recsys_core.data import PreparedPaths
+    from recsys_core.metrics import per_user_metrics
+    from recsys_core.retrieval import topk_excluding
+    from recsys_core.train import load_split
+
+    paths = PreparedPaths(prepared_root)
+    counts = storage.read_table(paths.items, columns=["train_count"])["train_count"].to_numpy()  # (N,)
+    hist, tgt, _ = load_split(paths.users, "test")
+    table = torch.from_numpy(counts.astype(np.float32)).unsqueeze(1)  # (N, 1): score = training count
+    ranked, _ = topk_excluding(torch.ones(len(hist), 1), table, hist, 10)
+    return {k: float(v.mean()) for k, v in per_user_metrics(ranked, tgt, (10,)).items()}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=40)
@@ -132,6 +149,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--backbone-lr", type=float, default=5e-4, help="item tower's LM body, or its LoRA adapters")
     ap.add_argument("--full-backbone-lr", type=float, default=None,
                     help="item LM body lr for the variants without LoRA (default: --backbone-lr)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra config overrides applied to every variant (e.g. model.similarity=cosine)")
     ap.add_argument("--root", default=str(REPO / "outputs" / "bench_guard"))
     ap.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "guard_smollm2.json"))
     ap.add_argument("--table", nargs="*", default=None, metavar="JSON",
@@ -140,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if a.table is not None:
         runs = [json.loads(Path(f).read_text()) for f in a.table]
         merged = {"steps": runs[0]["steps"], "batch": runs[0]["batch"], "model": GGUF, "lr": runs[0].get("lr"),
+                  "popularity": runs[0].get("popularity"), "overrides": runs[0].get("overrides"),
                   "results": {k: v for r in runs for k, v in r["results"].items()}}
         print_table(merged)
         Path(a.json).write_text(json.dumps(merged, indent=2))
@@ -151,9 +171,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model.item_tower.dropout=0.0", "model.max_text_tokens=12", "model.max_seq_len=20",
         f"train.lr={a.lr}", f"train.item_backbone_lr={a.backbone_lr}", "train.text_items_per_step=8", "guard.replay_batch_size=2", "guard.replay_seq_len=48",
         "guard.item_lm_per_step=4", "guard.eval_tokens=1024", "guard.eval_window=128",
-        "ray.num_cpus=4",
+        "ray.num_cpus=4", *a.set,
     ])
     prepared = prepare(cfg, "2026-11-29")
+    pop = popularity(prepared)
+    print(f"popularity       R@10 {pop['recall@10']:.4f}  NDCG@10 {pop['ndcg@10']:.4f}", flush=True)
     results = {}
     for name in a.variants.split(","):
         overrides = dict(VARIANTS[name])
@@ -163,7 +185,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results[name] = r
         print(f"{name:16s} ppl {r['ppl_before']:.2f} -> {r['ppl_after']:.2f} ({r['ppl_change']:+.2%})  "
               f"R@10 {r['recall@10']:.4f}  NDCG@10 {r['ndcg@10']:.4f}  ({r['wall_s']:.0f}s)", flush=True)
-    out = {"steps": a.steps, "batch": a.batch, "model": GGUF, "results": results,
+    out = {"steps": a.steps, "batch": a.batch, "model": GGUF, "results": results, "popularity": pop,
+           "overrides": a.set,
            "lr": f"{a.lr:g} (heads, IDs, user tower); item LM body {a.backbone_lr:g}"
                  + (f" ({a.full_backbone_lr:g} without LoRA)" if a.full_backbone_lr is not None else "")}
     print_table(out)
@@ -182,6 +205,9 @@ def print_table(out: dict[str, Any]) -> None:
         rel = f"{r['ndcg@10'] / ref['ndcg@10']:.2f}x" if ref else "-"
         print(f"{name:16s} {r['ppl_before']:10.2f} {r['ppl_after']:10.2f} {r['ppl_change']:+8.2%} "
               f"{r['recall@10']:7.4f} {r['ndcg@10']:8.4f} {rel:>12s}")
+    if out.get("popularity"):
+        p = out["popularity"]
+        print(f"{'popularity':16s} {'':10s} {'':10s} {'':8s} {p['recall@10']:7.4f} {p['ndcg@10']:8.4f}")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,17 @@ class RayConfig:
     address: str | None = None  # None: $RAY_ADDRESS if set (ray job submit), else a local cluster
     num_cpus: int | None = None  # only for a local cluster
     shuffle_parallelism: int = 4  # Ray Data hash-shuffle partitions (default 200 is slow on small data)
+    # Ray Data's shuffle for the prepare stage's group-by (ray.data.context.ShuffleStrategy). Ray 2.60's
+    # default, "shuffle_v2", starts aggregator actors per shuffle (10 s of the ML-100k prepare on 2 busy
+    # cores vs 3 s sort-based); set "shuffle_v2" for logs too large for a sort-based shuffle.
+    shuffle_strategy: str = "sort_shuffle_pull_based"
+    # Ray 2.60's parquet reader "V2" starts 32 footer-reader actors (32 worker processes) for every
+    # read_parquet: seconds per read on a small machine, 20-50 s when its CPUs are busy. False: the V1
+    # reader (footers read in the read tasks), the same rows and blocks without the actor pool.
+    parquet_datasource_v2: bool = False
+    # Local cluster only: Ray starts workers at nice 15 (below the driver); here the workers do all of
+    # the job's work, and niced workers starve behind any other busy process. None: Ray's default.
+    local_worker_niceness: int | None = 0
 
 
 @dataclass(frozen=True)
@@ -110,6 +121,9 @@ class TrainConfig:
     val_users: int = 2000  # users sampled for per-epoch validation
     seed: int = 0
     max_failures: int = 0  # Ray Train FailureConfig
+    # Training examples at most this size on disk (parquet MiB) are read once into Ray's object store and
+    # every epoch iterates that copy; larger ones stream from storage each epoch. 0: always stream.
+    materialize_mib: int = 256
 
 
 @dataclass(frozen=True)
@@ -118,6 +132,9 @@ class InferConfig:
     batch_size: int = 256
     concurrency: int = 2
     item_batch_size: int = 512
+    # Cap on a Ray Data block of users (MiB in memory). A users file is small on disk, so without a cap it
+    # arrives as one block: one scorer actor does all the work and buffers its whole output.
+    block_mib: float = 8.0
 
 
 @dataclass(frozen=True)

@@ -241,10 +241,20 @@ def _read_interactions(src: SourceData, cfg: NightlyConfig) -> ray.data.Dataset:
     return ds
 
 
+def shuffle_strategy(name: str) -> "ray.data.context.ShuffleStrategy":
+    from ray.data.context import ShuffleStrategy
+
+    choices = sorted({s.value for s in ShuffleStrategy})
+    if name not in choices:
+        raise ValueError(f"ray.shuffle_strategy={name!r} unknown; choose one of {choices}")
+    return ShuffleStrategy(name)
+
+
 def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict[str, Any]:
     """Run the prepare stage with Ray Data; returns the stats also written to ``stats.json``."""
     ctx = ray.data.DataContext.get_current()
     ctx.default_hash_shuffle_parallelism = cfg.ray.shuffle_parallelism
+    ctx.shuffle_strategy = shuffle_strategy(cfg.ray.shuffle_strategy)
     ctx.enable_progress_bars = True
 
     catalog = load_catalog(src.items, cfg)

@@ -124,9 +124,14 @@ def embed_items(model_uri: str, items_uri: str, out_uri: str, batch_size: int, c
 
 
 def score_users(model_uri: str, item_emb_uri: str, users_uri: str, item_ids: pa.Array, k: int, max_seq_len: int,
-                model_version: str, batch_size: int, concurrency: int, holdout: bool = False) -> ray.data.Dataset:
+                model_version: str, batch_size: int, concurrency: int, holdout: bool = False,
+                block_mib: float = 8.0) -> ray.data.Dataset:
+    """Lazy dataset of top-k rows per user. Users are read in blocks of at most ``block_mib`` MiB (this
+    dataset's own DataContext), so every scorer actor gets work and output streams to the writer."""
     path, fs = storage.ray_location(users_uri)
     users = ray.data.read_parquet(path, filesystem=fs, columns=["user_id", "items"])
+    if block_mib > 0:
+        users.context.target_max_block_size = max(1, int(block_mib * 2**20))
     return users.map_batches(
         UserScorer, batch_size=batch_size, batch_format="pyarrow", concurrency=concurrency,
         fn_constructor_kwargs={"model_uri": model_uri, "item_emb_uri": item_emb_uri, "item_ids": item_ids,

@@ -305,7 +305,7 @@ def infer_stage(run: Run) -> dict[str, Any]:
                     cfg.infer.concurrency)
     recs = score_users(src["model_dir"], src["item_embeddings"], run.prepared.users, catalog_ids(run.prepared.items),
                        cfg.infer.k, src["max_seq_len"], src["model_version"], cfg.infer.batch_size,
-                       cfg.infer.concurrency)
+                       cfg.infer.concurrency, block_mib=cfg.infer.block_mib)
     manifest = publish(recs, run.recs_dir, {
         "run_date": run.run_date, "model_version": src["model_version"], "k": cfg.infer.k,
         "users": prepared["stats"]["users_kept"],

@@ -45,13 +45,17 @@ def stage_context(run_date: str, stage: str) -> Iterator[None]:
 def init_ray(cfg: RayConfig) -> None:
     """Attach to the cluster in ``ray.address`` / ``$RAY_ADDRESS`` (ray job submit), else start a local one."""
     import ray
+    import ray.data
 
     if ray.is_initialized():
         return
+    ray.data.DataContext.get_current().use_datasource_v2 = cfg.parquet_datasource_v2
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:  # the job's runtime_env (cluster/runtime_env.yaml) sets the workers' environment
         ray.init(address=address, log_to_driver=True)
         return
+    if cfg.local_worker_niceness is not None:  # read by the raylet this process starts
+        os.environ.setdefault("RAY_worker_niceness", str(cfg.local_worker_niceness))
     env = {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}
     # A private single-machine cluster: token auth has nothing to protect here.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -203,6 +203,15 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
     return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
 
 
+def total_bytes(uri: str, suffix: str = "") -> int:
+    """Summed size of the files below ``uri`` whose names end with ``suffix`` (0 when there are none)."""
+    fs, path = filesystem(uri)
+    if not exists(uri):
+        return 0
+    infos = _retry(uri, "list", lambda: fs.get_file_info(pafs.FileSelector(path, recursive=True)))
+    return sum(i.size or 0 for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+
+
 def delete(uri: str) -> None:
     """Delete a file or a whole folder; missing is fine."""
     fs, path = filesystem(uri)

@@ -4,14 +4,16 @@ from __future__ import annotations
 import shutil
 import string
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import pyarrow as pa
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from recsys_core import storage
 from recsys_core.sources import cache_dir
+
+if TYPE_CHECKING:  # transformers (and torch) load only where a tokenizer is built, not in Ray Data workers
+    from transformers import PreTrainedTokenizerBase
 
 OFFLINE_GPT2 = "gpt2-offline"
 
@@ -32,6 +34,8 @@ def offline_gpt2_folder() -> Path:
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     """``gpt2-offline``, a hub name, a save_pretrained folder, a ``.gguf`` file, or an ``s3://`` prefix
     holding a save_pretrained folder."""
+    from transformers import AutoTokenizer
+
     if name == OFFLINE_GPT2:
         from transformers import GPT2TokenizerFast
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from recsys_core.config import ConfigError, NightlyConfig, load_config, parse_run_date, replace
+from recsys_core.config import ConfigError, NightlyConfig, RayConfig, load_config, parse_run_date, replace
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "jobs" / "configs").glob("*.yaml"))
 SYNTHETIC = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "synthetic.yaml"
@@ -142,3 +142,12 @@ def test_replace_changes_dotted_key_and_leaves_original():
 def test_replace_unknown_key_raises():
     with pytest.raises(ConfigError, match=re.escape("train.epochz")):
         replace(load_config(None), **{"train.epochz": 2})
+
+
+@pytest.mark.unit
+def test_shuffle_strategy_names_the_setting_and_its_choices():
+    from recsys_core.data import shuffle_strategy
+
+    assert shuffle_strategy(RayConfig().shuffle_strategy).value == "sort_shuffle_pull_based"
+    with pytest.raises(ValueError, match=r"ray.shuffle_strategy='bogus' unknown; choose one of \[.*hash_shuffle"):
+        shuffle_strategy("bogus")

@@ -55,6 +55,41 @@ def test_recommendations_schema_k_unseen_every_user(nightly):
     assert set(recs["model_version"].to_pylist()) == {out["train"]["model_version"]}
 
 
+def test_users_are_scored_in_capped_blocks_with_the_same_results(nightly):
+    """infer.block_mib splits the (small) users file into several blocks; top-k rows are unchanged."""
+    from recsys_core.infer import catalog_ids, score_users
+
+    cfg, out = nightly
+    promoted = out["promote"]["publish"]
+    prepared = storage.join(out["prepare"]["prepared"])
+    args = (promoted["model_dir"], promoted["item_embeddings"], storage.join(prepared, "users"),
+            catalog_ids(storage.join(prepared, "items.parquet")), cfg.infer.k, cfg.model.max_seq_len, "v", 64, 2)
+    one = score_users(*args, block_mib=0).materialize()  # as read: one block per users file
+    capped = score_users(*args, block_mib=0.002).materialize()  # 2 KiB: 400 users' histories span many
+    assert capped.num_blocks() > 2 * one.num_blocks(), (one.num_blocks(), capped.num_blocks())
+    a, b = (ds.to_arrow_refs() for ds in (one, capped))
+    import ray
+
+    ta, tb = (pa.concat_tables(ray.get(r)).sort_by("user_id") for r in (a, b))
+    assert ta.num_rows == tb.num_rows == 400
+    assert ta["item_ids"].to_pylist() == tb["item_ids"].to_pylist()
+
+
+def test_small_training_examples_are_materialized_once_large_ones_stream(nightly):
+    from ray.data.dataset import MaterializedDataset
+
+    from recsys_core.config import replace
+    from recsys_core.data import PreparedPaths, storage_count
+    from recsys_core.train import examples_dataset
+
+    cfg, out = nightly
+    uri = PreparedPaths(out["prepare"]["prepared"]).train_examples
+    held = examples_dataset(uri, cfg.train)
+    streamed = examples_dataset(uri, replace(cfg, **{"train.materialize_mib": 0}).train)
+    assert isinstance(held, MaterializedDataset) and not isinstance(streamed, MaterializedDataset)
+    assert held.count() == streamed.count() == storage_count(uri) > 0
+
+
 def test_evaluation_outputs(nightly):
     cfg, out = nightly
     ev = out["evaluate"]["eval_dir"]
