@@ -82,7 +82,7 @@ def setup(root: Path, n_items: int, sizes: list[int]) -> None:
         (folder / "_DONE").write_text("ok\n")
 
 
-def scale_run(root: Path, n_users: int, block_mib: int) -> dict[str, Any]:
+def scale_run(root: Path, n_users: int, block_mib: float) -> dict[str, Any]:
     """One size, in this (fresh) process: Ray start, embed items, score users, publish; peak RSS sampled.
 
     ``block_mib``: ``score_users``' cap on a users block (0: uncapped, Ray's 128 MiB default, which
@@ -171,7 +171,7 @@ def main() -> None:
                    help="skip the comparison run of the largest size with uncapped (one) users blocks")
     p.add_argument("--root", default=None, help="data folder (default: a temporary one, removed at the end)")
     p.add_argument("--scale-run", type=int, default=None, help=argparse.SUPPRESS)  # child mode: one size
-    p.add_argument("--block-mib", type=int, default=0, help=argparse.SUPPRESS)  # child mode: block size
+    p.add_argument("--block-mib", type=float, default=0.0, help=argparse.SUPPRESS)  # child mode: block size
     p.add_argument("--json", default=None)
     a = p.parse_args()
     if a.scale_run is not None:
@@ -191,11 +191,11 @@ def main() -> None:
                                            ["--root", str(root), "--scale-run", str(n), "--block-mib", str(mib)],
                                            root / f"scale_{n}_{mib}.json", timeout_s=1800))
             runs[-1]["block_mib"] = mib
-            print(f"{n:,} users ({f'{mib} MiB blocks' if mib else 'uncapped: one block'}): {runs[-1]['users_per_s']:,.0f} users/s end to "
+            print(f"{n:,} users ({f'{mib:g} MiB blocks' if mib else 'uncapped blocks'}): {runs[-1]['users_per_s']:,.0f} users/s end to "
                   f"end, driver+workers peak RSS {runs[-1]['rss']['driver_plus_workers_mib']:,.0f} MiB", flush=True)
         nv = naive(root, a.naive_users, 200, a.sizes[-1])
     shipped = runs[: len(a.sizes)]
-    label = {id(r): f"{r['users']:,}" + ("" if r["block_mib"] else " (uncapped: one block)")
+    label = {id(r): f"{r['users']:,}" + ("" if r["block_mib"] else " (uncapped blocks)")
              for r in runs}
     print(benchlib.table(
         f"Batch inference end to end (embed {a.items:,} items + user tower + exact top-{K} with seen masking + "

@@ -31,7 +31,7 @@ class StorageConfig:
 class RayConfig:
     address: str | None = None  # None: $RAY_ADDRESS if set (ray job submit), else a local cluster
     num_cpus: int | None = None  # only for a local cluster
-    shuffle_parallelism: int = 4  # Ray Data hash-shuffle partitions (default 200 is slow on small data)
+    shuffle_parallelism: int = 4  # hash-shuffle partitions (shuffle_v2 / hash_shuffle strategies only)
     # Ray Data's shuffle for the prepare stage's group-by (ray.data.context.ShuffleStrategy). Ray 2.60's
     # default, "shuffle_v2", starts aggregator actors per shuffle (10 s of the ML-100k prepare on 2 busy
     # cores vs 3 s sort-based); set "shuffle_v2" for logs too large for a sort-based shuffle.
@@ -121,8 +121,9 @@ class TrainConfig:
     val_users: int = 2000  # users sampled for per-epoch validation
     seed: int = 0
     max_failures: int = 0  # Ray Train FailureConfig
-    # Training examples at most this size on disk (parquet MiB) are read once into Ray's object store and
-    # every epoch iterates that copy; larger ones stream from storage each epoch. 0: always stream.
+    # Training examples of at most this many MiB (uncompressed, from the parquet footers) are read once
+    # into Ray's object store and every epoch iterates that copy; larger ones stream from storage each
+    # epoch. 0: always stream.
     materialize_mib: int = 256
 
 

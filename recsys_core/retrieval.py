@@ -90,8 +90,7 @@ def topk_excluding(user_vecs: torch.Tensor, item_table: torch.Tensor, seen: Sequ
     n_users, n_items = user_vecs.size(0), item_table.size(0)
     if n_users == 0:
         return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
-    users = user_vecs.float()
-    items_t = item_table.float().T.contiguous()  # (D, N): GEMM with row-major items is ~8% faster on CPU
+    users, items = user_vecs.float(), item_table.float()
     rows, width = tile_shape(n_users, n_items, chunk, tile_items, tile_bytes)
     buf = torch.empty(rows * width, device=users.device)  # reused by every tile
     idx_parts, val_parts = [], []
@@ -103,7 +102,7 @@ def topk_excluding(user_vecs: torch.Tensor, item_table: torch.Tensor, seen: Sequ
         for t0 in range(0, n_items, width):
             w = min(width, n_items - t0)
             tile = buf[: r * w].view(r, w)
-            torch.mm(u, items_t[:, t0:t0 + w], out=tile)  # (r, w)
+            torch.mm(u, items[t0:t0 + w].T, out=tile)  # (r, w)
             inside = (scol >= t0) & (scol < t0 + w)
             tile[srow[inside], scol[inside] - t0] = float("-inf")
             v, i = select_topk(tile, k)

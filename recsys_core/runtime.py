@@ -47,9 +47,9 @@ def init_ray(cfg: RayConfig) -> None:
     import ray
     import ray.data
 
+    ray.data.DataContext.get_current().use_datasource_v2 = cfg.parquet_datasource_v2
     if ray.is_initialized():
         return
-    ray.data.DataContext.get_current().use_datasource_v2 = cfg.parquet_datasource_v2
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:  # the job's runtime_env (cluster/runtime_env.yaml) sets the workers' environment
         ray.init(address=address, log_to_driver=True)

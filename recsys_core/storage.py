@@ -203,13 +203,15 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
     return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
 
 
-def total_bytes(uri: str, suffix: str = "") -> int:
-    """Summed size of the files below ``uri`` whose names end with ``suffix`` (0 when there are none)."""
-    fs, path = filesystem(uri)
-    if not exists(uri):
-        return 0
-    infos = _retry(uri, "list", lambda: fs.get_file_info(pafs.FileSelector(path, recursive=True)))
-    return sum(i.size or 0 for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+def parquet_bytes(uri: str) -> int:
+    """Uncompressed size of the parquet data below ``uri`` (from the files' footers): what reading it
+    into memory takes, roughly. 0 when there are no parquet files."""
+    total = 0
+    for f in list_files(uri, ".parquet"):
+        fs, path = filesystem(f)
+        meta = _retry(f, "parquet_bytes", lambda: pq.ParquetFile(path, filesystem=fs).metadata)
+        total += sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    return total
 
 
 def delete(uri: str) -> None:

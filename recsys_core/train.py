@@ -338,16 +338,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def examples_dataset(uri: str, tc: TrainConfig) -> ray.data.Dataset:
-    """The training examples as Ray Data, block order shuffled. At most ``tc.materialize_mib`` MiB of
-    parquet are read once into the object store (not the driver's heap), so every epoch iterates that
+    """The training examples as Ray Data, block order shuffled. At most ``tc.materialize_mib`` MiB
+    (uncompressed) are read once into the object store (not the driver's heap), so every epoch iterates that
     copy instead of re-reading storage (seconds before each epoch's first batch on a small dataset);
     larger ones stream from storage every epoch."""
     path, fs = storage.ray_location(uri)
     ds = ray.data.read_parquet(path, filesystem=fs).randomize_block_order(seed=tc.seed)
-    size_mib = storage.total_bytes(uri, ".parquet") / 2**20
+    size_mib = storage.parquet_bytes(uri) / 2**20  # uncompressed: what the object store would hold
     if size_mib > tc.materialize_mib:
         return ds
-    log.info("training examples (%.1f MiB parquet) held in the object store for all epochs", size_mib)
+    log.info("training examples (%.1f MiB) held in the object store for all epochs", size_mib)
     return ds.materialize()
 
 
