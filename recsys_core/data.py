@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import ray
 
 from recsys_core import storage
-from recsys_core.config import NightlyConfig
+from recsys_core.config import NightlyConfig, TrainConfig
 from recsys_core.sources import SourceData
 from recsys_core.text import load_tokenizer, render_texts, tokenize_texts
 
@@ -339,10 +339,19 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
 
 
 def storage_count(uri: str) -> int:
-    import pyarrow.parquet as pq
+    """Rows of the parquet files below ``uri`` (from their footers)."""
+    return storage.parquet_totals(uri)[0]
 
-    total = 0
-    for f in storage.list_files(uri, ".parquet"):
-        fs, path = storage.filesystem(f)
-        total += pq.ParquetFile(path, filesystem=fs).metadata.num_rows
-    return total
+
+def examples_dataset(uri: str, tc: TrainConfig) -> tuple[ray.data.Dataset, int]:
+    """The training examples as Ray Data (block order shuffled) and their count. At most
+    ``tc.materialize_mib`` MiB (uncompressed) are read once into the object store (not the driver's heap),
+    so every epoch iterates that copy instead of re-reading storage (seconds before each epoch's first
+    batch on a small dataset); larger ones stream from storage every epoch."""
+    path, fs = storage.ray_location(uri)
+    ds = ray.data.read_parquet(path, filesystem=fs).randomize_block_order(seed=tc.seed)
+    rows, size = storage.parquet_totals(uri)
+    if size / 2**20 > tc.materialize_mib:
+        return ds, rows
+    log.info("training examples (%d rows, %.1f MiB) held in the object store for all epochs", rows, size / 2**20)
+    return ds.materialize(), rows

@@ -203,15 +203,16 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
     return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
 
 
-def parquet_bytes(uri: str) -> int:
-    """Uncompressed size of the parquet data below ``uri`` (from the files' footers): what reading it
-    into memory takes, roughly. 0 when there are no parquet files."""
-    total = 0
+def parquet_totals(uri: str) -> tuple[int, int]:
+    """(rows, uncompressed bytes) of the parquet files below ``uri``, from their footers; the bytes are
+    roughly what reading them into memory takes. (0, 0) when there are none."""
+    rows = size = 0
     for f in list_files(uri, ".parquet"):
         fs, path = filesystem(f)
-        meta = _retry(f, "parquet_bytes", lambda: pq.ParquetFile(path, filesystem=fs).metadata)
-        total += sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
-    return total
+        meta = _retry(f, "parquet footer", lambda: pq.ParquetFile(path, filesystem=fs).metadata)
+        rows += meta.num_rows
+        size += sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    return rows, size
 
 
 def delete(uri: str) -> None:

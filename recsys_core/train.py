@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from recsys_core import storage
-from recsys_core.config import NightlyConfig, TrainConfig, from_dict
+from recsys_core.config import NightlyConfig, from_dict
 from recsys_core.data import PreparedPaths
 from recsys_core.guard import (GuardTerms, apply_lora, corpus_ids, guard_report, guard_terms, needs_replay,
                                read_corpus, replay_len, replay_windows)
@@ -337,20 +337,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- driver side
 
 
-def examples_dataset(uri: str, tc: TrainConfig) -> ray.data.Dataset:
-    """The training examples as Ray Data, block order shuffled. At most ``tc.materialize_mib`` MiB
-    (uncompressed) are read once into the object store (not the driver's heap), so every epoch iterates that
-    copy instead of re-reading storage (seconds before each epoch's first batch on a small dataset);
-    larger ones stream from storage every epoch."""
-    path, fs = storage.ray_location(uri)
-    ds = ray.data.read_parquet(path, filesystem=fs).randomize_block_order(seed=tc.seed)
-    size_mib = storage.parquet_bytes(uri) / 2**20  # uncompressed: what the object store would hold
-    if size_mib > tc.materialize_mib:
-        return ds
-    log.info("training examples (%.1f MiB) held in the object store for all epochs", size_mib)
-    return ds.materialize()
-
-
 def run_train(cfg: NightlyConfig, prepared: PreparedPaths, run_dir: str, init_from: str | None = None,
               fresh: bool = False) -> dict[str, Any]:
     """Fit with Ray Train; returns the best checkpoint's URI, its metrics, the per-epoch history and the
@@ -358,10 +344,9 @@ def run_train(cfg: NightlyConfig, prepared: PreparedPaths, run_dir: str, init_fr
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from recsys_core.data import storage_count
+    from recsys_core.data import examples_dataset
 
-    train_ds = examples_dataset(prepared.train_examples, cfg.train)
-    n_examples = storage_count(prepared.train_examples)
+    train_ds, n_examples = examples_dataset(prepared.train_examples, cfg.train)
     replay_ids = None
     if needs_replay(cfg.guard):
         from recsys_core.text import load_tokenizer

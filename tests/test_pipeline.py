@@ -79,15 +79,14 @@ def test_small_training_examples_are_materialized_once_large_ones_stream(nightly
     from ray.data.dataset import MaterializedDataset
 
     from recsys_core.config import replace
-    from recsys_core.data import PreparedPaths, storage_count
-    from recsys_core.train import examples_dataset
+    from recsys_core.data import PreparedPaths, examples_dataset
 
     cfg, out = nightly
     uri = PreparedPaths(out["prepare"]["prepared"]).train_examples
-    held = examples_dataset(uri, cfg.train)
-    streamed = examples_dataset(uri, replace(cfg, **{"train.materialize_mib": 0}).train)
+    held, n_held = examples_dataset(uri, cfg.train)
+    streamed, n_streamed = examples_dataset(uri, replace(cfg, **{"train.materialize_mib": 0}).train)
     assert isinstance(held, MaterializedDataset) and not isinstance(streamed, MaterializedDataset)
-    assert held.count() == streamed.count() == storage_count(uri) > 0
+    assert held.count() == streamed.count() == n_held == n_streamed == out["prepare"]["stats"]["train_examples"] > 0
 
 
 def test_evaluation_outputs(nightly):

@@ -38,10 +38,10 @@ def test_storage_roundtrip_on_s3_and_local(moto_s3, tmp_path):
         assert storage.read_json(storage.join(root, "c", "x.json")) == {"k": 1}
         big = storage.join(root, "big", "t.parquet")  # 80,000 bytes of int64s that compress to almost nothing
         storage.write_table(pa.table({"v": pa.array(range(10_000), pa.int64())}), big)
-        n = storage.parquet_bytes(storage.join(root, "big"))
-        assert 80_000 <= n < 200_000  # the values, plus a dictionary page
+        rows, n = storage.parquet_totals(storage.join(root, "big"))
+        assert rows == 10_000 and 80_000 <= n < 200_000  # the values, plus a dictionary page
         assert len(storage.read_bytes(big)) < n / 2  # the file on disk is zstd-compressed
-        assert storage.parquet_bytes(storage.join(root, "missing")) == 0
+        assert storage.parquet_totals(storage.join(root, "missing")) == (0, 0)
         storage.delete(storage.join(root, "a"))
         assert not storage.exists(storage.join(root, "a", "x.json"))
     with pytest.raises(ValueError, match="refusing"):
