@@ -32,12 +32,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+import benchlib
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 import torch
 
-import benchlib
+from recsys_core.config import InferConfig, ModelConfig, RayConfig, TowerConfig
+from recsys_core.model.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
+from recsys_core.model.towers import build_two_tower
+from recsys_core.runtime import init_ray
+from recsys_core.serve.infer import embed_items, score_users
+from recsys_core.serve.publish import publish
 
 K = 10
 SEQ = 10
@@ -45,7 +52,6 @@ USERS_PER_FILE = 100_000
 
 
 def model_config() -> Any:
-    from recsys_core.config import ModelConfig, TowerConfig
 
     return ModelConfig(item_tower=TowerConfig("tiny", dropout=0.0), user_tower=TowerConfig("tiny", dropout=0.0),
                        embed_dim=32, max_text_tokens=16, max_seq_len=SEQ)
@@ -53,7 +59,6 @@ def model_config() -> Any:
 
 def setup(root: Path, n_items: int, sizes: list[int]) -> None:
     """Model checkpoint, item catalog and one users dataset per size (skipped when already there)."""
-    from recsys_core.model import ModelSpec, build_two_tower, save_checkpoint
 
     rng = np.random.default_rng(0)
     if not (root / "model" / "_COMPLETE").exists():
@@ -87,11 +92,7 @@ def scale_run(root: Path, n_users: int, block_mib: float) -> dict[str, Any]:
 
     ``block_mib``: ``score_users``' cap on a users block (0: uncapped, Ray's 128 MiB default, which
     makes the small users file one block)."""
-    import ray
 
-    from recsys_core.config import InferConfig, RayConfig
-    from recsys_core.infer import embed_items, publish, score_users
-    from recsys_core.runtime import init_ray
 
     icfg = InferConfig()
     items = pq.read_table(root / "items.parquet", columns=["item_id"])["item_id"].combine_chunks()
@@ -120,7 +121,6 @@ def scale_run(root: Path, n_users: int, block_mib: float) -> dict[str, Any]:
 
 def naive(root: Path, n_users: int, n_item_sample: int, total_users: int) -> dict[str, Any]:
     """Python loops over users and items on a subset; seconds per user, item embedding amortised."""
-    from recsys_core.model import load_checkpoint
 
     torch.set_num_threads(1)
     model, _ = load_checkpoint(str(root / "model"))
@@ -178,7 +178,6 @@ def main() -> None:
         benchlib.write_json(a.json, scale_run(Path(a.root), a.scale_run, a.block_mib))
         return
     t0, load0 = time.time(), benchlib.load()
-    from recsys_core.config import InferConfig
 
     cap = InferConfig().block_mib
     plan = [(n, cap) for n in a.sizes] + ([] if a.no_uncapped else [(a.sizes[-1], 0)])

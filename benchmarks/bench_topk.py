@@ -17,12 +17,12 @@ import argparse
 import time
 from typing import Any
 
+import benchlib
 import numpy as np
 import torch
 
-import benchlib
-from recsys_core.ann import AnnIndex, AnnSpec, drop_seen, recall_at_k
-from recsys_core.retrieval import topk_excluding
+from recsys_core.serve.ann import AnnIndex, AnnSpec, drop_seen, recall_at_k
+from recsys_core.serve.retrieval import topk_excluding
 
 DIM, K, SEEN = 64, 50, 30
 

@@ -26,10 +26,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+import benchlib
 import numpy as np
+import ray
 import torch
 
-import benchlib
+from recsys_core import storage
+from recsys_core.config import load_config, replace
+from recsys_core.data.split import load_split
+from recsys_core.eval.holdout import evaluate_histories
+from recsys_core.model.towers import text_table
+from recsys_core.pipeline import Run, run_job
+from recsys_core.runtime import setup_logging
+from recsys_core.train.loop import initial_model, lr_lambda, param_groups, train_step
+from recsys_core.train.objective import ItemTensors, Objective, collate
+from recsys_core.train.trainer import run_train
 
 RUN_DATE = "2026-11-27"
 
@@ -48,7 +59,6 @@ def throughput(history: list[dict[str, Any]], workers: int, skip: int = 1) -> di
 
 def positions_per_example(prepared: Any, max_len: int) -> float:
     """Mean real (non-pad) history positions per training example: tokens of the user tower."""
-    from recsys_core import storage
 
     t = storage.read_table(prepared.train_examples, columns=["input"])
     lens = np.fromiter((min(len(x), max_len) for x in t["input"].to_pylist()), dtype=np.int64)
@@ -61,9 +71,6 @@ def plain_loop(cfg: Any, prepared: Any, epochs: int, threads: int, device: str =
 
     On ``cuda``: bf16 autocast and fused AdamW, as the worker loop does on a GPU. ``max_steps`` /
     ``max_step_s`` end an epoch's step loop early (after at least 3 steps)."""
-    from recsys_core import storage
-    from recsys_core.train import (ItemTensors, Objective, collate, evaluate_histories, initial_model, load_split,
-                                   lr_lambda, param_groups, text_table, train_step)
 
     tc = cfg.train
     torch.set_num_threads(threads)
@@ -90,7 +97,7 @@ def plain_loop(cfg: Any, prepared: Any, epochs: int, threads: int, device: str =
     history = []
     for epoch in range(epochs):
         t0 = time.time()
-        cache = text_table(model, items)
+        cache = text_table(model, items.tokens, items.mask)
         t_cache = time.time() - t0
         perm = rng.permutation(n)
         losses, samples, data_s = [], 0, 0.0
@@ -109,7 +116,7 @@ def plain_loop(cfg: Any, prepared: Any, epochs: int, threads: int, device: str =
                 break
         step_s = time.time() - t_steps
         tv = time.time()
-        vm = evaluate_histories(model, items, val[0], val[1], cfg.model.max_seq_len)
+        vm = evaluate_histories(model, items.tokens, items.mask, val[0], val[1], cfg.model.max_seq_len)
         val_s = time.time() - tv
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_ndcg10": vm["ndcg@10"],
                         "step_s": step_s, "steps": len(losses), "samples_per_worker": samples,
@@ -121,10 +128,7 @@ def ray_data_iteration(cfg: Any, prepared: Any, epochs: int, materialize: bool =
     """Iterate the training dataset as a 1-worker Ray Train shard does (streaming split, local
     shuffle, same batch size) and collate, with no training: the data path's cost per batch, and
     the wait for each epoch's first batch. ``materialize``: blocks read once, kept in the object store."""
-    import ray
 
-    from recsys_core import storage
-    from recsys_core.train import collate
 
     tc = cfg.train
     path, fs = storage.ray_location(prepared.train_examples)
@@ -152,12 +156,7 @@ def measure(epochs: int, root: str, config: str, nightly: bool) -> dict[str, Any
     """Run everything; returns the raw measurements (histories, timings) that :func:`report` prints.
 
     ``nightly``: the whole nightly job (every stage) instead of its prepare and train jobs."""
-    import ray
 
-    from recsys_core.config import load_config, replace
-    from recsys_core.pipeline import Run, run_job
-    from recsys_core.runtime import setup_logging
-    from recsys_core.train import run_train
 
     cfg = load_config(config, [f"storage.root={root}", f"train.epochs={epochs}", f"train.patience={epochs}"])
     setup_logging()

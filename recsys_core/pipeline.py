@@ -17,6 +17,7 @@ Storage layout under ``storage.root``::
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -26,10 +27,22 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
-from recsys_core import registry, storage
+from recsys_core import storage
 from recsys_core.config import NightlyConfig, replace
-from recsys_core.data import PreparedPaths, run_prepare
+from recsys_core.data.prepare import PreparedPaths, catalog_ids, run_prepare
+from recsys_core.data.sources import resolve_source
+from recsys_core.eval.baselines import baseline_per_user
+from recsys_core.eval.holdout import cold_start_metrics, evaluate_model
+from recsys_core.eval.metrics import summarize_values
+from recsys_core.model.checkpoint import CONFIG, copy_model_folder
+from recsys_core.ops import gate, registry, report
+from recsys_core.ops.explain import describe_users
+from recsys_core.ops.gate import ON_REJECT
+from recsys_core.ops.report import plot_learning_curve, point_metrics
 from recsys_core.runtime import init_ray, stage_context
+from recsys_core.serve.infer import embed_items, score_users
+from recsys_core.serve.publish import publish
+from recsys_core.train.trainer import run_train
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +105,8 @@ class Run:
 DEPENDS: dict[str, tuple[str, ...]] = {"prepare": (), "train": ("prepare",), "evaluate": ("train",),
                                        "promote": ("evaluate",), "infer": ("promote",), "report": ("infer",),
                                        "explain": ("infer",)}
+
+
 JOB_OF = {"prepare": "prepare", "train": "train", "evaluate": "infer", "promote": "infer", "infer": "infer",
           "report": "infer", "explain": "explain"}
 
@@ -114,11 +129,7 @@ def _stage(name: str, fn: Callable[[Run], dict[str, Any]], run: Run) -> dict[str
         return out
 
 
-# ----------------------------------------------------------------------------- stages
-
-
 def prepare_stage(run: Run) -> dict[str, Any]:
-    from recsys_core.sources import resolve_source
 
     src = resolve_source(run.cfg.data, run.root)
     stats = run_prepare(run.cfg, src, run.prepared)
@@ -126,9 +137,6 @@ def prepare_stage(run: Run) -> dict[str, Any]:
 
 
 def train_stage(run: Run) -> dict[str, Any]:
-    from recsys_core.infer import catalog_ids
-    from recsys_core.model import copy_model_folder
-    from recsys_core.train import run_train
 
     stats = run.require("prepare")["stats"]
     for stale in registry.incomplete_versions(run.root, run.run_date):
@@ -178,8 +186,6 @@ def _warm_start(run: Run, ids: pa.Array, today_hash: str, config: dict[str, Any]
 
 
 def evaluate_stage(run: Run) -> dict[str, Any]:
-    from recsys_core.evaluate import baseline_per_user, cold_start_metrics, evaluate_model, plot_learning_curve
-    from recsys_core.metrics import summarize_values
 
     cfg, trained = run.cfg, run.require("train")
     items = storage.read_table(run.prepared.items, columns=["item_id", "train_count"])
@@ -220,7 +226,7 @@ def promote_stage(run: Run) -> dict[str, Any]:
         else:
             note = f"production model {base} cannot score today's data: {why}"
             log.warning("%s; the gate compares against nothing", note)
-    decision = registry.gate_decision(evaluated["metrics"]["model"]["ndcg@10"],
+    decision = gate.gate_decision(evaluated["metrics"]["model"]["ndcg@10"],
                                       prod_eval["metrics"]["ndcg@10"] if prod_eval else None,
                                       cfg.registry.ndcg_tolerance, trained.get("guard"), note)
     new_source = {"model_version": new, "model_dir": trained["model_dir"], "role": "new",
@@ -245,11 +251,7 @@ def promote_stage(run: Run) -> dict[str, Any]:
 
 def _evaluate_production(run: Run, version: str) -> dict[str, Any]:
     """The production model (re-indexed when the catalog changed) through the same holdout evaluation."""
-    import json
 
-    from recsys_core.evaluate import evaluate_model
-    from recsys_core.infer import catalog_ids
-    from recsys_core.model import CONFIG
 
     cfg = run.cfg
     ids = catalog_ids(run.prepared.items)
@@ -267,24 +269,6 @@ def _evaluate_production(run: Run, version: str) -> dict[str, Any]:
             "max_seq_len": max_seq_len, "metrics": summary, "guard": prod_metrics.get("guard"), "note": note}
 
 
-def _publish_production(prod_eval: dict[str, Any] | None, base: str | None) -> tuple[dict[str, Any] | None, str]:
-    if prod_eval is not None:
-        return prod_eval, f"recommendations from the production model {prod_eval['model_version']}"
-    if base is not None:
-        return None, f"nothing published: the production model {base} cannot score today's data"
-    return None, "nothing published: there is no production model to fall back to"
-
-
-def _publish_nothing(prod_eval: dict[str, Any] | None, base: str | None) -> tuple[dict[str, Any] | None, str]:
-    return None, "nothing published (registry.on_reject=none)"
-
-
-ON_REJECT: dict[str, Callable[[dict[str, Any] | None, str | None], tuple[dict[str, Any] | None, str]]] = {
-    "production": _publish_production,
-    "none": _publish_nothing,
-}
-
-
 def _on_reject(value: str) -> str:
     if value not in ON_REJECT:
         raise ValueError(f"registry.on_reject: {value!r} unknown; choose from {sorted(ON_REJECT)}")
@@ -292,7 +276,6 @@ def _on_reject(value: str) -> str:
 
 
 def infer_stage(run: Run) -> dict[str, Any]:
-    from recsys_core.infer import catalog_ids, embed_items, publish, score_users
 
     cfg, prepared, promoted = run.cfg, run.require("prepare"), run.require("promote")
     evaluated = run.require("evaluate")
@@ -322,7 +305,6 @@ def infer_stage(run: Run) -> dict[str, Any]:
 def manifest_metrics(src: dict[str, Any], baselines: dict[str, dict[str, float]],
                      promoted: dict[str, Any]) -> dict[str, Any]:
     """Headline numbers of the model whose recommendations are published (all on today's holdout)."""
-    from recsys_core.report import point_metrics
 
     guard = src.get("guard") or {}
     return {"holdout": point_metrics(src["metrics"]), "baselines": {b: point_metrics(m) for b, m in baselines.items()},
@@ -335,7 +317,6 @@ def manifest_metrics(src: dict[str, Any], baselines: dict[str, dict[str, float]]
 
 def explain_stage(run: Run) -> dict[str, Any]:
     """One-line taste descriptions from the published model's protected LM, beside the recommendations."""
-    from recsys_core.explain import describe_users
 
     published = run.require("infer")
     if not published.get("published") or run.cfg.explain.n_users <= 0:
@@ -351,7 +332,6 @@ def explain_stage(run: Run) -> dict[str, Any]:
 
 
 def report_stage(run: Run) -> dict[str, Any]:
-    from recsys_core import report
 
     records = {s: run.require(s) for s in ("prepare", "train", "evaluate", "promote", "infer")}
     history = report.upsert_history(run.root, report.history_row(run.run_date, records))

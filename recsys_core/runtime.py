@@ -7,6 +7,9 @@ import logging
 import os
 from typing import Iterator
 
+import ray
+import ray.data
+
 from recsys_core.config import RayConfig
 
 _run = contextvars.ContextVar("run", default="-")
@@ -44,9 +47,6 @@ def stage_context(run_date: str, stage: str) -> Iterator[None]:
 
 def init_ray(cfg: RayConfig) -> None:
     """Attach to the cluster in ``ray.address`` / ``$RAY_ADDRESS`` (ray job submit), else start a local one."""
-    import ray
-    import ray.data
-
     ray.data.DataContext.get_current().use_datasource_v2 = cfg.parquet_datasource_v2
     if ray.is_initialized():
         return

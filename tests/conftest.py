@@ -12,6 +12,10 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+import ray
+
+from recsys_core.config import RayConfig, load_config
+from recsys_core.runtime import init_ray
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -61,10 +65,7 @@ def ray_local(moto_s3: str) -> Iterator[None]:
 
     Module scope: no in-process cluster is left running beside the `ray start --head` cluster of
     tests/test_job_submit.py (the two confuse the job agent lookup)."""
-    import ray
 
-    from recsys_core.config import RayConfig
-    from recsys_core.runtime import init_ray
 
     tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     os.environ["RAY_TMPDIR"] = tmp
@@ -78,6 +79,5 @@ def ray_local(moto_s3: str) -> Iterator[None]:
 @pytest.fixture
 def synthetic_cfg(tmp_path: Path):
     """The shipped synthetic config, writing under this test's tmp folder."""
-    from recsys_core.config import load_config
 
     return load_config(REPO / "jobs" / "configs" / "synthetic.yaml", [f"storage.root={tmp_path / 'store'}"])

@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from recsys_core.ann import AnnIndex, AnnSpec, default_nlist, drop_seen, recall_at_k
-from recsys_core.retrieval import topk_excluding
+from recsys_core.serve.ann import (
+    AnnIndex,
+    AnnSpec,
+    default_nlist,
+    drop_seen,
+    recall_at_k,
+)
+from recsys_core.serve.retrieval import topk_excluding
 
 pytest.importorskip("faiss")
 

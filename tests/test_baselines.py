@@ -5,8 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from recsys_core import baselines
-from recsys_core.baselines import itemknn_score_chunks, popularity_scores
+from recsys_core import storage
+from recsys_core.eval import baselines
+from recsys_core.eval.baselines import itemknn_score_chunks, popularity_scores
 
 
 def itemknn_scores(train_users, train_items, n_users, n_items, query_histories, **kw) -> np.ndarray:
@@ -133,15 +134,14 @@ def test_baselines_rank_the_same_in_small_score_blocks(tmp_path, monkeypatch, na
     """The evaluate stage scores baselines a block of users at a time; block size changes nothing."""
     import pyarrow as pa
 
-    from recsys_core import evaluate, storage
 
     rng = np.random.default_rng(1)
     seqs = [rng.choice(40, size=int(rng.integers(3, 12)), replace=False).tolist() for _ in range(25)]
     uri = str(tmp_path / "users.parquet")
     storage.write_table(pa.table({"items": seqs}), uri)
-    whole, target = evaluate.baseline_per_user(uri, 40, (name,), (5, 10), 20)
-    monkeypatch.setattr(evaluate, "BLOCK_USERS", 4)  # 7 blocks, the last one ragged
-    blocked, target2 = evaluate.baseline_per_user(uri, 40, (name,), (5, 10), 20)
+    whole, target = baselines.baseline_per_user(uri, 40, (name,), (5, 10), 20)
+    monkeypatch.setattr(baselines, "BLOCK_USERS", 4)  # 7 blocks, the last one ragged
+    blocked, target2 = baselines.baseline_per_user(uri, 40, (name,), (5, 10), 20)
     np.testing.assert_array_equal(target, [s[-1] for s in seqs])
     np.testing.assert_array_equal(target, target2)
     for m, v in whole[name].items():

@@ -8,7 +8,7 @@ import pytest
 import jobs.nightly
 from recsys_core import storage
 from recsys_core.config import SyntheticConfig, load_config
-from recsys_core.sources import synthetic_tables
+from recsys_core.data.sources import synthetic_tables
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration

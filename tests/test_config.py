@@ -7,7 +7,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from recsys_core.config import ConfigError, NightlyConfig, RayConfig, load_config, parse_run_date, replace
+from recsys_core.config import (
+    ConfigError,
+    NightlyConfig,
+    RayConfig,
+    load_config,
+    parse_run_date,
+    replace,
+)
+from recsys_core.data.prepare import shuffle_strategy
+from recsys_core.model.losses import LOSSES
+from recsys_core.model.towers import SIZES
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "jobs" / "configs").glob("*.yaml"))
 SYNTHETIC = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "synthetic.yaml"
@@ -29,8 +39,6 @@ def test_job_config_parses_and_starts_with_its_command(path):
 @pytest.mark.unit
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_job_config_names_a_known_model_size_and_loss(path):
-    from recsys_core.losses import LOSSES
-    from recsys_core.model import SIZES
 
     cfg = load_config(path)
     assert cfg.model.item_tower.size in SIZES and cfg.model.user_tower.size in SIZES
@@ -146,7 +154,6 @@ def test_replace_unknown_key_raises():
 
 @pytest.mark.unit
 def test_shuffle_strategy_names_the_setting_and_its_choices():
-    from recsys_core.data import shuffle_strategy
 
     assert shuffle_strategy(RayConfig().shuffle_strategy).value == "sort_shuffle_pull_based"
     with pytest.raises(ValueError, match=r"ray.shuffle_strategy='bogus' unknown; choose one of \[.*hash_shuffle"):

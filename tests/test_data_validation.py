@@ -9,8 +9,8 @@ import pytest
 
 from recsys_core import storage
 from recsys_core.config import load_config
-from recsys_core.data import DataValidationError, PreparedPaths, run_prepare
-from recsys_core.sources import SourceData
+from recsys_core.data.prepare import DataValidationError, PreparedPaths, run_prepare
+from recsys_core.data.sources import SourceData
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration

@@ -9,8 +9,15 @@ import torch
 
 from recsys_core import storage
 from recsys_core.config import ExplainConfig, ModelConfig, TowerConfig
-from recsys_core.explain import build_prompt, describe_users, first_sentence, sample_users
-from recsys_core.model import ModelSpec, build_two_tower, save_checkpoint
+from recsys_core.data.text import load_tokenizer, tokenize_texts
+from recsys_core.model.checkpoint import ModelSpec, save_checkpoint
+from recsys_core.model.towers import build_two_tower
+from recsys_core.ops.explain import (
+    build_prompt,
+    describe_users,
+    first_sentence,
+    sample_users,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -38,7 +45,6 @@ def test_sample_users_is_sorted_reproducible_and_capped():
 
 
 def test_describe_users_generates_from_a_checkpoint(tmp_path):
-    from recsys_core.text import load_tokenizer, tokenize_texts
 
     cfg = ModelConfig(item_tower=TowerConfig(size="tiny", dropout=0.0), user_tower=TowerConfig(size="tiny", dropout=0.0),
                       embed_dim=16, max_seq_len=8, max_text_tokens=16)

@@ -27,13 +27,15 @@ import ray
 
 import jobs.prepare
 import jobs.train
-from recsys_core.baselines import popularity_scores
 from recsys_core.config import load_config
-from recsys_core.infer import MANIFEST, publish, read_recommendations
-from recsys_core.metrics import per_user_metrics
-from recsys_core.model import load_checkpoint
-from recsys_core.retrieval import topk_from_scores
-from recsys_core.train import ItemTensors, evaluate_histories, load_split
+from recsys_core.data.split import load_split
+from recsys_core.eval.baselines import popularity_scores
+from recsys_core.eval.holdout import evaluate_histories
+from recsys_core.eval.metrics import per_user_metrics
+from recsys_core.model.checkpoint import load_checkpoint
+from recsys_core.serve.publish import MANIFEST, publish, read_recommendations
+from recsys_core.serve.retrieval import topk_from_scores
+from recsys_core.train.objective import ItemTensors
 from tests.conftest import BASE_ENV, REPO
 
 pytestmark = pytest.mark.integration
@@ -157,7 +159,7 @@ def test_train_worker_killed_mid_run_resumes_from_checkpoint(killed_train):
     prepared = killed_train.root / "runs" / f"run_date={DATE}" / "prepared"
     items = ItemTensors.load(str(prepared / "items.parquet"))
     hist, target, _ = load_split(str(prepared / "users"), "test")
-    ours = evaluate_histories(model, items, hist, target, cfg.model.max_seq_len)
+    ours = evaluate_histories(model, items.tokens, items.mask, hist, target, cfg.model.max_seq_len)
     pop = popularity_scores(np.concatenate(hist), items.tokens.size(0))
     ranked = topk_from_scores(np.tile(pop, (len(hist), 1)), hist, 10)
     pop_recall = float(per_user_metrics(ranked, target, (10,))["recall@10"].mean())

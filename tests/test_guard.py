@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from recsys_core.guard import kl_to_reference, lm_loss, perplexity, ppl_gate
+from recsys_core.train.guard import kl_to_reference, lm_loss, perplexity, ppl_gate
 
 pytestmark = pytest.mark.unit
 

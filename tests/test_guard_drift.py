@@ -16,7 +16,9 @@ import jobs.prepare
 import jobs.train
 from recsys_core import storage
 from recsys_core.config import load_config, replace
-from recsys_core.guard import BUILTIN
+from recsys_core.data.text import load_tokenizer
+from recsys_core.model.checkpoint import load_checkpoint
+from recsys_core.train.guard import BUILTIN, corpus_ids, read_corpus
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
@@ -27,8 +29,6 @@ def pretrain_tiny_lm(folder: Path, steps: int = 50, seed: int = 0) -> str:
     """A 2-layer GPT-2 LM trained briefly on the replay corpus, saved with save_pretrained (safetensors)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from recsys_core.guard import corpus_ids, read_corpus
-    from recsys_core.text import load_tokenizer
 
     torch.manual_seed(seed)
     ids = torch.tensor(corpus_ids(read_corpus("builtin", "replay"), load_tokenizer("gpt2-offline")))
@@ -86,7 +86,6 @@ def test_guarded_training_still_recommends_and_logs_its_terms(runs):
     assert guarded["best"]["val_ndcg10"] > 0.5 * plain["best"]["val_ndcg10"]
     # served weights are merged; the adapters are also kept on their own, in peft format
     assert storage.exists(storage.join(guarded["model_dir"], "lora_item", "adapter_config.json"))
-    from recsys_core.model import load_checkpoint
 
     model, meta = load_checkpoint(guarded["model_dir"])
     assert meta["lora"] is True and not hasattr(model.item_tower.backbone, "peft_config")

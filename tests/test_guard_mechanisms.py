@@ -9,11 +9,31 @@ import numpy as np
 import pytest
 import torch
 
-from recsys_core.config import GuardConfig, LoraConfig, ModelConfig, NightlyConfig, TowerConfig
-from recsys_core.guard import (GuardTerms, apply_lora, frozen_reference, heldout_items, is_lora, kl_to_reference,
-                               lm_loss, reference_logits, replay_windows, verdict)
-from recsys_core.model import build_two_tower, item_causal_lm, load_checkpoint, save_model_folder
-from recsys_core.train import ItemTensors, Objective, initial_model
+from recsys_core.config import (
+    GuardConfig,
+    LoraConfig,
+    ModelConfig,
+    NightlyConfig,
+    TowerConfig,
+    TrainConfig,
+)
+from recsys_core.data.text import load_tokenizer
+from recsys_core.model.checkpoint import load_checkpoint, save_model_folder
+from recsys_core.model.towers import build_two_tower, is_lora, item_causal_lm
+from recsys_core.train.guard import (
+    GuardTerms,
+    apply_lora,
+    frozen_reference,
+    generations,
+    heldout_items,
+    kl_to_reference,
+    lm_loss,
+    reference_logits,
+    replay_windows,
+    verdict,
+)
+from recsys_core.train.loop import initial_model, param_groups
+from recsys_core.train.objective import ItemTensors, Objective
 
 pytestmark = pytest.mark.unit
 N_ITEMS, D, L, T = 12, 16, 6, 8
@@ -197,8 +217,6 @@ def test_item_causal_lm_matches_the_tower_and_generates():
 
 def test_generations_fit_the_position_window():
     """A long prompt plus many new tokens on an 8-position LM: the prompt is cut, nothing overflows."""
-    from recsys_core.guard import generations
-    from recsys_core.text import load_tokenizer
 
     torch.manual_seed(0)
     model = build_two_tower(MODEL, N_ITEMS).eval()  # max_text_tokens=8: 8 positions
@@ -208,8 +226,6 @@ def test_generations_fit_the_position_window():
 
 
 def test_param_groups_give_the_item_lm_body_its_own_lr():
-    from recsys_core.config import TrainConfig
-    from recsys_core.train import param_groups
 
     torch.manual_seed(0)
     model = build_two_tower(MODEL, N_ITEMS)

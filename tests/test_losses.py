@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 
-from recsys_core.losses import LOSSES, expected_log_q, full_softmax_loss, get_loss, sampled_softmax_loss
+from recsys_core.model.losses import (
+    LOSSES,
+    expected_log_q,
+    full_softmax_loss,
+    get_loss,
+    sampled_softmax_loss,
+)
 
 # One user state s = (1, 0) against candidates (1, 0) and (0, 0): logits (1, 0).
 S = torch.tensor([[1.0, 0.0]])

@@ -6,7 +6,12 @@ import math
 import numpy as np
 import pytest
 
-from recsys_core.metrics import bootstrap_ci, per_user_metrics, summarize, target_ranks
+from recsys_core.eval.metrics import (
+    bootstrap_ci,
+    per_user_metrics,
+    summarize,
+    target_ranks,
+)
 
 # 4 users, top-3 lists, ks=(1, 3):
 #   u0: target 4 at rank 0      -> recall@1=1, recall@3=1, ndcg=1,            mrr=1

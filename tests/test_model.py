@@ -2,11 +2,17 @@
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from recsys_core.config import ModelConfig, TowerConfig
-from recsys_core.model import (MARKER, ModelSpec, build_two_tower, load_checkpoint, pool, save_checkpoint,
-                               unwrap)
+from recsys_core.model.checkpoint import (
+    MARKER,
+    ModelSpec,
+    load_checkpoint,
+    save_checkpoint,
+)
+from recsys_core.model.towers import build_two_tower, pool, unwrap
 
 N_ITEMS, D, L, T = 10, 16, 8, 8
 CFG = ModelConfig(item_tower=TowerConfig(size="tiny", dropout=0.0), user_tower=TowerConfig(size="tiny", dropout=0.0),
@@ -150,7 +156,6 @@ def test_unwrap_strips_ddp_and_compile_wrappers():
 
 @pytest.mark.unit
 def test_save_checkpoint_of_wrapped_model_has_unprefixed_keys(model, tmp_path):
-    from safetensors.torch import load_file
 
     save_checkpoint(_DDPLike(model), ModelSpec.of(_DDPLike(model)), tmp_path / "ckpt")
     keys = load_file(str(tmp_path / "ckpt" / "model.safetensors")).keys()

@@ -4,10 +4,16 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
+import ray
 
 import jobs.nightly
 from recsys_core import storage
-from recsys_core.infer import read_recommendations
+from recsys_core.config import load_config, replace
+from recsys_core.data.prepare import PreparedPaths, catalog_ids, examples_dataset
+from recsys_core.ops import registry
+from recsys_core.pipeline import Run
+from recsys_core.serve.infer import score_users
+from recsys_core.serve.publish import publish, read_recommendations
 
 pytestmark = pytest.mark.integration
 RUN_DATE = "2026-11-27"
@@ -15,7 +21,6 @@ RUN_DATE = "2026-11-27"
 
 @pytest.fixture(scope="module")
 def nightly(ray_local, tmp_path_factory):
-    from recsys_core.config import load_config
     from tests.conftest import REPO
 
     root = tmp_path_factory.mktemp("nightly") / "store"
@@ -57,7 +62,6 @@ def test_recommendations_schema_k_unseen_every_user(nightly):
 
 def test_users_are_scored_in_capped_blocks_with_the_same_results(nightly):
     """infer.block_mib splits the (small) users file into several blocks; top-k rows are unchanged."""
-    from recsys_core.infer import catalog_ids, score_users
 
     cfg, out = nightly
     promoted = out["promote"]["publish"]
@@ -68,7 +72,6 @@ def test_users_are_scored_in_capped_blocks_with_the_same_results(nightly):
     capped = score_users(*args, block_mib=0.002).materialize()  # 2 KiB: 400 users' histories span many
     assert capped.num_blocks() > 2 * one.num_blocks(), (one.num_blocks(), capped.num_blocks())
     a, b = (ds.to_arrow_refs() for ds in (one, capped))
-    import ray
 
     ta, tb = (pa.concat_tables(ray.get(r)).sort_by("user_id") for r in (a, b))
     assert ta.num_rows == tb.num_rows == 400
@@ -78,8 +81,6 @@ def test_users_are_scored_in_capped_blocks_with_the_same_results(nightly):
 def test_small_training_examples_are_materialized_once_large_ones_stream(nightly):
     from ray.data.dataset import MaterializedDataset
 
-    from recsys_core.config import replace
-    from recsys_core.data import PreparedPaths, examples_dataset
 
     cfg, out = nightly
     uri = PreparedPaths(out["prepare"]["prepared"]).train_examples
@@ -103,7 +104,6 @@ def test_evaluation_outputs(nightly):
 
 
 def test_first_model_is_registered_promoted_and_reported(nightly):
-    from recsys_core import registry
 
     cfg, out = nightly
     version = out["train"]["model_version"]
@@ -148,7 +148,6 @@ def test_rerun_same_date_skips_completed_stages(nightly):
 
 def test_forced_republish_switches_manifest_and_retires_old_generations(nightly):
     """Each publish adds a generation; the manifest switches to it; the one before last is deleted."""
-    from recsys_core.infer import publish
 
     cfg, out = nightly
     folder = out["infer"]["recommendations"]
@@ -167,14 +166,12 @@ def test_forced_republish_switches_manifest_and_retires_old_generations(nightly)
 
 
 def ray_data_of(table: pa.Table):
-    import ray
 
     return ray.data.from_arrow(table)
 
 
 def test_redone_upstream_stage_makes_downstream_records_stale(nightly):
     """After prepare is redone, train/evaluate/infer records no longer count as complete."""
-    from recsys_core.pipeline import Run
 
     cfg, out = nightly
     run = Run(cfg, RUN_DATE)

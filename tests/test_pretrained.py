@@ -7,8 +7,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from recsys_core import storage
 from recsys_core.config import ModelConfig, TowerConfig
-from recsys_core.model import build_two_tower, load_checkpoint, save_checkpoint, ModelSpec
-from recsys_core.pretrained import load_causal_lm
+from recsys_core.model.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
+from recsys_core.model.pretrained import load_causal_lm
+from recsys_core.model.towers import build_two_tower
 
 
 @pytest.fixture

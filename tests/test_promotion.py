@@ -14,8 +14,10 @@ import uuid
 import pytest
 
 import jobs.nightly
-from recsys_core import registry, storage
-from recsys_core.infer import read_recommendations
+from recsys_core import storage
+from recsys_core.config import load_config
+from recsys_core.ops import registry
+from recsys_core.serve.publish import read_recommendations
 from tests.conftest import REPO, S3_ENV
 
 pytestmark = pytest.mark.integration
@@ -31,7 +33,6 @@ PER_DAY = {
 
 
 def cfg_for(root: str, day: str):
-    from recsys_core.config import load_config
 
     return load_config(REPO / "jobs" / "configs" / "synthetic.yaml", [f"storage.root={root}", *BASE, *PER_DAY[day]])
 
@@ -65,7 +66,9 @@ def test_second_run_warm_starts_from_and_evaluates_against_the_first(runs):
     assert lineage["input"]["rows_read"] == d2["prepare"]["stats"]["rows_read"]
     assert lineage["catalog"]["n_items"] == 120 and len(lineage["catalog"]["sha256"]) == 64
     assert lineage["code"]["package"] and lineage["tokenizer"]["name"] == "gpt2-offline"
-    from recsys_core.text import load_tokenizer  # the version's own tokenizer folder loads (from S3)
+    from recsys_core.data.text import (
+        load_tokenizer,  # the version's own tokenizer folder loads (from S3)
+    )
 
     assert len(load_tokenizer(storage.join(root, "models", v2, "tokenizer"))) == lineage["tokenizer"]["vocab_size"]
     catalog = storage.read_table(storage.join(root, "models", v2, "catalog.parquet"))

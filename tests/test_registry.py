@@ -8,9 +8,18 @@ import pyarrow as pa
 import pytest
 import torch
 
-from recsys_core import registry, report, storage
-from recsys_core.model import MARKER
-from recsys_core.pipeline import ON_REJECT
+from recsys_core import storage
+from recsys_core.config import ModelConfig, TowerConfig
+from recsys_core.data.text import load_tokenizer
+from recsys_core.model.checkpoint import (
+    MARKER,
+    ModelSpec,
+    load_checkpoint,
+    save_checkpoint,
+)
+from recsys_core.model.towers import build_two_tower, encode_items
+from recsys_core.ops import gate, registry, report
+from recsys_core.ops.gate import ON_REJECT
 
 pytestmark = pytest.mark.unit
 
@@ -148,7 +157,6 @@ def test_config_diff_nested_and_list_vs_tuple():
 
 
 def test_save_tokenizer_copies_a_loadable_tokenizer_into_the_version(tmp_path):
-    from recsys_core.text import load_tokenizer
 
     d = registry.version_dir(str(tmp_path), "20260101-000000")
     rec = registry.save_tokenizer("gpt2-offline", d)
@@ -161,8 +169,6 @@ def test_save_tokenizer_copies_a_loadable_tokenizer_into_the_version(tmp_path):
 
 def test_on_catalog_reindexes_a_real_checkpoint(tmp_path):
     """Known items keep their vectors; an item the production model never had is embedded from text alone."""
-    from recsys_core.config import ModelConfig, TowerConfig
-    from recsys_core.model import ModelSpec, build_two_tower, encode_items, load_checkpoint, save_checkpoint
 
     torch.manual_seed(0)
     cfg = ModelConfig(item_tower=TowerConfig(size="tiny", dropout=0.0), user_tower=TowerConfig(size="tiny", dropout=0.0),
@@ -211,7 +217,7 @@ GUARD_FAIL = {"passed": False, "enforced": True, "message": "generation guard FA
     (0.10, 0.30, 0.5, None, True, "no generation-guard record"),
 ])
 def test_gate_decision_by_hand(new, prod, tol, guard, promote, words):
-    d = registry.gate_decision(new, prod, tol, guard)
+    d = gate.gate_decision(new, prod, tol, guard)
     assert d.promote is promote, d.reason
     assert words in d.reason
     assert d.to_dict()["production_ndcg"] == prod
@@ -251,7 +257,7 @@ def fake_records(promote: bool) -> dict:
                   "history": [{"epoch": 0, "train_loss": 2.0, "val_ndcg10": 0.2},
                               {"epoch": 1, "train_loss": 1.5, "val_ndcg10": 0.31}]},
         "evaluate": {"metrics": {"model": m, "baselines": base}},
-        "promote": {"decision": registry.gate_decision(0.3, 0.35 if not promote else 0.29, 0.01, guard).to_dict(),
+        "promote": {"decision": gate.gate_decision(0.3, 0.35 if not promote else 0.29, 0.01, guard).to_dict(),
                     "production_before": "20260101-000000", "production": "20260101-000000",
                     "production_eval": {"model_version": "20260101-000000", "metrics": {"ndcg@10": 0.35}},
                     "publish_reason": "recommendations from the production model", "retention_deleted": []},

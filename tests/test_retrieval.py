@@ -4,7 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from recsys_core.retrieval import select_topk, tile_shape, topk_excluding, topk_from_scores
+from recsys_core.serve.retrieval import (
+    select_topk,
+    tile_shape,
+    topk_excluding,
+    topk_from_scores,
+)
 
 ITEMS = torch.tensor([[1.0, 0.0], [2.0, 1.0], [3.0, -1.0], [0.0, 2.0], [-1.0, 3.0]])
 USERS = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])

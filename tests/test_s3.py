@@ -21,7 +21,7 @@ import ray
 import jobs.nightly
 from recsys_core import storage
 from recsys_core.config import load_config
-from recsys_core.infer import read_recommendations
+from recsys_core.serve.publish import read_recommendations
 from tests.conftest import REPO, S3_ENV
 
 

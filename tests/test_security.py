@@ -14,8 +14,8 @@ import pytest
 import jobs.nightly
 from recsys_core import storage
 from recsys_core.config import load_config
-from recsys_core.infer import read_recommendations
-from recsys_core.sources import synthetic_tables
+from recsys_core.data.sources import synthetic_tables
+from recsys_core.serve.publish import read_recommendations
 from tests.conftest import REPO
 
 CODE = sorted([*(REPO / "recsys_core").rglob("*.py"), *(REPO / "jobs").rglob("*.py")])

@@ -6,7 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from recsys_core.data import build_user, training_windows, validate_batch
+from recsys_core.data.prepare import build_user, validate_batch
+from recsys_core.data.split import training_windows
 
 COLUMNS = {"user_id": "user_id", "item_id": "item_id", "ts": "ts"}
 CATALOG = pa.array(["1", "2", "3"])  # item_idx 0, 1, 2

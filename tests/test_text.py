@@ -4,7 +4,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from recsys_core.text import load_tokenizer, pad_token_lists, render_texts, template_fields, tokenize_texts
+from recsys_core.data.text import (
+    load_tokenizer,
+    pad_token_lists,
+    render_texts,
+    template_fields,
+    tokenize_texts,
+)
 
 EOS = 50256  # GPT-2's <|endoftext|>
 

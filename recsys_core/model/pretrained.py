@@ -12,7 +12,7 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from recsys_core import storage
-from recsys_core.sources import cache_dir
+from recsys_core.data.sources import cache_dir
 
 DOWNLOADED = "_DOWNLOADED"
 

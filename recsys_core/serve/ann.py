@@ -37,7 +37,7 @@ class AnnSpec:
 
 def require_faiss() -> Any:
     try:
-        import faiss
+        import faiss  # optional dependency (the bench extra / faiss-cpu)
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("recsys_core.ann needs FAISS: pip install faiss-cpu (or 'recsys-core[bench]')") from e
     return faiss

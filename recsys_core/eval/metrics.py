@@ -2,7 +2,6 @@
 
 numpy only: callers hand in top-k item indices already computed (and masked) elsewhere.
 """
-
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -3,13 +3,17 @@
 They return raw SCORE matrices (item-kNN also as bounded blocks of query users); masking of seen items
 and top-k selection are the caller's job.
 """
-
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import scipy.sparse as sp
+
+from recsys_core import storage
+from recsys_core.data.split import holdout
+from recsys_core.eval.metrics import per_user_metrics
+from recsys_core.serve.retrieval import topk_from_scores
 
 # Upper bound on dense float64 entries materialised at once while building similarities (~64 MiB).
 _SIM_BLOCK_ENTRIES = 8_000_000
@@ -125,3 +129,47 @@ def itemknn_score_chunks(
     for start in range(0, n_q, chunk_size):
         yield (q[start:start + chunk_size] @ w).toarray().astype(np.float32, copy=False)  # (q, I)
 
+
+BLOCK_USERS = 4096  # query users per dense score block of a baseline
+
+
+def _baseline_popularity(train_users: np.ndarray, train_items: np.ndarray, n_users: int, n_items: int,
+                         hist: list[np.ndarray], **_: Any) -> Iterator[np.ndarray]:
+    pop = popularity_scores(train_items, n_items)  # (N,), one row shared by every user
+    for s in range(0, len(hist), BLOCK_USERS):
+        yield np.broadcast_to(pop, (len(hist[s:s + BLOCK_USERS]), n_items))
+
+
+def _baseline_itemknn(train_users: np.ndarray, train_items: np.ndarray, n_users: int, n_items: int,
+                      hist: list[np.ndarray], k_neighbors: int = 200, **_: Any) -> Iterator[np.ndarray]:
+    return itemknn_score_chunks(train_users, train_items, n_users, n_items, hist, k_neighbors=k_neighbors,
+                                chunk_size=BLOCK_USERS)
+
+
+# name -> (..., query histories) -> (q, N) score blocks in query order (memory: one block at a time)
+BASELINES: dict[str, Callable[..., Iterator[np.ndarray]]] = {
+    "popularity": _baseline_popularity,
+    "itemknn": _baseline_itemknn,
+}
+
+
+def baseline_per_user(users_uri: str, n_items: int, names: tuple[str, ...], ks: tuple[int, ...],
+                      k_neighbors: int) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray]:
+    """Baselines fit on train+validation interactions, ranked for the test item (seen excluded).
+
+    Returns per-user metric values for each baseline and the test item of each user."""
+    t = storage.read_table(users_uri, columns=["items"])
+    hist, target = holdout(t["items"].to_pylist(), "test")
+    train_users = np.repeat(np.arange(len(hist)), [len(h) for h in hist])
+    train_items = np.concatenate(hist) if hist else np.zeros(0, np.int64)
+    out = {}
+    for name in names:
+        if name not in BASELINES:
+            raise ValueError(f"eval.baselines: {name!r} unknown; choose from {sorted(BASELINES)}")
+        ranked, done = [], 0
+        for block in BASELINES[name](train_users, train_items, len(hist), n_items, hist, k_neighbors=k_neighbors):
+            ranked.append(topk_from_scores(block, hist[done:done + len(block)], max(ks)))  # (q, K)
+            done += len(block)
+        top = np.concatenate(ranked) if ranked else np.zeros((0, max(ks)), np.int64)
+        out[name] = per_user_metrics(top, target, ks)
+    return out, target

@@ -28,7 +28,15 @@ from torch import nn
 
 from recsys_core import storage
 from recsys_core.config import GuardConfig, LoraConfig, NightlyConfig
-from recsys_core.model import ItemTower, is_lora, max_positions
+from recsys_core.data.text import load_tokenizer
+from recsys_core.model.checkpoint import load_checkpoint
+from recsys_core.model.towers import (
+    ItemTower,
+    build_two_tower,
+    is_lora,
+    item_causal_lm,
+    max_positions,
+)
 
 
 class CausalLM(Protocol):
@@ -79,9 +87,7 @@ def ppl_gate(before: float, after: float, max_increase: float) -> tuple[bool, st
                 f"({change:+.1%}, limit {max_increase:+.1%})")
 
 
-# ----------------------------------------------------------------------------- mechanisms
-
-CORPUS_DIR = Path(__file__).parent / "assets" / "corpus"
+CORPUS_DIR = Path(__file__).resolve().parents[1] / "assets" / "corpus"  # recsys_core/assets/corpus
 BUILTIN = {"replay": CORPUS_DIR / "replay.txt", "heldout": CORPUS_DIR / "heldout.txt"}
 
 
@@ -107,6 +113,7 @@ def lora_target_modules(lcfg: LoraConfig) -> str | list[str]:
 
 def apply_lora(backbone: nn.Module, lcfg: LoraConfig) -> nn.Module:
     """Wrap a body with peft LoRA adapters; its own weights are frozen (only adapters train)."""
+    # lazy: peft (and its transformers integrations) loads only when LoRA is on
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -215,9 +222,6 @@ def replay_len(g: GuardConfig, tower: ItemTower) -> int:
     return min(g.replay_seq_len, max_positions(tower.backbone))
 
 
-# ----------------------------------------------------------------------------- measurement and gate
-
-
 def measure(lm: nn.Module, general: list[int], item_texts: list[list[int]], window: int, stride: int,
             max_tokens: int) -> dict[str, float]:
     """Perplexity on held-out general English and on held-out item text (first ``max_tokens`` of each)."""
@@ -279,8 +283,6 @@ def verdict(before: dict[str, float], after: dict[str, float], gcfg: GuardConfig
 def guard_report(cfg: NightlyConfig, items_uri: str, checkpoint: str) -> dict[str, Any]:
     """Perplexity of the item tower's LM before fine-tuning (the original pretrained or named-size
     weights, whatever the warm start) and after (the checkpoint), greedy generations, and the gate."""
-    from recsys_core.model import build_two_tower, item_causal_lm, load_checkpoint
-    from recsys_core.text import load_tokenizer
 
     g, t0 = cfg.guard, time.time()
     tok = load_tokenizer(cfg.model.tokenizer)

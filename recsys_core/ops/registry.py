@@ -23,19 +23,22 @@ import json
 import logging
 import re
 import subprocess
+import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
+from safetensors.numpy import load, save
 
 from recsys_core import storage
+from recsys_core.data.text import load_tokenizer
+from recsys_core.model.checkpoint import CONFIG, MARKER, WEIGHTS
 
 log = logging.getLogger(__name__)
-
 POINTER = "PRODUCTION"
 LINEAGE = "lineage.json"
 METRICS = "metrics.json"
@@ -43,9 +46,6 @@ TOKENIZER = "tokenizer"
 CATALOG = "catalog.parquet"
 VERSION_RE = re.compile(r"^\d{8}-\d{6}(-[0-9a-z]{1,16})?$")
 ID_EMB, ID_KNOWN = "item_tower.id_emb.weight", "item_tower.id_known"
-
-
-# ----------------------------------------------------------------------------- versions
 
 
 def models_root(root: str) -> str:
@@ -63,7 +63,6 @@ def version_dir(root: str, version: str) -> str:
 
 
 def is_complete(root: str, version: str) -> bool:
-    from recsys_core.model import MARKER
 
     return storage.exists(storage.join(version_dir(root, version), MARKER))
 
@@ -89,14 +88,12 @@ def versions_in(paths: Iterable[str], marker: str) -> list[str]:
 
 def list_versions(root: str) -> list[str]:
     """Complete versions (a ``_COMPLETE`` marker), oldest first (version ids sort by run date, then time)."""
-    from recsys_core.model import MARKER
 
     return versions_in(storage.list_files(models_root(root), MARKER), MARKER)
 
 
 def incomplete_versions(root: str, run_date: str) -> list[str]:
     """This run date's version folders without a marker: left by a train stage that crashed mid-copy."""
-    from recsys_core.model import MARKER
 
     prefix = run_date.replace("-", "") + "-"
     complete = set(list_versions(root))
@@ -106,9 +103,6 @@ def incomplete_versions(root: str, run_date: str) -> list[str]:
         if len(parts) == 3 and VERSION_RE.match(parts[1]) and parts[1].startswith(prefix) and parts[2] != MARKER:
             seen.add(parts[1])
     return sorted(seen - complete)
-
-
-# ----------------------------------------------------------------------------- the production pointer
 
 
 def production(root: str) -> dict[str, Any] | None:
@@ -142,9 +136,6 @@ def promote(root: str, version: str, run_date: str, reason: str, previous: str |
     return pointer
 
 
-# ----------------------------------------------------------------------------- retention
-
-
 def retention_plan(versions: list[str], keep: int, protect: Iterable[str | None]) -> list[str]:
     """Versions to delete: all but the newest ``keep``, never a protected one (PRODUCTION, today's)."""
     if keep < 1:
@@ -160,9 +151,6 @@ def apply_retention(root: str, keep: int, protect: Iterable[str | None]) -> list
     if doomed:
         log.info("retention (keep %d): deleted %s", keep, doomed)
     return doomed
-
-
-# ----------------------------------------------------------------------------- catalog, lineage
 
 
 def catalog_hash(ids: pa.Array) -> str:
@@ -196,7 +184,6 @@ def reindex_item_rows(weight: np.ndarray | None, known: np.ndarray, mapping: np.
 
 def code_version() -> dict[str, str | None]:
     """The git commit when the code runs from a checkout, else None; always the package version."""
-    from importlib import metadata
 
     try:
         package = metadata.version("recsys-core")
@@ -216,9 +203,7 @@ def code_version() -> dict[str, str | None]:
 def save_tokenizer(name: str, model_dir: str) -> dict[str, Any]:
     """Copy the tokenizer into ``model_dir/tokenizer/`` (save_pretrained files: the version is usable
     without the hub, ``model.tokenizer`` may name that folder); returns its identifier and settings."""
-    import tempfile
 
-    from recsys_core.text import load_tokenizer
 
     rec: dict[str, Any] = {"name": name}
     try:
@@ -300,9 +285,7 @@ def on_catalog(root: str, version: str, item_ids: pa.Array, today_hash: str, wor
     when the catalogs match, else a re-indexed copy under ``workdir`` (items it never had: text only).
 
     Returns (model folder, note)."""
-    from safetensors.numpy import load, save
 
-    from recsys_core.model import CONFIG, MARKER, WEIGHTS
 
     src = version_dir(root, version)
     lineage = read_lineage(root, version) or {}
@@ -328,52 +311,3 @@ def on_catalog(root: str, version: str, item_ids: pa.Array, today_hash: str, wor
     storage.write_bytes(storage.join(dest, MARKER), b"ok\n")
     log.info("%s", note)
     return dest, note
-
-
-# ----------------------------------------------------------------------------- the promotion gate
-
-
-@dataclass(frozen=True)
-class Decision:
-    promote: bool
-    reason: str
-    new_ndcg: float
-    production_ndcg: float | None
-    tolerance: float
-    guard_passed: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def guard_ok(guard: dict[str, Any] | None) -> tuple[bool, str]:
-    """A missing guard record passes; an enforced guard that did not pass fails the gate."""
-    if not guard:
-        return True, "no generation-guard record"
-    message = str(guard.get("message") or f"generation guard passed={guard.get('passed')}")
-    if guard.get("blocks_promotion", bool(guard.get("enforced")) and not guard.get("passed")):
-        return False, message
-    if not guard.get("passed") and "not enforced" not in message:
-        message += " (not enforced)"
-    return True, message
-
-
-def gate_decision(new_ndcg: float, production_ndcg: float | None, tolerance: float,
-                  guard: dict[str, Any] | None, production_note: str = "no production model yet") -> Decision:
-    """Promote when the guard passes and new NDCG@10 >= production's - tolerance (both on today's holdout).
-
-    ``production_ndcg`` None: nothing to compare against (first run, or the production model cannot
-    score today's data, ``production_note`` says why); the guard alone decides."""
-    passed, guard_msg = guard_ok(guard)
-    args = dict(new_ndcg=float(new_ndcg), production_ndcg=None if production_ndcg is None else float(production_ndcg),
-                tolerance=float(tolerance), guard_passed=passed)
-    if not passed:
-        return Decision(False, f"rejected: {guard_msg}", **args)
-    if production_ndcg is None:
-        return Decision(True, f"promoted: {production_note}; {guard_msg}", **args)
-    floor = production_ndcg - tolerance
-    if new_ndcg < floor:
-        return Decision(False, (f"rejected: holdout NDCG@10 {new_ndcg:.4f} < production {production_ndcg:.4f} - "
-                                f"tolerance {tolerance:.4f} = {floor:.4f}"), **args)
-    return Decision(True, (f"promoted: holdout NDCG@10 {new_ndcg:.4f} >= production {production_ndcg:.4f} - "
-                           f"tolerance {tolerance:.4f}; {guard_msg}"), **args)

@@ -20,14 +20,15 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+from ray.data.context import ShuffleStrategy
 
 from recsys_core import storage
 from recsys_core.config import NightlyConfig, TrainConfig
-from recsys_core.sources import SourceData
-from recsys_core.text import load_tokenizer, render_texts, tokenize_texts
+from recsys_core.data.sources import SourceData
+from recsys_core.data.split import MIN_EVENTS, train_part, training_windows
+from recsys_core.data.text import load_tokenizer, render_texts, tokenize_texts
 
 log = logging.getLogger(__name__)
-
 REASONS = ("null_user_id", "null_item_id", "bad_timestamp", "unknown_item", "duplicate")
 QUARANTINE_SCHEMA = pa.schema([("user_id", pa.string()), ("item_id", pa.string()),
                                ("ts", pa.string()), ("reason", pa.string())])
@@ -60,9 +61,6 @@ class PreparedPaths:
     @property
     def stats(self) -> str:
         return storage.join(self.root, "stats.json")
-
-
-# ----------------------------------------------------------------------------- catalog
 
 
 def _canonical_ids(col: pa.ChunkedArray | pa.Array) -> pa.Array:
@@ -99,9 +97,6 @@ def load_catalog(items_uri: str, cfg: NightlyConfig) -> pa.Table:
         "text": pa.array(texts, pa.string()),
         "input_ids": pa.array(input_ids, pa.list_(pa.int32())),
     })
-
-
-# ----------------------------------------------------------------------------- row validation
 
 
 def _parse_ts(col: pa.ChunkedArray) -> np.ndarray:
@@ -156,9 +151,6 @@ def _bad(batch: pa.Table) -> pa.Table:
                      "reason": bad["reason"]}, schema=QUARANTINE_SCHEMA)
 
 
-# ----------------------------------------------------------------------------- per-user histories
-
-
 def build_user(group: pa.Table, max_history: int) -> pa.Table:
     """One user's events -> chronological history (ties by item_id), exact duplicates set aside."""
     ts = group["ts"].to_numpy()
@@ -177,28 +169,10 @@ def build_user(group: pa.Table, max_history: int) -> pa.Table:
     })
 
 
-def training_windows(items: np.ndarray, seq_len: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Next-item windows over a training sequence, newest first: inputs w[:-1], targets w[1:].
-
-    A sequence of n items gives n-1 (input, target) positions, cut into windows of at most
-    ``seq_len`` positions from the end so the most recent context is always complete.
-    """
-    out = []
-    end = len(items)
-    while end >= 2:
-        start = max(0, end - seq_len - 1)
-        w = items[start:end]
-        out.append((w[:-1], w[1:]))
-        end = start + 1
-        if start == 0:
-            break
-    return out
-
-
 def _examples(batch: pa.Table, seq_len: int) -> pa.Table:
     inputs, targets = [], []
     for seq in batch["items"].to_pylist():
-        train = np.asarray(seq[:-2], dtype=np.int32)  # last two are validation and test
+        train = np.asarray(train_part(seq), dtype=np.int32)
         for x, y in training_windows(train, seq_len):
             inputs.append(x)
             targets.append(y)
@@ -215,9 +189,6 @@ def _duplicates(batch: pa.Table, catalog_ids: pa.Array) -> pa.Table:
             ts.append(str(t))
     return pa.table({"user_id": users, "item_id": items, "ts": ts,
                      "reason": ["duplicate"] * len(users)}, schema=QUARANTINE_SCHEMA)
-
-
-# ----------------------------------------------------------------------------- the stage
 
 
 def _read_interactions(src: SourceData, cfg: NightlyConfig) -> ray.data.Dataset:
@@ -242,7 +213,6 @@ def _read_interactions(src: SourceData, cfg: NightlyConfig) -> ray.data.Dataset:
 
 
 def shuffle_strategy(name: str) -> "ray.data.context.ShuffleStrategy":
-    from ray.data.context import ShuffleStrategy
 
     choices = sorted({s.value for s in ShuffleStrategy})
     if name not in choices:
@@ -295,7 +265,7 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
             f"prepare.max_reject_fraction={cfg.prepare.max_reject_fraction:.1%}); by reason "
             f"{ {k: v for k, v in reasons.items() if v} }; rows kept in {out.quarantine}")
 
-    min_n = max(cfg.prepare.min_user_interactions, 3)
+    min_n = max(cfg.prepare.min_user_interactions, MIN_EVENTS)
     kept = users.filter(lambda r: len(r["items"]) >= min_n).select_columns(["user_id", "items", "ts"]).materialize()
     storage.delete(out.users)
     upath, ufs = storage.ray_location(out.users)
@@ -311,8 +281,9 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
     n_train = 0
     for t in kept.iter_batches(batch_format="pyarrow", batch_size=4096):
         for seq in t["items"].to_pylist():
-            np.add.at(counts, np.asarray(seq[:-2], dtype=np.int64), 1)
-            n_train += len(seq) - 2
+            part = np.asarray(train_part(seq), dtype=np.int64)
+            np.add.at(counts, part, 1)
+            n_train += len(part)
     storage.write_table(catalog.append_column("train_count", pa.array(counts)), out.items)
 
     stats = {
@@ -355,3 +326,8 @@ def examples_dataset(uri: str, tc: TrainConfig) -> tuple[ray.data.Dataset, int]:
         return ds, rows
     log.info("training examples (%d rows, %.1f MiB) held in the object store for all epochs", rows, size / 2**20)
     return ds.materialize(), rows
+
+
+def catalog_ids(items_uri: str) -> pa.Array:
+    """The prepared catalog's ``item_id`` column in ``item_idx`` order (one array)."""
+    return storage.read_table(items_uri, columns=["item_id"])["item_id"].combine_chunks()

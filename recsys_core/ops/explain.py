@@ -17,9 +17,10 @@ import torch
 
 from recsys_core import storage
 from recsys_core.config import ExplainConfig
-from recsys_core.guard import greedy_continuation
-from recsys_core.model import item_causal_lm, load_checkpoint
-from recsys_core.text import load_tokenizer
+from recsys_core.data.text import load_tokenizer
+from recsys_core.model.checkpoint import load_checkpoint
+from recsys_core.model.towers import item_causal_lm
+from recsys_core.train.guard import greedy_continuation
 
 log = logging.getLogger(__name__)
 _END = re.compile(r"[\n.!?]")

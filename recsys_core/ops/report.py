@@ -81,12 +81,8 @@ def upsert_history(root: str, row: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-# ----------------------------------------------------------------------------- plots
-
-
 def figure_png(fig: Any) -> bytes:
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
@@ -95,10 +91,12 @@ def figure_png(fig: Any) -> bytes:
 
 
 def pyplot() -> Any:
-    import matplotlib
+    """matplotlib's pyplot on the headless Agg backend (imported here: it costs ~1 s and only the
+    report and benchmark plots need it)."""
+    import matplotlib  # lazy: see the docstring
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after the backend is chosen
 
     return plt
 
@@ -156,9 +154,6 @@ def history_png(rows: list[dict[str, Any]]) -> bytes:
     return figure_png(fig)
 
 
-# ----------------------------------------------------------------------------- HTML
-
-
 def _fmt(v: Any) -> str:
     if v is None:
         return "–"
@@ -187,7 +182,7 @@ def _section(key: str, title: str, body: str) -> str:
 
 def render(run_date: str, records: dict[str, dict[str, Any]], history: list[dict[str, Any]]) -> str:
     """report.html from the stage records and the history rows."""
-    from recsys_core.evaluate import learning_curve_png
+    pass
 
     stats, trained = records["prepare"]["stats"], records["train"]
     metrics, promoted, inferred = records["evaluate"]["metrics"], records["promote"], records["infer"]
@@ -254,3 +249,24 @@ def render(run_date: str, records: dict[str, dict[str, Any]], history: list[dict
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>recsys-core report {html.escape(run_date)}"
             f"</title><style>{style}</style></head><body><h1>Nightly run {html.escape(run_date)}</h1>"
             + "".join(parts) + "</body></html>")
+
+
+def learning_curve_png(history: list[dict[str, Any]], baselines: dict[str, dict[str, float]]) -> bytes:
+    """PNG: training loss and validation NDCG@10 per epoch, with baselines' test NDCG@10 for scale."""
+    pass
+
+    plt = pyplot()
+    epochs = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    a.plot(epochs, [h["train_loss"] for h in history], marker="o")
+    a.set(title="training loss", xlabel="epoch", ylabel="loss")
+    b.plot(epochs, [h["val_ndcg10"] for h in history], marker="o", label="model (validation)")
+    for (name, m), color in zip(baselines.items(), ["tab:gray", "tab:orange", "tab:green", "tab:red"]):
+        b.axhline(m["ndcg@10"], linestyle="--", color=color, label=f"{name} (test)")
+    b.set(title="NDCG@10", xlabel="epoch")
+    b.legend(fontsize=8)
+    return figure_png(fig)
+
+
+def plot_learning_curve(history: list[dict[str, Any]], baselines: dict[str, dict[str, float]], out_uri: str) -> None:
+    storage.write_bytes(out_uri, learning_curve_png(history, baselines))

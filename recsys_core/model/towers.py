@@ -7,19 +7,26 @@
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
+import copy
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPT2Model,
+)
 
-from recsys_core import storage
 from recsys_core.config import ModelConfig, TowerConfig
+from recsys_core.data.text import pad_token_lists
+from recsys_core.model.pretrained import load_causal_lm
 
 # Named sizes (big_vision's ``mu`` style): everything but the vocabulary, built offline from GPT2Config.
 SIZES: dict[str, dict[str, int]] = {
@@ -29,6 +36,8 @@ SIZES: dict[str, dict[str, int]] = {
     "gpt2": {"n_layer": 12, "n_embd": 768, "n_head": 12},  # GPT-2 small, 124M
     "gpt2-medium": {"n_layer": 24, "n_embd": 1024, "n_head": 16},
 }
+
+
 GPT2_VOCAB = 50257
 
 
@@ -44,8 +53,6 @@ def load_backbone(tower: TowerConfig, n_positions: int, vocab_size: int = GPT2_V
     """A transformer body and its untied LM head (None when the head is tied to the token embedding):
     pretrained (hub name, folder, s3:// prefix, GGUF) or built from a named size."""
     if tower.pretrained:
-        from recsys_core.pretrained import load_causal_lm
-
         lm = load_causal_lm(tower.pretrained)
         tied = bool(getattr(lm.config, "tie_word_embeddings", True))
         return lm.base_model, None if tied else lm.get_output_embeddings()
@@ -54,8 +61,6 @@ def load_backbone(tower: TowerConfig, n_positions: int, vocab_size: int = GPT2_V
 
 def backbone_from_config(d: dict[str, Any]) -> nn.Module:
     """Rebuild a body from its saved config dict (any transformers architecture), weights to be loaded."""
-    from transformers import AutoConfig, AutoModel
-
     d = dict(d)
     conf = AutoConfig.for_model(d.pop("model_type"), **d)
     return AutoModel.from_config(conf, attn_implementation="sdpa")
@@ -205,28 +210,6 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-@torch.no_grad()
-def encode_items(model: TwoTower, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 batch_size: int = 512) -> torch.Tensor:
-    """All items' embeddings, (N, D), in eval mode, batched."""
-    was_training = model.training
-    model.eval()
-    dev = next(model.parameters()).device
-    out = []
-    for s in range(0, input_ids.size(0), batch_size):
-        ids = input_ids[s:s + batch_size].to(dev)
-        m = attention_mask[s:s + batch_size].to(dev)
-        text = model.item_tower.text_embed(ids, m)
-        out.append(model.item_embeddings(text, torch.arange(s, s + ids.size(0), device=dev)))
-    model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, model.cfg.embed_dim)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-WEIGHTS = "model.safetensors"
-CONFIG = "model_config.json"
-MARKER = "_COMPLETE"
 
 
 def build_two_tower(cfg: ModelConfig, n_items: int, temperature: float = 1.0,
@@ -236,100 +219,6 @@ def build_two_tower(cfg: ModelConfig, n_items: int, temperature: float = 1.0,
     # The user tower reads item embeddings, so its own token vocabulary is unused (size 1).
     user_bb, _ = load_backbone(cfg.user_tower, n_positions=cfg.max_seq_len, vocab_size=1)
     return TwoTower(cfg, n_items, item_bb, user_bb, temperature, learn_temperature, head)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything needed to rebuild the model without any hub: stored beside the weights as JSON."""
-
-    model: dict[str, Any]
-    n_items: int
-    temperature: float
-    item_backbone: dict[str, Any]
-    user_backbone: dict[str, Any]
-
-    @staticmethod
-    def of(model: TwoTower) -> "ModelSpec":
-        m = unwrap(model)
-        return ModelSpec(model=asdict(m.cfg), n_items=m.n_items, temperature=float(m.temperature),
-                         item_backbone=m.item_tower.backbone.config.to_dict(),
-                         user_backbone=m.user_tower.backbone.config.to_dict())
-
-    def build(self) -> TwoTower:
-        from recsys_core.config import from_dict
-
-        cfg = from_dict(ModelConfig, self.model)
-        item_bb = backbone_from_config(self.item_backbone)
-        head = None
-        if not self.item_backbone.get("tie_word_embeddings", True):
-            emb = item_bb.get_input_embeddings().weight
-            head = nn.Linear(emb.size(1), emb.size(0), bias=False)
-        return TwoTower(cfg, self.n_items, item_bb, backbone_from_config(self.user_backbone), self.temperature,
-                        item_lm_head=head)
-
-
-def save_checkpoint(model: nn.Module, spec: ModelSpec, folder: str | Path, extra: dict[str, Any] | None = None) -> None:
-    """A checkpoint is a folder: safetensors weights, config JSON, and a marker written last."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
-    save_file(state, str(folder / WEIGHTS))
-    (folder / CONFIG).write_text(json.dumps({**asdict(spec), **(extra or {})}, indent=2, default=str))
-    (folder / MARKER).write_text("ok\n")
-
-
-def load_checkpoint(folder: str, map_location: str = "cpu") -> tuple[TwoTower, dict[str, Any]]:
-    """Rebuild a :class:`TwoTower` from a checkpoint folder (local or s3://); only safetensors are read."""
-    from safetensors.torch import load
-
-    if not storage.exists(storage.join(folder, MARKER)):
-        raise FileNotFoundError(f"{folder}: no {MARKER} marker; the checkpoint is incomplete")
-    meta = json.loads(storage.read_bytes(storage.join(folder, CONFIG)))
-    spec = ModelSpec(**{k: meta[k] for k in ("model", "n_items", "temperature", "item_backbone", "user_backbone")})
-    model = spec.build()
-    state = load(storage.read_bytes(storage.join(folder, WEIGHTS)))
-    model.load_state_dict(state)
-    return model.to(map_location).eval(), meta
-
-
-LORA_DIR = "lora_item"  # peft adapters of the item tower, saved beside the merged weights
-
-
-def export_model(model: nn.Module) -> TwoTower:
-    """The model as served: LoRA adapters merged into a copy (plain architecture, no peft needed)."""
-    import copy
-
-    m = unwrap(model)
-    if not is_lora(m.item_tower.backbone):
-        return m
-    served = copy.deepcopy(m)
-    served.item_tower.backbone = served.item_tower.backbone.merge_and_unload()
-    return served
-
-
-def save_model_folder(model: nn.Module, folder: str, metrics: dict[str, Any]) -> dict[str, Any]:
-    """Merged weights + config + marker (a loadable checkpoint); under LoRA also the adapters alone
-    (``lora_item/``, peft format). Returns what resuming needs beyond the folder (unmerged weights)."""
-    m = unwrap(model)
-    lora = is_lora(m.item_tower.backbone)
-    if lora:
-        m.item_tower.backbone.save_pretrained(str(Path(folder) / LORA_DIR))
-    served = export_model(m)
-    save_checkpoint(served, ModelSpec.of(served), folder, extra={"metrics": metrics, "lora": lora})
-    return {"model": {k: v.detach().cpu() for k, v in m.state_dict().items()}} if lora else {}
-
-
-def copy_model_folder(src: str, dest: str) -> None:
-    """Copy model files (weights, config, LoRA adapters; not optimizer state) from a checkpoint into a
-    registry folder, marker last."""
-    for name in (WEIGHTS, CONFIG):
-        storage.write_bytes(storage.join(dest, name), storage.read_bytes(storage.join(src, name)))
-    lora = storage.join(src, LORA_DIR)
-    for f in storage.list_files(lora) if storage.exists(storage.join(lora, "adapter_config.json")) else []:
-        storage.write_bytes(storage.join(dest, LORA_DIR, f.rsplit("/", 1)[-1]), storage.read_bytes(f))
-    storage.write_bytes(storage.join(dest, MARKER), b"ok\n")
 
 
 def max_positions(backbone: nn.Module) -> int:
@@ -350,15 +239,11 @@ def is_lora(backbone: nn.Module) -> bool:
 
 def merged_body(backbone: nn.Module) -> nn.Module:
     """The body with its LoRA adapters merged (into a copy), or the body itself without adapters."""
-    import copy
-
     return copy.deepcopy(backbone).merge_and_unload() if is_lora(backbone) else backbone
 
 
 def item_causal_lm(tower: ItemTower) -> nn.Module:
     """The item tower's language model as a transformers ``*ForCausalLM`` (a copy; ``generate()`` works)."""
-    from transformers import AutoModelForCausalLM
-
     body = merged_body(tower.backbone)
     lm = AutoModelForCausalLM.from_config(body.config, attn_implementation="sdpa")
     lm.base_model.load_state_dict(body.state_dict())
@@ -368,3 +253,49 @@ def item_causal_lm(tower: ItemTower) -> nn.Module:
         lm.tie_weights()
     return lm.to(next(tower.parameters()).device).eval()
 
+
+PAD = 0  # padding id of token and item-index sequences (masked everywhere it appears)
+
+
+@torch.no_grad()
+def eval_batches(model: nn.Module, n: int, batch_size: int, fn: Callable[[int, int], torch.Tensor],
+                 empty: torch.Tensor) -> torch.Tensor:
+    """``fn(start, stop)`` over rows ``[0, n)`` in batches with dropout off, concatenated on dim 0 (the
+    model's train/eval mode is restored). The one "eval mode, batch, concatenate" of the package."""
+    was = model.training
+    model.eval()
+    try:
+        out = [fn(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+    finally:
+        model.train(was)
+    return torch.cat(out) if out else empty
+
+
+def text_table(model: TwoTower, tokens: torch.Tensor, mask: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """(N, T) item tokens -> (N, D) text embeddings of every item (no ID part), dropout off."""
+    return eval_batches(model, tokens.size(0), batch_size,
+                        lambda a, b: model.item_tower.text_embed(tokens[a:b], mask[a:b]),
+                        torch.zeros(0, model.cfg.embed_dim, device=tokens.device))
+
+
+def encode_items(model: TwoTower, tokens: torch.Tensor, mask: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """(N, T) item tokens -> (N, D) item vectors (text + ID embedding), dropout off."""
+    dev = next(model.parameters()).device
+
+    def batch(a: int, b: int) -> torch.Tensor:
+        text = model.item_tower.text_embed(tokens[a:b].to(dev), mask[a:b].to(dev))  # (b, D)
+        return model.item_embeddings(text, torch.arange(a, b, device=dev))
+
+    return eval_batches(model, tokens.size(0), batch_size, batch, torch.zeros(0, model.cfg.embed_dim, device=dev))
+
+
+def user_vectors(model: TwoTower, table: torch.Tensor, histories: list[np.ndarray], max_len: int,
+                 batch_size: int = 512) -> torch.Tensor:
+    """(U, D) user vectors from the last ``max_len`` items of each history, dropout off."""
+    dev = table.device
+
+    def batch(a: int, b: int) -> torch.Tensor:
+        seq, mask = pad_token_lists(histories[a:b], PAD, max_len)  # (b, L)
+        return model.last_state(table, torch.from_numpy(seq).to(dev), torch.from_numpy(mask).to(dev))
+
+    return eval_batches(model, len(histories), batch_size, batch, torch.zeros(0, table.size(1), device=dev))

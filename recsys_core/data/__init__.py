@@ -1,0 +1,1 @@
+"""Stage 1, prepare: sources (parquet, MovieLens, synthetic), item text, validation and the split."""

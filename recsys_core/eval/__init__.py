@@ -1,0 +1,1 @@
+"""Stage 3, evaluate: metrics, the holdout evaluator and reference baselines."""

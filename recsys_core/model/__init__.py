@@ -1,0 +1,1 @@
+"""The two-tower model: LM towers, losses, pretrained loaders and checkpoint folders."""

@@ -1,0 +1,1 @@
+"""Operations around a run: model registry, promotion gate, report, explanations."""

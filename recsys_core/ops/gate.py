@@ -1,0 +1,69 @@
+"""The promotion gate: whether a new model replaces production, and what is published when not."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reason: str
+    new_ndcg: float
+    production_ndcg: float | None
+    tolerance: float
+    guard_passed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def guard_ok(guard: dict[str, Any] | None) -> tuple[bool, str]:
+    """A missing guard record passes; an enforced guard that did not pass fails the gate."""
+    if not guard:
+        return True, "no generation-guard record"
+    message = str(guard.get("message") or f"generation guard passed={guard.get('passed')}")
+    if guard.get("blocks_promotion", bool(guard.get("enforced")) and not guard.get("passed")):
+        return False, message
+    if not guard.get("passed") and "not enforced" not in message:
+        message += " (not enforced)"
+    return True, message
+
+
+def gate_decision(new_ndcg: float, production_ndcg: float | None, tolerance: float,
+                  guard: dict[str, Any] | None, production_note: str = "no production model yet") -> Decision:
+    """Promote when the guard passes and new NDCG@10 >= production's - tolerance (both on today's holdout).
+
+    ``production_ndcg`` None: nothing to compare against (first run, or the production model cannot
+    score today's data, ``production_note`` says why); the guard alone decides."""
+    passed, guard_msg = guard_ok(guard)
+    args = dict(new_ndcg=float(new_ndcg), production_ndcg=None if production_ndcg is None else float(production_ndcg),
+                tolerance=float(tolerance), guard_passed=passed)
+    if not passed:
+        return Decision(False, f"rejected: {guard_msg}", **args)
+    if production_ndcg is None:
+        return Decision(True, f"promoted: {production_note}; {guard_msg}", **args)
+    floor = production_ndcg - tolerance
+    if new_ndcg < floor:
+        return Decision(False, (f"rejected: holdout NDCG@10 {new_ndcg:.4f} < production {production_ndcg:.4f} - "
+                                f"tolerance {tolerance:.4f} = {floor:.4f}"), **args)
+    return Decision(True, (f"promoted: holdout NDCG@10 {new_ndcg:.4f} >= production {production_ndcg:.4f} - "
+                           f"tolerance {tolerance:.4f}; {guard_msg}"), **args)
+
+
+def _publish_production(prod_eval: dict[str, Any] | None, base: str | None) -> tuple[dict[str, Any] | None, str]:
+    if prod_eval is not None:
+        return prod_eval, f"recommendations from the production model {prod_eval['model_version']}"
+    if base is not None:
+        return None, f"nothing published: the production model {base} cannot score today's data"
+    return None, "nothing published: there is no production model to fall back to"
+
+
+def _publish_nothing(prod_eval: dict[str, Any] | None, base: str | None) -> tuple[dict[str, Any] | None, str]:
+    return None, "nothing published (registry.on_reject=none)"
+
+
+ON_REJECT: dict[str, Callable[[dict[str, Any] | None, str | None], tuple[dict[str, Any] | None, str]]] = {
+    "production": _publish_production,
+    "none": _publish_nothing,
+}

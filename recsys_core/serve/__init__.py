@@ -1,0 +1,1 @@
+"""Stage 4, infer + publish: batch embedding and exact / ANN top-k on Ray Data, atomic publishing."""

@@ -1,0 +1,189 @@
+"""The training loop: one step and one epoch function, shared by the Ray Train worker and every harness."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from recsys_core.config import NightlyConfig, from_dict
+from recsys_core.data.prepare import PreparedPaths
+from recsys_core.data.split import load_split
+from recsys_core.eval.holdout import evaluate_histories
+from recsys_core.model.checkpoint import load_checkpoint, save_model_folder
+from recsys_core.model.towers import TwoTower, build_two_tower, text_table, unwrap
+from recsys_core.train.guard import apply_lora, guard_terms, replay_len, replay_windows
+from recsys_core.train.objective import ItemTensors, Objective, collate
+
+log = logging.getLogger(__name__)
+
+VAL_METRIC = "val_ndcg10"
+STATE = "train_state.pt"
+
+
+def lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        p = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+    return f
+
+
+def initial_model(cfg: NightlyConfig, n_items: int, init_from: str | None) -> TwoTower:
+    """Fresh (pretrained/named-size) or warm-started weights, with LoRA adapters when configured."""
+    if init_from:
+        model, _ = load_checkpoint(init_from)
+    else:
+        model = build_two_tower(cfg.model, n_items, cfg.train.temperature, cfg.train.learn_temperature)
+    if cfg.guard.lora.enabled:
+        model.item_tower.backbone = apply_lora(model.item_tower.backbone, cfg.guard.lora)
+        if model.item_tower.lm_head is not None:
+            model.item_tower.lm_head.requires_grad_(False)
+    elif model.item_tower.lm_head is not None:
+        model.item_tower.lm_head.requires_grad_(cfg.guard.lm_weight > 0)  # DDP: no unused trainables
+    return model
+
+
+def param_groups(model: TwoTower, tc: Any) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices only; the item tower's language-model body (or its LoRA
+    adapters) at ``train.item_backbone_lr`` when set (pretrained bodies want a smaller step)."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            body = n.startswith("item_tower.backbone.") and tc.item_backbone_lr is not None
+            groups.setdefault((body, p.dim() >= 2), []).append(p)
+    return [{"params": ps, "weight_decay": tc.weight_decay if matrix else 0.0,
+             "lr": tc.item_backbone_lr if body else tc.lr} for (body, matrix), ps in sorted(groups.items())]
+
+
+def train_step(objective: nn.Module, opt: torch.optim.Optimizer, sched: Any, params: Any, grad_clip: float,
+               autocast: Any, *inputs: Any) -> float:
+    """One optimisation step (forward under ``autocast``, backward, clip, step, schedule); the loss."""
+    with autocast:
+        loss = objective(*inputs)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    if sched is not None:
+        sched.step()
+    return float(loss.detach())
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    cfg: NightlyConfig = from_dict(NightlyConfig, config["cfg"])
+    tc = cfg.train
+    torch.set_num_threads(tc.threads_per_worker)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    np.random.seed(tc.seed + rank)
+    device = ray.train.torch.get_device()
+    paths = PreparedPaths(config["prepared"])
+
+    items = ItemTensors.load(paths.items).to(device)
+    n_items = items.tokens.size(0)
+    torch.manual_seed(tc.seed)  # identical init on every rank
+    model = initial_model(cfg, n_items, config.get("init_from"))
+    torch.manual_seed(tc.seed + rank)  # per-rank randomness (dropout, negatives) after the shared init
+    model.log_temperature.requires_grad_(tc.learn_temperature)
+    model.item_tower.id_known.copy_(items.known.float())  # items never trained are text-only
+    model.to(device)
+    guard, replay_stream = guard_terms(cfg.guard, model.item_tower, n_items, config.get("replay_ids"), device)
+    replay_gen = torch.Generator().manual_seed(tc.seed + 7919 * rank)
+
+    opt = torch.optim.AdamW(param_groups(model, tc), lr=tc.lr, fused=device.type == "cuda",
+                            foreach=device.type != "cuda")
+    steps_per_epoch = max(1, math.ceil(config["n_examples"] / (world * tc.batch_size)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc.warmup_steps, steps_per_epoch * tc.epochs))
+
+    start_epoch, best, since_best, history = 0, -1.0, 0, []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:  # resume after a worker failure
+        with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, STATE), weights_only=True, map_location="cpu")
+            if "model" in state:  # LoRA: the unmerged weights (the folder's weights are merged)
+                model.load_state_dict(state["model"])
+            else:
+                resumed, _ = load_checkpoint(d)
+                model.load_state_dict(resumed.state_dict())
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            start_epoch, best, since_best = state["epoch"] + 1, state["best"], state["since_best"]
+            history = json.loads(state["history"])
+        log.info("resumed from checkpoint at epoch %d", start_epoch)
+
+    objective = ray.train.torch.prepare_model(Objective(model, tc.loss, tc.num_negatives, tc.text_items_per_step,
+                                                        guard))
+    inner: Objective = unwrap(objective)
+    val = load_split(paths.users, "val", tc.val_users, tc.seed) if rank == 0 else None
+    shard = ray.train.get_dataset_shard("train")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    for epoch in range(start_epoch, tc.epochs):
+        t0 = time.time()
+        cache = text_table(model, items.tokens, items.mask)
+        losses, samples, parts = [], 0, {}
+        bar = None
+        if rank == 0:
+            bar = tqdm(total=steps_per_epoch, desc=f"train epoch {epoch}", leave=False, mininterval=2)
+        for batch in shard.iter_batches(batch_size=tc.batch_size, batch_format="numpy",
+                                        local_shuffle_buffer_size=4 * tc.batch_size, local_shuffle_seed=tc.seed + epoch):
+            if not losses:
+                t_steps = time.time()  # the step loop's clock starts at the first batch
+            seq, tgt, mask = (x.to(device) for x in collate(batch, cfg.model.max_seq_len))
+            samples += seq.size(0)
+            replay = None
+            if replay_stream is not None:
+                replay = replay_windows(replay_stream, cfg.guard.replay_batch_size,
+                                        replay_len(cfg.guard, model.item_tower), replay_gen).to(device)
+            losses.append(train_step(objective, opt, sched, model.parameters(), tc.grad_clip, autocast,
+                                     seq, tgt, mask, items, cache, replay))
+            for k, v in inner.parts.items():
+                parts.setdefault(k, []).append(float(v))
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        step_s = time.time() - t_steps if losses else 0.0
+
+        flag = torch.zeros(2, dtype=torch.float64, device=device)  # NCCL needs device tensors
+        if rank == 0:
+            vm = evaluate_histories(unwrap(model), items.tokens, items.mask, val[0], val[1], cfg.model.max_seq_len)
+            flag[0] = vm["ndcg@10"]
+            flag[1] = vm["recall@10"]
+        if world > 1 and dist.is_initialized():
+            dist.broadcast(flag, src=0)
+        ndcg, recall = float(flag[0]), float(flag[1])
+        improved = ndcg > best
+        best, since_best = (ndcg, 0) if improved else (best, since_best + 1)
+        metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
+                   VAL_METRIC: ndcg, "val_recall10": recall, "epoch_s": time.time() - t0,
+                   "lr": sched.get_last_lr()[0], "best_val_ndcg10": best,
+                   "step_s": step_s, "samples_per_worker": samples, "steps": len(losses),
+                   **{k: float(np.mean(v)) for k, v in parts.items()}}
+        history.append(metrics)
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:
+                state = save_model_folder(model, d, metrics)
+                torch.save({**state, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch,
+                            "best": best, "since_best": since_best, "history": json.dumps(history)},
+                           os.path.join(d, STATE))
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+                log.info("epoch %d loss %.4f val ndcg@10 %.4f recall@10 %.4f (%.1fs)",
+                         epoch, metrics["train_loss"], ndcg, recall, metrics["epoch_s"])
+            ray.train.report(metrics, checkpoint=checkpoint)
+        if since_best >= tc.patience:
+            break

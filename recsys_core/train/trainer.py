@@ -1,0 +1,77 @@
+"""Train stage: Ray Train ``TorchTrainer`` (DDP) fine-tuning the GPT-2 towers on next-item prediction.
+
+Each step embeds the step's candidate items (all items for ``full_softmax``; batch items plus
+uniform negatives for ``sampled_softmax``). Item text embeddings come from a per-epoch cache, and
+the items that are positives in this step (up to ``text_items_per_step``) are re-embedded with
+gradients, so the text tower trains at a cost independent of the catalog size.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from recsys_core import storage
+from recsys_core.config import NightlyConfig
+from recsys_core.data.prepare import PreparedPaths, examples_dataset
+from recsys_core.data.text import load_tokenizer
+from recsys_core.train.guard import corpus_ids, guard_report, needs_replay, read_corpus
+from recsys_core.train.loop import STATE, VAL_METRIC, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+def run_train(cfg: NightlyConfig, prepared: PreparedPaths, run_dir: str, init_from: str | None = None,
+              fresh: bool = False) -> dict[str, Any]:
+    """Fit with Ray Train; returns the best checkpoint's URI, its metrics, the per-epoch history and the
+    generation guard's record. ``fresh`` discards an earlier attempt's checkpoints (``--force``)."""
+    train_ds, n_examples = examples_dataset(prepared.train_examples, cfg.train)
+    replay_ids = None
+    if needs_replay(cfg.guard):
+        replay_ids = corpus_ids(read_corpus(cfg.guard.replay_corpus, "replay"), load_tokenizer(cfg.model.tokenizer))
+    spath, sfs = storage.ray_location(storage.join(run_dir, "ray_train"))
+    # Ray Train resumes a run of the same name from its latest checkpoint (a crashed driver's rerun);
+    # the name carries the training config, so a rerun with another config starts afresh.
+    ident = json.dumps([asdict(cfg.model), asdict(cfg.train), asdict(cfg.guard), prepared.root, init_from],
+                       sort_keys=True, default=str)
+    name = "train-" + hashlib.sha256(ident.encode()).hexdigest()[:12]
+    if fresh and storage.exists(storage.join(run_dir, "ray_train", name)):
+        storage.delete(storage.join(run_dir, "ray_train", name))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": asdict(cfg), "prepared": prepared.root, "n_examples": n_examples,
+                           "init_from": init_from, "replay_ids": replay_ids},
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
+        run_config=RunConfig(
+            name=name, storage_path=spath, storage_filesystem=sfs,
+            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=VAL_METRIC,
+                                               checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+        datasets={"train": train_ds},
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1][VAL_METRIC])
+    uri = ("s3://" + best_ckpt.path) if storage.is_s3(run_dir) else best_ckpt.path
+    guard = guard_report(cfg, prepared.items, uri)
+    log.info(guard["message"])
+    return {"checkpoint": uri, "metrics": best_metrics, "history": _history(result, run_dir), "guard": guard}
+
+
+def _history(result: Any, run_dir: str) -> list[dict[str, Any]]:
+    """Per-epoch metrics of the whole run, from the latest checkpoint's training state.
+
+    (``result.metrics_dataframe`` only holds the epochs whose checkpoints were retained.)"""
+
+    latest = result.checkpoint
+    uri = ("s3://" + latest.path) if storage.is_s3(run_dir) else latest.path
+    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(uri, STATE))), weights_only=True)
+    return json.loads(state["history"])
