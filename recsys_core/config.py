@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import yaml
 
@@ -34,7 +34,8 @@ class RayConfig:
     # Ray Data's shuffle for the prepare stage's group-by (ray.data.context.ShuffleStrategy). Ray 2.60's
     # default, "shuffle_v2", starts aggregator actors per shuffle (10 s of the ML-100k prepare on 2 busy
     # cores vs 3 s sort-based); set "shuffle_v2" for logs too large for a sort-based shuffle.
-    shuffle_strategy: str = "sort_shuffle_pull_based"
+    shuffle_strategy: Literal["sort_shuffle_pull_based", "sort_shuffle_push_based", "hash_shuffle", "shuffle_v2",
+                              "gpu_shuffle"] = "sort_shuffle_pull_based"
     # Ray 2.60's parquet reader "V2" starts 32 footer-reader actors (32 worker processes) for every
     # read_parquet: seconds per read on a small machine, 20-50 s when its CPUs are busy. False: the V1
     # reader (footers read in the read tasks), the same rows and blocks without the actor pool.
@@ -64,7 +65,7 @@ class SyntheticConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "parquet"  # registry in recsys_core.sources: parquet | movielens100k | synthetic
+    source: Literal["parquet", "movielens100k", "synthetic"] = "parquet"  # registry: recsys_core.data.sources.SOURCES
     interactions: str = ""  # parquet dataset (folder/prefix, hive partitions ok); for parquet source
     items: str = ""  # parquet file or folder with item_id + text fields
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
@@ -81,7 +82,7 @@ class PrepareConfig:
 
 @dataclass(frozen=True)
 class TowerConfig:
-    size: str = "tiny"  # named size in recsys_core.model.SIZES
+    size: Literal["tiny", "mini", "small", "gpt2", "gpt2-medium"] = "tiny"  # recsys_core.model.towers.SIZES
     pretrained: str | None = None  # hub name, save_pretrained folder or s3:// prefix; None = scratch
     dropout: float = 0.1
 
@@ -93,9 +94,9 @@ class ModelConfig:
     embed_dim: int = 64
     max_text_tokens: int = 32
     max_seq_len: int = 50
-    pooling: str = "mean"  # mean | last
+    pooling: Literal["mean", "last"] = "mean"  # text tower: mean over tokens, or the last token
     id_embedding: bool = True  # hybrid: learned item-ID embedding added to the text embedding
-    similarity: str = "dot"  # dot | cosine (both towers L2-normalised; pair with a temperature ~0.05-0.1)
+    similarity: Literal["dot", "cosine"] = "dot"  # dot | cosine (both towers L2-normalised; pair with a temperature ~0.05-0.1)
     tokenizer: str = "gpt2-offline"  # gpt2-offline | hub name | save_pretrained folder
 
 
@@ -111,7 +112,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 20
     grad_clip: float = 1.0
-    loss: str = "full_softmax"  # registry in recsys_core.losses
+    loss: Literal["full_softmax", "sampled_softmax"] = "full_softmax"  # registry: recsys_core.model.losses.LOSSES
     num_negatives: int = 256  # uniform negatives for sampled_softmax
     temperature: float = 1.0  # initial softmax temperature
     learn_temperature: bool = False
@@ -141,7 +142,7 @@ class InferConfig:
 class EvalConfig:
     ks: tuple[int, ...] = (10, 50)
     n_boot: int = 1000
-    baselines: tuple[str, ...] = ("popularity", "itemknn")
+    baselines: tuple[Literal["popularity", "itemknn"], ...] = ("popularity", "itemknn")  # eval.baselines.BASELINES
     itemknn_neighbors: int = 200
 
 
@@ -174,7 +175,7 @@ class GuardConfig:
     eval_stride: int = 64
     eval_tokens: int = 4096  # held-out tokens scored (before and after)
     max_ppl_increase: float = 0.05  # the gate: general-English perplexity may rise at most +5%
-    enforce: str = "pretrained"  # always | pretrained (a random-init LM has nothing to protect) | never
+    enforce: Literal["always", "pretrained", "never"] = "pretrained"  # always | pretrained (a random-init LM has nothing to protect) | never
     prompts: tuple[str, ...] = ("The film begins with", "My favourite kind of movie is")
     generate_tokens: int = 16
 
@@ -186,7 +187,7 @@ class RegistryConfig:
     keep_versions: int = 5  # retention: newest versions kept (PRODUCTION's version is always kept)
     warm_start: bool = True  # initialise training from the production model when it fits the catalog
     ndcg_tolerance: float = 0.01  # new holdout NDCG@10 may trail production's by at most this (absolute)
-    on_reject: str = "production"  # production: publish the production model's recs | none: publish nothing
+    on_reject: Literal["production", "none"] = "production"  # production: publish the production model's recs | none: publish nothing
 
 
 @dataclass(frozen=True)
@@ -231,6 +232,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 raise ConfigError(f"override for '{key}' is not valid YAML: {e}") from None
         else:
             value = str(value)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}' must be one of {list(choices)}, got {value!r}")
+        return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")

@@ -158,3 +158,68 @@ def test_shuffle_strategy_names_the_setting_and_its_choices():
     assert shuffle_strategy(RayConfig().shuffle_strategy).value == "sort_shuffle_pull_based"
     with pytest.raises(ValueError, match=r"ray.shuffle_strategy='bogus' unknown; choose one of \[.*hash_shuffle"):
         shuffle_strategy("bogus")
+
+
+# ----------------------------------------------------------------------------- enum-like values
+
+
+def _literal_choices(tp: object) -> tuple[str, ...]:
+    import typing
+
+    if typing.get_origin(tp) is tuple:
+        tp = typing.get_args(tp)[0]
+    assert typing.get_origin(tp) is typing.Literal, tp
+    return typing.get_args(tp)
+
+
+def test_literal_choices_match_the_registries():
+    """Every enum-like config value is a Literal whose choices are exactly its registry's keys."""
+    import typing
+
+    from ray.data.context import ShuffleStrategy
+
+    from recsys_core import config as C
+    from recsys_core.data.sources import SOURCES
+    from recsys_core.eval.baselines import BASELINES
+    from recsys_core.model.losses import LOSSES
+    from recsys_core.model.towers import POOLING, SIMILARITY, SIZES
+    from recsys_core.ops.gate import ON_REJECT
+    from recsys_core.train.guard import ENFORCE
+
+    hints = lambda cls: typing.get_type_hints(cls)  # noqa: E731
+    pairs = [
+        (hints(C.RayConfig)["shuffle_strategy"], {s.value for s in ShuffleStrategy}),
+        (hints(C.DataConfig)["source"], SOURCES),
+        (hints(C.TowerConfig)["size"], SIZES),
+        (hints(C.ModelConfig)["pooling"], POOLING),
+        (hints(C.ModelConfig)["similarity"], SIMILARITY),
+        (hints(C.TrainConfig)["loss"], LOSSES),
+        (hints(C.EvalConfig)["baselines"], BASELINES),
+        (hints(C.GuardConfig)["enforce"], ENFORCE),
+        (hints(C.RegistryConfig)["on_reject"], ON_REJECT),
+    ]
+    for tp, registry in pairs:
+        assert set(_literal_choices(tp)) == set(registry), tp
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.similarity=cosin", "model.similarity"),
+    ("guard.enforce=sometimes", "guard.enforce"),
+    ("eval.baselines=[popularity,ease2]", "eval.baselines[1]"),
+    ("train.loss=bpr", "train.loss"),
+    ("registry.on_reject=skip", "registry.on_reject"),
+    ("model.item_tower.size=huge", "model.item_tower.size"),
+])
+def test_enum_typos_fail_at_load_naming_key_and_choices(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    msg = str(e.value)
+    assert f"'{key}'" in msg and "must be one of" in msg
+
+
+def test_enum_values_load_from_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  similarity: cosine\n  pooling: last\n")
+    cfg = load_config(p, ["train.loss=sampled_softmax", "eval.baselines=[itemknn]"])
+    assert (cfg.model.similarity, cfg.model.pooling, cfg.train.loss, cfg.eval.baselines) == (
+        "cosine", "last", "sampled_softmax", ("itemknn",))

@@ -103,8 +103,8 @@ def test_expected_log_q_never_infinite_for_zero_probability():
 
 @pytest.mark.unit
 def test_get_loss_known_names():
-    assert get_loss("full_softmax") is full_softmax_loss
-    assert get_loss("sampled_softmax") is sampled_softmax_loss
+    assert get_loss("full_softmax").fn is full_softmax_loss
+    assert get_loss("sampled_softmax").fn is sampled_softmax_loss
     assert set(LOSSES) == {"full_softmax", "sampled_softmax"}
 
 
@@ -114,3 +114,18 @@ def test_get_loss_unknown_raises_naming_choices():
         get_loss("bpr")
     msg = str(e.value)
     assert "bpr" in msg and "full_softmax" in msg and "sampled_softmax" in msg
+
+
+def test_loss_entries_choose_their_candidates_and_correction():
+    """Each registry entry carries its candidate rule and logQ: the objective never branches on the name."""
+    step = torch.tensor([3, 1, 3])
+    full = get_loss("full_softmax")
+    assert full.candidates(step, 5, 2).tolist() == [0, 1, 2, 3, 4]
+    assert full.log_q(torch.arange(5), torch.full((5,), 0.2), 3, 2) is None
+    torch.manual_seed(0)
+    sampled = get_loss("sampled_softmax")
+    cand = sampled.candidates(step, 100, 4)
+    assert {1, 3} <= set(cand.tolist()) and len(cand) <= 6 and cand.tolist() == sorted(set(cand.tolist()))
+    prob = torch.full((100,), 0.01)
+    lq = sampled.log_q(cand, prob, 3, 4)  # 3 * 0.01 + 4 / 100 = 0.07 per candidate
+    assert torch.allclose(lq, torch.full((len(cand),), math.log(0.07)))

@@ -6,6 +6,7 @@ negatives.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -38,10 +39,6 @@ def sampled_softmax_loss(states: torch.Tensor, table: torch.Tensor, pos: torch.T
 
 
 LossFn = Callable[..., torch.Tensor]
-LOSSES: dict[str, LossFn] = {
-    "full_softmax": full_softmax_loss,
-    "sampled_softmax": sampled_softmax_loss,
-}
 
 
 def expected_log_q(candidates: torch.Tensor, item_prob: torch.Tensor, n_in_batch: int, n_uniform: int) -> torch.Tensor:
@@ -51,7 +48,39 @@ def expected_log_q(candidates: torch.Tensor, item_prob: torch.Tensor, n_in_batch
     return q.clamp_min(1e-12).log()
 
 
-def get_loss(name: str) -> LossFn:
+def all_items(step_items: torch.Tensor, n_items: int, num_negatives: int) -> torch.Tensor:
+    """(N,) every catalog item is a candidate."""
+    return torch.arange(n_items, device=step_items.device)
+
+
+def step_and_uniform(step_items: torch.Tensor, n_items: int, num_negatives: int) -> torch.Tensor:
+    """(C,) the step's own items (in-batch negatives) plus ``num_negatives`` uniform draws, unique."""
+    neg = torch.randint(0, n_items, (num_negatives,), device=step_items.device)
+    return torch.unique(torch.cat([step_items, neg]))
+
+
+def no_correction(candidates: torch.Tensor, item_prob: torch.Tensor, n_in_batch: int,
+                  n_uniform: int) -> torch.Tensor | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Loss:
+    """One registry entry carries everything the objective needs from a loss: which items are a step's
+    candidates, the sampling correction for them, and the loss on the candidate table."""
+
+    fn: LossFn  # (states (M, D), table (C, D), pos (M,), temperature, log_q (C,) | None) -> scalar
+    candidates: Callable[[torch.Tensor, int, int], torch.Tensor]  # (step items, N, num_negatives) -> (C,)
+    log_q: Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor | None]  # (C,) or None
+
+
+LOSSES: dict[str, Loss] = {
+    "full_softmax": Loss(full_softmax_loss, all_items, no_correction),
+    "sampled_softmax": Loss(sampled_softmax_loss, step_and_uniform, expected_log_q),
+}
+
+
+def get_loss(name: str) -> Loss:
     if name not in LOSSES:
         raise ValueError(f"train.loss={name!r} unknown; choose one of {sorted(LOSSES)}")
     return LOSSES[name]

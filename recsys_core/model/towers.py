@@ -70,15 +70,29 @@ def hidden_size(backbone: nn.Module) -> int:
     return int(backbone.config.hidden_size)
 
 
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(N, T, H), (N, T) -> (N, H): mean over real tokens."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def last_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(N, T, H), (N, T) -> (N, H): the last real token (right padding)."""
+    last = mask.sum(1).long().clamp_min(1) - 1  # (N,)
+    return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
+
+
+POOLING: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"mean": mean_pool, "last": last_pool}
+# Output map of both towers: dot product on raw vectors, or cosine (L2-normalised vectors).
+SIMILARITY: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"dot": lambda x: x,
+                                                                  "cosine": lambda x: F.normalize(x, dim=-1)}
+
+
 def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
-    """(N, T, H), (N, T) -> (N, H): mean over real tokens, or the last real token."""
-    if how == "mean":
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
-    if how == "last":
-        last = mask.sum(1).long().clamp_min(1) - 1  # (N,)
-        return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
-    raise ValueError(f"pooling {how!r} unknown; use mean or last")
+    """(N, T, H), (N, T) -> (N, H) with the ``POOLING`` rule named ``how``."""
+    if how not in POOLING:
+        raise ValueError(f"pooling {how!r} unknown; choose from {sorted(POOLING)}")
+    return POOLING[how](hidden, mask)
 
 
 def head_logits(backbone: nn.Module, lm_head: nn.Module | None, hidden: torch.Tensor) -> torch.Tensor:
@@ -179,7 +193,7 @@ class TwoTower(nn.Module):
         return self.log_temperature.exp()
 
     def _out(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x, dim=-1) if self.cfg.similarity == "cosine" else x
+        return SIMILARITY[self.cfg.similarity](x)
 
     def item_embeddings(self, text: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
         """(N, D) text embeddings + (N,) ids -> (N, D) item vectors (normalised under cosine similarity)."""

@@ -9,7 +9,7 @@ from torch import nn
 
 from recsys_core import storage
 from recsys_core.data.text import pad_token_lists
-from recsys_core.model.losses import expected_log_q, get_loss
+from recsys_core.model.losses import get_loss
 from recsys_core.model.towers import PAD, TwoTower
 from recsys_core.train.guard import GuardTerms
 
@@ -49,8 +49,7 @@ class Objective(nn.Module):
                  guard: GuardTerms | None = None):
         super().__init__()
         self.model = model
-        self.loss_name = loss
-        self.loss_fn = get_loss(loss)
+        self.loss = get_loss(loss)
         self.num_negatives = num_negatives
         self.text_items_per_step = text_items_per_step
         self.guard = guard or GuardTerms()
@@ -61,11 +60,7 @@ class Objective(nn.Module):
         m = self.model
         n = text_cache.size(0)
         valid = mask.bool()  # (B, L)
-        if self.loss_name == "full_softmax":
-            cand = torch.arange(n, device=seq.device)
-        else:
-            neg = torch.randint(0, n, (self.num_negatives,), device=seq.device)
-            cand = torch.unique(torch.cat([seq[valid], tgt[valid], neg]))
+        cand = self.loss.candidates(torch.cat([seq[valid], tgt[valid]]), n, self.num_negatives)  # (C,)
         remap = torch.full((n,), -1, dtype=torch.long, device=seq.device)
         remap[cand] = torch.arange(cand.numel(), device=seq.device)
 
@@ -79,10 +74,8 @@ class Objective(nn.Module):
 
         states = m.user_states(table, remap[seq].clamp_min(0), mask)  # (B, L, D)
         pos = remap[tgt[valid]]  # (M,)
-        log_q = None
-        if self.loss_name != "full_softmax":
-            log_q = expected_log_q(cand, items.prob, int(valid.sum()), self.num_negatives)
-        loss = self.loss_fn(states[valid], table, pos, m.temperature, log_q)
+        log_q = self.loss.log_q(cand, items.prob, int(valid.sum()), self.num_negatives)  # (C,) or None
+        loss = self.loss.fn(states[valid], table, pos, m.temperature, log_q)
         self.parts = {"rec_loss": loss.detach()}
         if self.guard.active:
             extra, parts = self.guard.loss(m.item_tower, fresh, fresh_hidden, items.tokens, items.mask, replay)
