@@ -34,11 +34,23 @@ from recsys_core.data.sources import resolve_source
 from recsys_core.eval.baselines import baseline_per_user
 from recsys_core.eval.holdout import cold_start_metrics, evaluate_model
 from recsys_core.eval.metrics import summarize_values
-from recsys_core.model.checkpoint import CONFIG, copy_model_folder
+from recsys_core.model.checkpoint import CONFIG
 from recsys_core.ops import gate, registry, report
 from recsys_core.ops.explain import describe_users
 from recsys_core.ops.gate import ON_REJECT
 from recsys_core.ops.report import plot_learning_curve, point_metrics
+from recsys_core.records import (
+    STAGE_RECORDS,
+    EvaluateRecord,
+    ExplainRecord,
+    InferRecord,
+    ModelSource,
+    PrepareRecord,
+    PromoteRecord,
+    Record,
+    ReportRecord,
+    TrainRecord,
+)
 from recsys_core.runtime import init_ray, stage_context
 from recsys_core.serve.infer import embed_items, score_users
 from recsys_core.serve.publish import publish
@@ -93,6 +105,10 @@ class Run:
                 return None
         return rec
 
+    def record(self, stage: str) -> Any:
+        """The stage's completion record, typed (``recsys_core.records``)."""
+        return STAGE_RECORDS[stage].from_json(self.require(stage))
+
     def require(self, stage: str) -> dict[str, Any]:
         rec = self.done(stage)
         if rec is None:
@@ -111,7 +127,7 @@ JOB_OF = {"prepare": "prepare", "train": "train", "evaluate": "infer", "promote"
           "report": "infer", "explain": "explain"}
 
 
-def _stage(name: str, fn: Callable[[Run], dict[str, Any]], run: Run) -> dict[str, Any]:
+def _stage(name: str, fn: Callable[[Run], Record], run: Run) -> dict[str, Any]:
     """Run one stage unless its marker says it already completed (``--force`` reruns it)."""
     with stage_context(run.run_date, name):
         rec = run.done(name)
@@ -119,7 +135,7 @@ def _stage(name: str, fn: Callable[[Run], dict[str, Any]], run: Run) -> dict[str
             log.info("stage %s already complete for %s; skipping (use --force to rerun)", name, run.run_date)
             return rec
         t0 = time.time()
-        out = fn(run)
+        out = fn(run).to_json()
         inputs = {dep: run.require(dep)["finished_at"] for dep in DEPENDS[name]}
         finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
         out = {**out, "stage": name, "run_date": run.run_date, "wall_s": round(time.time() - t0, 2),
@@ -129,16 +145,14 @@ def _stage(name: str, fn: Callable[[Run], dict[str, Any]], run: Run) -> dict[str
         return out
 
 
-def prepare_stage(run: Run) -> dict[str, Any]:
-
+def prepare_stage(run: Run) -> PrepareRecord:
     src = resolve_source(run.cfg.data, run.root)
     stats = run_prepare(run.cfg, src, run.prepared)
-    return {"prepared": run.prepared.root, "stats": stats}
+    return PrepareRecord(prepared=run.prepared.root, stats=stats)
 
 
-def train_stage(run: Run) -> dict[str, Any]:
-
-    stats = run.require("prepare")["stats"]
+def train_stage(run: Run) -> TrainRecord:
+    stats = run.record("prepare").stats
     for stale in registry.incomplete_versions(run.root, run.run_date):
         log.info("removing models/%s: an earlier attempt of this date stopped before its _COMPLETE marker", stale)
         storage.delete(registry.version_dir(run.root, stale))
@@ -149,23 +163,20 @@ def train_stage(run: Run) -> dict[str, Any]:
     fit = run_train(run.cfg, run.prepared, run.run_dir, init_from=warm.get("init_from"), fresh=run.force)
     guard = fit.get("guard")
     version = registry.new_version(run.root, run.run_date)
-    model_dir = registry.version_dir(run.root, version)
-    storage.write_json(storage.join(model_dir, registry.METRICS),
-                       {"best": fit["metrics"], "history": fit["history"], "guard": guard, "run_date": run.run_date,
-                        "input": run.prepared.root, "config": config})
+    metrics = {"best": fit["metrics"], "history": fit["history"], "guard": guard, "run_date": run.run_date,
+               "input": run.prepared.root, "config": config}
     lineage = {
         "version": version, "run_date": run.run_date, "parent": warm.get("from") if warm["used"] else None,
         "warm_start": warm, "catalog": catalog, "code": registry.code_version(),
-        "tokenizer": registry.save_tokenizer(run.cfg.model.tokenizer, model_dir),
         "input": {"prepared": run.prepared.root, "interactions_uri": stats["interactions_uri"],
                   "items_uri": stats["items_uri"], "rows_read": stats["rows_read"],
                   "rows_rejected": stats["rows_rejected"], "users_kept": stats["users_kept"]},
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": config,
     }
-    registry.write_version_files(model_dir, lineage, ids)
-    copy_model_folder(fit["checkpoint"], model_dir)  # _COMPLETE last
-    return {"model_version": version, "model_dir": model_dir, "best": fit["metrics"], "history": fit["history"],
-            "guard": guard, "parent": lineage["parent"], "warm_start": warm}
+    model_dir = registry.register_version(run.root, version, fit["checkpoint"], metrics=metrics, lineage=lineage,
+                                          item_ids=ids, tokenizer=run.cfg.model.tokenizer)
+    return TrainRecord(model_version=version, model_dir=model_dir, best=fit["metrics"], history=fit["history"],
+                       guard=guard, parent=lineage["parent"], warm_start=warm)
 
 
 def _warm_start(run: Run, ids: pa.Array, today_hash: str, config: dict[str, Any]) -> dict[str, Any]:
@@ -185,34 +196,33 @@ def _warm_start(run: Run, ids: pa.Array, today_hash: str, config: dict[str, Any]
     return {"used": True, "from": prod, "reason": note, "init_from": model_dir}
 
 
-def evaluate_stage(run: Run) -> dict[str, Any]:
-
-    cfg, trained = run.cfg, run.require("train")
+def evaluate_stage(run: Run) -> EvaluateRecord:
+    cfg, trained = run.cfg, run.record("train")
     items = storage.read_table(run.prepared.items, columns=["item_id", "train_count"])
-    n_users = run.require("prepare")["stats"]["users_kept"]
+    n_users = run.record("prepare").stats["users_kept"]
     per_user, model_m, n_scored = evaluate_model(
-        trained["model_dir"], trained["model_version"], run.prepared.items, run.prepared.users,
-        storage.join(trained["model_dir"], "item_embeddings.npy"), storage.join(run.eval_dir, "holdout_recs.parquet"),
+        trained.model_dir, trained.model_version, run.prepared.items, run.prepared.users,
+        storage.join(trained.model_dir, "item_embeddings.npy"), storage.join(run.eval_dir, "holdout_recs.parquet"),
         cfg.eval, cfg.infer, cfg.model.max_seq_len, n_users)
     base_pu, base_target = baseline_per_user(run.prepared.users, items.num_rows, cfg.eval.baselines, cfg.eval.ks,
                                              cfg.eval.itemknn_neighbors)
     base = {b: summarize_values(pu, n_users, cfg.eval.n_boot) for b, pu in base_pu.items()}
     cold = cold_start_metrics(per_user, base_pu, base_target, items["train_count"].to_numpy() == 0, cfg.eval.n_boot)
-    metrics = {"model": model_m, "baselines": base, "model_version": trained["model_version"],
+    metrics = {"model": model_m, "baselines": base, "model_version": trained.model_version,
                "users_scored": n_scored, "cold_start": cold,
                "note": "bootstrap 95% CIs over users; with ~1k users, differences under ~0.015 are noise"}
     storage.write_json(storage.join(run.eval_dir, "metrics.json"), metrics)
-    plot_learning_curve(trained["history"], base, storage.join(run.eval_dir, "learning_curve.png"))
+    plot_learning_curve(trained.history, base, storage.join(run.eval_dir, "learning_curve.png"))
     _log_table(model_m, base)
-    return {"metrics": metrics, "eval_dir": run.eval_dir}
+    return EvaluateRecord(metrics=metrics, eval_dir=run.eval_dir)
 
 
-def promote_stage(run: Run) -> dict[str, Any]:
+def promote_stage(run: Run) -> PromoteRecord:
     """The promotion gate: the production model is evaluated on today's holdout too; the new model
     replaces it only when its NDCG@10 is within ``registry.ndcg_tolerance`` and the generation guard
     passed. Decides which model's recommendations are published, then applies retention."""
-    cfg, trained, evaluated = run.cfg, run.require("train"), run.require("evaluate")
-    new = trained["model_version"]
+    cfg, trained, evaluated = run.cfg, run.record("train"), run.record("evaluate")
+    new = trained.model_version
     pointer = registry.production(run.root)
     # A rerun after a crash between the pointer write and this stage's record compares with the one before.
     base = (pointer.get("previous") if pointer["version"] == new else pointer["version"]) if pointer else None
@@ -226,13 +236,13 @@ def promote_stage(run: Run) -> dict[str, Any]:
         else:
             note = f"production model {base} cannot score today's data: {why}"
             log.warning("%s; the gate compares against nothing", note)
-    decision = gate.gate_decision(evaluated["metrics"]["model"]["ndcg@10"],
-                                      prod_eval["metrics"]["ndcg@10"] if prod_eval else None,
-                                      cfg.registry.ndcg_tolerance, trained.get("guard"), note)
-    new_source = {"model_version": new, "model_dir": trained["model_dir"], "role": "new",
-                  "item_embeddings": storage.join(trained["model_dir"], "item_embeddings.npy"),
-                  "max_seq_len": cfg.model.max_seq_len, "metrics": evaluated["metrics"]["model"],
-                  "guard": trained.get("guard")}
+    decision = gate.gate_decision(evaluated.metrics["model"]["ndcg@10"],
+                                  prod_eval.metrics["ndcg@10"] if prod_eval else None,
+                                  cfg.registry.ndcg_tolerance, trained.guard, note)
+    new_source = ModelSource(model_version=new, model_dir=trained.model_dir, role="new",
+                             item_embeddings=storage.join(trained.model_dir, "item_embeddings.npy"),
+                             max_seq_len=cfg.model.max_seq_len, metrics=evaluated.metrics["model"],
+                             guard=trained.guard)
     if decision.promote:
         registry.promote(run.root, new, run.run_date, decision.reason, previous=base)
         source, why_source = new_source, "the new model passed the promotion gate"
@@ -242,103 +252,92 @@ def promote_stage(run: Run) -> dict[str, Any]:
         log.warning("publishing for %s: %s", run.run_date, why_source)
     production = registry.production_version(run.root)
     deleted = registry.apply_retention(run.root, cfg.registry.keep_versions, protect=[new, production])
-    out = {"decision": decision.to_dict(), "model_version": new, "production_before": base,
-           "production": production, "production_eval": prod_eval, "publish": source, "publish_reason": why_source,
-           "retention_deleted": deleted}
-    storage.write_json(storage.join(run.eval_dir, "promotion.json"), out)
+    out = PromoteRecord(decision=decision.to_dict(), model_version=new, production_before=base,
+                        production=production, production_eval=prod_eval, publish=source,
+                        publish_reason=why_source, retention_deleted=deleted)
+    storage.write_json(storage.join(run.eval_dir, "promotion.json"), out.to_json())
     return out
 
 
-def _evaluate_production(run: Run, version: str) -> dict[str, Any]:
+def _evaluate_production(run: Run, version: str) -> ModelSource:
     """The production model (re-indexed when the catalog changed) through the same holdout evaluation."""
-
-
     cfg = run.cfg
     ids = catalog_ids(run.prepared.items)
     workdir = storage.join(run.run_dir, "production")
     model_dir, note = registry.on_catalog(run.root, version, ids, registry.catalog_hash(ids), workdir)
     max_seq_len = int(json.loads(storage.read_bytes(storage.join(model_dir, CONFIG)))["model"]["max_seq_len"])
     emb = storage.join(workdir, f"{version}-item_embeddings.npy")
-    n_users = run.require("prepare")["stats"]["users_kept"]
+    n_users = run.record("prepare").stats["users_kept"]
     _, summary, _ = evaluate_model(model_dir, version, run.prepared.items, run.prepared.users, emb,
                                    storage.join(run.eval_dir, "production_holdout_recs.parquet"),
                                    cfg.eval, cfg.infer, max_seq_len, n_users)
     log.info("production model %s on today's holdout: NDCG@10 %.4f (%s)", version, summary["ndcg@10"], note)
     prod_metrics = registry.read_metrics(run.root, version) or {}
-    return {"model_version": version, "model_dir": model_dir, "role": "production", "item_embeddings": emb,
-            "max_seq_len": max_seq_len, "metrics": summary, "guard": prod_metrics.get("guard"), "note": note}
+    return ModelSource(model_version=version, model_dir=model_dir, role="production", item_embeddings=emb,
+                       max_seq_len=max_seq_len, metrics=summary, guard=prod_metrics.get("guard"), note=note)
 
 
-def _on_reject(value: str) -> str:
-    if value not in ON_REJECT:
-        raise ValueError(f"registry.on_reject: {value!r} unknown; choose from {sorted(ON_REJECT)}")
-    return value
-
-
-def infer_stage(run: Run) -> dict[str, Any]:
-
-    cfg, prepared, promoted = run.cfg, run.require("prepare"), run.require("promote")
-    evaluated = run.require("evaluate")
-    src = promoted["publish"]
+def infer_stage(run: Run) -> InferRecord:
+    cfg, prepared, promoted = run.cfg, run.record("prepare"), run.record("promote")
+    evaluated = run.record("evaluate")
+    src = promoted.publish
     if src is None:
-        log.warning("no recommendations published for %s: %s", run.run_date, promoted["publish_reason"])
-        return {"recommendations": None, "manifest": None, "published": False, "reason": promoted["publish_reason"]}
-    if not storage.exists(src["item_embeddings"]):
-        embed_items(src["model_dir"], run.prepared.items, src["item_embeddings"], cfg.infer.item_batch_size,
+        log.warning("no recommendations published for %s: %s", run.run_date, promoted.publish_reason)
+        return InferRecord(recommendations=None, manifest=None, published=False, reason=promoted.publish_reason)
+    if not storage.exists(src.item_embeddings):
+        embed_items(src.model_dir, run.prepared.items, src.item_embeddings, cfg.infer.item_batch_size,
                     cfg.infer.concurrency)
-    recs = score_users(src["model_dir"], src["item_embeddings"], run.prepared.users, catalog_ids(run.prepared.items),
-                       cfg.infer.k, src["max_seq_len"], src["model_version"], cfg.infer.batch_size,
+    recs = score_users(src.model_dir, src.item_embeddings, run.prepared.users, catalog_ids(run.prepared.items),
+                       cfg.infer.k, src.max_seq_len, src.model_version, cfg.infer.batch_size,
                        cfg.infer.concurrency, block_mib=cfg.infer.block_mib)
+    stats = prepared.stats
     manifest = publish(recs, run.recs_dir, {
-        "run_date": run.run_date, "model_version": src["model_version"], "k": cfg.infer.k,
-        "users": prepared["stats"]["users_kept"],
-        "metrics": manifest_metrics(src, evaluated["metrics"]["baselines"], promoted),
-        "input_snapshot": {"interactions": prepared["stats"]["interactions_uri"],
-                           "items": prepared["stats"]["items_uri"], "rows_read": prepared["stats"]["rows_read"]},
+        "run_date": run.run_date, "model_version": src.model_version, "k": cfg.infer.k,
+        "users": stats["users_kept"],
+        "metrics": manifest_metrics(src, evaluated.metrics["baselines"], promoted),
+        "input_snapshot": {"interactions": stats["interactions_uri"], "items": stats["items_uri"],
+                           "rows_read": stats["rows_read"]},
     })
     log.info("published %d users' top-%d from model %s (%s) to %s", manifest["rows"], cfg.infer.k,
-             src["model_version"], src["role"], run.recs_dir)
-    return {"recommendations": run.recs_dir, "manifest": manifest, "published": True,
-            "reason": promoted["publish_reason"]}
+             src.model_version, src.role, run.recs_dir)
+    return InferRecord(recommendations=run.recs_dir, manifest=manifest, published=True,
+                       reason=promoted.publish_reason)
 
 
-def manifest_metrics(src: dict[str, Any], baselines: dict[str, dict[str, float]],
-                     promoted: dict[str, Any]) -> dict[str, Any]:
+def manifest_metrics(src: ModelSource, baselines: dict[str, dict[str, float]],
+                     promoted: PromoteRecord) -> dict[str, Any]:
     """Headline numbers of the model whose recommendations are published (all on today's holdout)."""
-
-    guard = src.get("guard") or {}
-    return {"holdout": point_metrics(src["metrics"]), "baselines": {b: point_metrics(m) for b, m in baselines.items()},
+    guard = src.guard or {}
+    return {"holdout": point_metrics(src.metrics), "baselines": {b: point_metrics(m) for b, m in baselines.items()},
             "ppl_general_before": guard.get("ppl_general_before"), "ppl_general_after": guard.get("ppl_general_after"),
-            "guard_passed": guard.get("passed"), "source": src["role"],
-            "promotion": {**promoted["decision"], "new_version": promoted["model_version"],
-                          "production_before": promoted["production_before"],
-                          "production": promoted["production"], "publish_reason": promoted["publish_reason"]}}
+            "guard_passed": guard.get("passed"), "source": src.role,
+            "promotion": {**promoted.decision, "new_version": promoted.model_version,
+                          "production_before": promoted.production_before,
+                          "production": promoted.production, "publish_reason": promoted.publish_reason}}
 
 
-def explain_stage(run: Run) -> dict[str, Any]:
+def explain_stage(run: Run) -> ExplainRecord:
     """One-line taste descriptions from the published model's protected LM, beside the recommendations."""
-
-    published = run.require("infer")
-    if not published.get("published") or run.cfg.explain.n_users <= 0:
-        return {"explanations": None, "reason": published.get("reason") or "explain.n_users is 0"}
-    version = published["manifest"]["model_version"]
+    published = run.record("infer")
+    if not published.published or run.cfg.explain.n_users <= 0:
+        return ExplainRecord(explanations=None, reason=published.reason or "explain.n_users is 0")
+    version = published.manifest["model_version"]
     table = describe_users(run.model_dir(version), run.prepared.users, run.prepared.items, run.cfg.model.tokenizer,
                            run.cfg.explain, version)
     uri = storage.join(run.recs_dir, "explanations.parquet")
     storage.write_table(table, uri)
-    return {"explanations": uri, "users": table.num_rows, "model_version": version,
-            "examples": [{"prompt": p, "description": d} for p, d in
-                         zip(table["prompt"].to_pylist()[:3], table["description"].to_pylist()[:3])]}
+    return ExplainRecord(explanations=uri, users=table.num_rows, model_version=version,
+                         examples=[{"prompt": p, "description": d} for p, d in
+                                   zip(table["prompt"].to_pylist()[:3], table["description"].to_pylist()[:3])])
 
 
-def report_stage(run: Run) -> dict[str, Any]:
-
+def report_stage(run: Run) -> ReportRecord:
     records = {s: run.require(s) for s in ("prepare", "train", "evaluate", "promote", "infer")}
     history = report.upsert_history(run.root, report.history_row(run.run_date, records))
     uri = storage.join(run.eval_dir, "report.html")
     storage.write_bytes(uri, report.render(run.run_date, records, history).encode())
     log.info("report: %s", uri)
-    return {"report": uri, "history": report.history_uri(run.root)}
+    return ReportRecord(report=uri, history=report.history_uri(run.root))
 
 
 def _log_table(model: dict[str, float], base: dict[str, dict[str, float]]) -> None:
@@ -348,7 +347,7 @@ def _log_table(model: dict[str, float], base: dict[str, dict[str, float]]) -> No
         log.info("  %-12s %s", name, "  ".join(f"{m[c]:.4f}" for c in cols))
 
 
-STAGES: dict[str, list[tuple[str, Callable[[Run], dict[str, Any]]]]] = {
+STAGES: dict[str, list[tuple[str, Callable[[Run], Record]]]] = {
     "prepare": [("prepare", prepare_stage)],
     "train": [("train", train_stage)],
     "infer": [("evaluate", evaluate_stage), ("promote", promote_stage), ("infer", infer_stage),
@@ -364,7 +363,6 @@ def run_job(job: str, cfg: NightlyConfig, run_date: str, force: bool = False) ->
     """Run a job's stages in order; returns each stage's completion record."""
     if not storage.is_s3(cfg.storage.root):  # Ray workers run in other folders: pin relative roots
         cfg = replace(cfg, **{"storage.root": os.path.abspath(cfg.storage.root)})
-    _on_reject(cfg.registry.on_reject)  # a typo fails before hours of training
     init_ray(cfg.ray)
     run = Run(cfg, run_date, force)
     t0 = time.time()

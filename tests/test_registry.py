@@ -20,6 +20,7 @@ from recsys_core.model.checkpoint import (
 from recsys_core.model.towers import build_two_tower, encode_items
 from recsys_core.ops import gate, registry, report
 from recsys_core.ops.gate import ON_REJECT
+from recsys_core.records import ModelSource
 
 pytestmark = pytest.mark.unit
 
@@ -226,8 +227,9 @@ def test_gate_decision_by_hand(new, prod, tol, guard, promote, words):
 @pytest.mark.parametrize("policy, has_prod, published", [
     ("production", True, True), ("production", False, False), ("none", True, False)])
 def test_on_reject_policies(policy, has_prod, published):
-    prod = {"model_version": "20261201-000000"} if has_prod else None
-    src, why = ON_REJECT[policy](prod, prod and prod["model_version"])
+    prod = ModelSource(model_version="20261201-000000", model_dir="m", role="production", item_embeddings="e.npy",
+                       max_seq_len=5, metrics={}) if has_prod else None
+    src, why = ON_REJECT[policy](prod, prod and prod.model_version)
     assert (src is not None) is published and why
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
+from recsys_core.records import ModelSource
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -51,19 +53,20 @@ def gate_decision(new_ndcg: float, production_ndcg: float | None, tolerance: flo
                            f"tolerance {tolerance:.4f}; {guard_msg}"), **args)
 
 
-def _publish_production(prod_eval: dict[str, Any] | None, base: str | None) -> tuple[dict[str, Any] | None, str]:
+def _publish_production(prod_eval: ModelSource | None, base: str | None) -> tuple[ModelSource | None, str]:
     if prod_eval is not None:
-        return prod_eval, f"recommendations from the production model {prod_eval['model_version']}"
+        return prod_eval, f"recommendations from the production model {prod_eval.model_version}"
     if base is not None:
         return None, f"nothing published: the production model {base} cannot score today's data"
     return None, "nothing published: there is no production model to fall back to"
 
 
-def _publish_nothing(prod_eval: dict[str, Any] | None, base: str | None) -> tuple[dict[str, Any] | None, str]:
+def _publish_nothing(prod_eval: ModelSource | None, base: str | None) -> tuple[ModelSource | None, str]:
     return None, "nothing published (registry.on_reject=none)"
 
 
-ON_REJECT: dict[str, Callable[[dict[str, Any] | None, str | None], tuple[dict[str, Any] | None, str]]] = {
+# registry.on_reject: (production model's evaluation, its version) -> (what is published, why)
+ON_REJECT: dict[str, Callable[[ModelSource | None, str | None], tuple[ModelSource | None, str]]] = {
     "production": _publish_production,
     "none": _publish_nothing,
 }

@@ -36,7 +36,7 @@ from safetensors.numpy import load, save
 
 from recsys_core import storage
 from recsys_core.data.text import load_tokenizer
-from recsys_core.model.checkpoint import CONFIG, MARKER, WEIGHTS
+from recsys_core.model.checkpoint import CONFIG, MARKER, WEIGHTS, copy_model_folder
 
 log = logging.getLogger(__name__)
 POINTER = "PRODUCTION"
@@ -203,8 +203,6 @@ def code_version() -> dict[str, str | None]:
 def save_tokenizer(name: str, model_dir: str) -> dict[str, Any]:
     """Copy the tokenizer into ``model_dir/tokenizer/`` (save_pretrained files: the version is usable
     without the hub, ``model.tokenizer`` may name that folder); returns its identifier and settings."""
-
-
     rec: dict[str, Any] = {"name": name}
     try:
         tok = load_tokenizer(name)
@@ -223,6 +221,18 @@ def write_version_files(model_dir: str, lineage: dict[str, Any], item_ids: pa.Ar
     """lineage.json and catalog.parquet: written before the version's _COMPLETE marker."""
     storage.write_json(storage.join(model_dir, LINEAGE), lineage)
     storage.write_table(pa.table({"item_id": item_ids}), storage.join(model_dir, CATALOG))
+
+
+def register_version(root: str, version: str, checkpoint: str, *, metrics: dict[str, Any],
+                     lineage: dict[str, Any], item_ids: pa.Array, tokenizer: str) -> str:
+    """The one way a version enters the registry: metrics.json, lineage.json (with the tokenizer it
+    used), catalog.parquet, tokenizer/, the model files, and ``_COMPLETE`` last (a reader trusts a
+    version only through its marker). Returns the version's folder."""
+    model_dir = version_dir(root, version)
+    storage.write_json(storage.join(model_dir, METRICS), metrics)
+    write_version_files(model_dir, {**lineage, "tokenizer": save_tokenizer(tokenizer, model_dir)}, item_ids)
+    copy_model_folder(checkpoint, model_dir)  # the marker last
+    return model_dir
 
 
 def read_lineage(root: str, version: str) -> dict[str, Any] | None:
