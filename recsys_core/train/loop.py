@@ -7,7 +7,8 @@ import math
 import os
 import tempfile
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import ray
@@ -82,6 +83,54 @@ def train_step(objective: nn.Module, opt: torch.optim.Optimizer, sched: Any, par
     return float(loss.detach())
 
 
+@dataclass
+class EpochStats:
+    """What one pass of :func:`run_epoch` did."""
+
+    losses: list[float] = field(default_factory=list)  # total loss per step
+    samples: int = 0  # sequences seen
+    step_s: float = 0.0  # the step loop's wall time, from the first batch's arrival to the last step
+    parts: dict[str, list[float]] = field(default_factory=dict)  # loss terms per step (Objective.parts)
+
+    @property
+    def steps(self) -> int:
+        return len(self.losses)
+
+    @property
+    def mean_loss(self) -> float:
+        return float(np.mean(self.losses)) if self.losses else float("nan")
+
+    def mean_parts(self) -> dict[str, float]:
+        return {k: float(np.mean(v)) for k, v in self.parts.items()}
+
+
+def run_epoch(objective: nn.Module, opt: torch.optim.Optimizer, sched: Any, params: Any, grad_clip: float,
+              autocast: Any, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], items: ItemTensors,
+              text_cache: torch.Tensor, *, replay: Callable[[], torch.Tensor] | None = None,
+              max_steps: int | None = None, max_seconds: float | None = None,
+              on_step: Callable[[EpochStats], None] | None = None) -> EpochStats:
+    """The one epoch loop (the Ray Train worker, the benchmarks' plain loops and harnesses): a
+    :func:`train_step` per ``(seq, tgt, mask)`` batch (each (B, L), on the model's device) against the
+    epoch's item text cache (N, D), with ``replay()`` windows when the guard replays text. Stops after
+    ``max_steps`` steps, or after ``max_seconds`` of steps (at least 3), when given."""
+    stats, inner, t_steps = EpochStats(), unwrap(objective), None
+    for seq, tgt, mask in batches:
+        if t_steps is None:
+            t_steps = time.time()  # the step loop's clock starts at the first batch
+        stats.samples += seq.size(0)
+        stats.losses.append(train_step(objective, opt, sched, params, grad_clip, autocast, seq, tgt, mask, items,
+                                       text_cache, replay() if replay is not None else None))
+        for k, v in inner.parts.items():
+            stats.parts.setdefault(k, []).append(float(v))
+        if on_step is not None:
+            on_step(stats)
+        if (max_steps and stats.steps >= max_steps) or (
+                max_seconds and stats.steps >= 3 and time.time() - t_steps > max_seconds):
+            break
+    stats.step_s = time.time() - t_steps if t_steps is not None else 0.0
+    return stats
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg: NightlyConfig = from_dict(NightlyConfig, config["cfg"])
     tc = cfg.train
@@ -126,7 +175,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     objective = ray.train.torch.prepare_model(Objective(model, tc.loss, tc.num_negatives, tc.text_items_per_step,
                                                         guard))
-    inner: Objective = unwrap(objective)
     val = load_split(paths.users, "val", tc.val_users, tc.seed) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -134,29 +182,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, tc.epochs):
         t0 = time.time()
         cache = text_table(model, items.tokens, items.mask)
-        losses, samples, parts = [], 0, {}
-        bar = None
-        if rank == 0:
-            bar = tqdm(total=steps_per_epoch, desc=f"train epoch {epoch}", leave=False, mininterval=2)
-        for batch in shard.iter_batches(batch_size=tc.batch_size, batch_format="numpy",
-                                        local_shuffle_buffer_size=4 * tc.batch_size, local_shuffle_seed=tc.seed + epoch):
-            if not losses:
-                t_steps = time.time()  # the step loop's clock starts at the first batch
-            seq, tgt, mask = (x.to(device) for x in collate(batch, cfg.model.max_seq_len))
-            samples += seq.size(0)
-            replay = None
-            if replay_stream is not None:
-                replay = replay_windows(replay_stream, cfg.guard.replay_batch_size,
-                                        replay_len(cfg.guard, model.item_tower), replay_gen).to(device)
-            losses.append(train_step(objective, opt, sched, model.parameters(), tc.grad_clip, autocast,
-                                     seq, tgt, mask, items, cache, replay))
-            for k, v in inner.parts.items():
-                parts.setdefault(k, []).append(float(v))
-            if bar is not None:
-                bar.update(1)
+        bar = tqdm(total=steps_per_epoch, desc=f"train epoch {epoch}", leave=False, mininterval=2) if rank == 0 else None
+        batches = ((x.to(device) for x in collate(b, cfg.model.max_seq_len))
+                   for b in shard.iter_batches(batch_size=tc.batch_size, batch_format="numpy",
+                                               local_shuffle_buffer_size=4 * tc.batch_size,
+                                               local_shuffle_seed=tc.seed + epoch))
+        replay = None
+        if replay_stream is not None:
+            replay = lambda: replay_windows(replay_stream, cfg.guard.replay_batch_size,  # noqa: E731
+                                            replay_len(cfg.guard, model.item_tower), replay_gen).to(device)
+        ep = run_epoch(objective, opt, sched, model.parameters(), tc.grad_clip, autocast, batches, items, cache,
+                       replay=replay, on_step=(lambda _: bar.update(1)) if bar is not None else None)
         if bar is not None:
             bar.close()
-        step_s = time.time() - t_steps if losses else 0.0
 
         flag = torch.zeros(2, dtype=torch.float64, device=device)  # NCCL needs device tensors
         if rank == 0:
@@ -168,11 +206,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ndcg, recall = float(flag[0]), float(flag[1])
         improved = ndcg > best
         best, since_best = (ndcg, 0) if improved else (best, since_best + 1)
-        metrics = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
-                   VAL_METRIC: ndcg, "val_recall10": recall, "epoch_s": time.time() - t0,
-                   "lr": sched.get_last_lr()[0], "best_val_ndcg10": best,
-                   "step_s": step_s, "samples_per_worker": samples, "steps": len(losses),
-                   **{k: float(np.mean(v)) for k, v in parts.items()}}
+        metrics = {"epoch": epoch, "train_loss": ep.mean_loss, VAL_METRIC: ndcg, "val_recall10": recall,
+                   "epoch_s": time.time() - t0, "lr": sched.get_last_lr()[0], "best_val_ndcg10": best,
+                   "step_s": ep.step_s, "samples_per_worker": ep.samples, "steps": ep.steps, **ep.mean_parts()}
         history.append(metrics)
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
