@@ -3,9 +3,10 @@
     python benchmarks/run_all.py --json benchmarks/results/results.json [--quick] [--only topk infer train] [--nightly]
 
 Each area runs in its own process (its own local Ray cluster and memory) and prints its tables:
-- topk  (bench_topk.py):  exact torch top-k with seen masking vs FAISS IndexFlatIP; FAISS IVF/HNSW recall@10
-- infer (bench_infer.py): Ray Data batch inference users/s vs a naive Python loop; peak RSS at 100k vs 1M users
 - train (bench_train.py): Ray Train (1 and 2 workers) vs a plain PyTorch loop; the nightly's per-stage wall times
+- topk  (bench_topk.py):  exact torch top-k with seen masking vs FAISS IndexFlatIP; FAISS IVF/HNSW recall@10
+                          (with --nightly also on the trained model's own vectors)
+- infer (bench_infer.py): Ray Data batch inference users/s vs one batched process; peak RSS at 100k vs 1M users
 The JSON holds the headline ratios at the top level, then each area's full results, the machine and
 the load averages seen (other processes on the machine slow every wall-clock figure).
 The GPU benchmarks are separate: benchmarks/gpu.py.
@@ -23,13 +24,12 @@ from typing import Any, Callable
 import benchlib
 import ray
 
-HEADLINES = ["train_ray_vs_plain", "train_ray2_vs_plain", "infer_vs_naive", "topk_vs_faiss",
-             "infer_rss_growth_100k_to_1m", "ann_recall_at_10"]
+HEADLINES = ["train_ray_vs_plain", "train_ray2_vs_plain", "infer_vs_single_process", "topk_vs_faiss",
+             "infer_rss_growth_100k_to_1m", "ann_recall_at_10", "ann_recall_at_10_trained"]
 # name: (script, arguments for a full / quick run, timeout in seconds: generous, for a machine shared with others)
 AREAS: dict[str, tuple[str, Callable[[bool], list[str]], int]] = {
     "topk": ("bench_topk.py", lambda quick: ["--quick"] if quick else [], 1800),
-    "infer": ("bench_infer.py", lambda quick: ["--sizes", "20000", "50000", "--items", "2000", "--naive-users", "20"]
-              if quick else [], 2400),
+    "infer": ("bench_infer.py", lambda quick: ["--sizes", "20000", "50000", "--items", "2000"] if quick else [], 2400),
     "train": ("bench_train.py", lambda quick: ["--epochs", "2"] if quick else [], 2400),
 }
 
@@ -50,7 +50,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--json", default=None)
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke run of every script (~5 min)")
-    p.add_argument("--only", nargs="+", choices=sorted(AREAS), default=list(AREAS))
+    p.add_argument("--only", nargs="+", choices=sorted(AREAS), default=["train", "topk", "infer"])
     p.add_argument("--nightly", action="store_true",
                    help="train area: the whole nightly (every stage's wall time) instead of prepare + train")
     a = p.parse_args()
@@ -61,7 +61,11 @@ def main() -> None:
             script, args, timeout = AREAS[name]
             print(f"\n## {name} ({script})\n", flush=True)
             ts = time.time()
-            extra = ["--nightly"] if name == "train" and a.nightly else []
+            extra = []
+            if name == "train":  # its storage root stays for topk: ANN recall on the trained model's vectors
+                extra = ["--root", str(Path(tmp) / "train_root")] + (["--nightly"] if a.nightly else [])
+            elif name == "topk" and a.nightly and "train" in a.only:
+                extra = ["--trained-root", str(Path(tmp) / "train_root")]
             results[name] = benchlib.run_child(script, args(a.quick) + extra, Path(tmp) / f"{name}.json", timeout)
             print(f"[{name}: {time.time() - ts:.0f} s, load averages before {results[name]['load_before']} "
                   f"after {results[name]['load_after']}]", flush=True)
