@@ -55,7 +55,6 @@ USERS_PER_FILE = 100_000
 
 
 def model_config() -> Any:
-
     return ModelConfig(item_tower=TowerConfig("tiny", dropout=0.0), user_tower=TowerConfig("tiny", dropout=0.0),
                        embed_dim=32, max_text_tokens=16, max_seq_len=SEQ)
 

@@ -80,7 +80,6 @@ def smollm2_gguf() -> Path:
 
 
 def prepare(cfg: NightlyConfig, run_date: str) -> str:
-
     import jobs.prepare
 
     out = jobs.prepare.main(cfg=cfg, run_date=run_date)

@@ -45,8 +45,36 @@ def test_cold_items_are_recommended_from_text(ray_local, tmp_path):
     out = jobs.nightly.main(cfg=cfg, run_date="2026-11-27")
     cs = out["evaluate"]["metrics"]["cold_start"]
     assert cs["users"] == 150
-    pop, model = cs["baselines"]["popularity"], cs["model"]
+    pop = cs["baselines"]["popularity"]
     assert pop["recall@10"] == 0.0  # never-seen items have no popularity
-    # 2 cold items per topic among 120: finding the right one in the top 10 needs the text tower
-    # (chance is about 0.09 Recall@10; measured 0.49-0.95 Recall@10, 0.25-0.67 NDCG@10 across runs)
-    assert model["recall@10"] > 0.2 and model["ndcg@10"] > 0.1, model
+
+    # Only the cold items are ranked: "never-trained items first" is then no help, and what is left is
+    # whether the text tower tells the user's topic among 12 cold items (2 per topic). The model's order
+    # of the cold items is their order in its holdout top-50 (absent ones last); the trivial heuristic,
+    # computed here on the same users, is a random order of the cold items.
+    recs = storage.read_table(storage.join(out["evaluate"]["eval_dir"], "holdout_recs.parquet")).to_pylist()
+    targets = {str(r["user_id"]): str(r["item_id"]) for r in cold_targets(inter)}  # ids compared as text
+    rng = np.random.default_rng(0)
+    hits_model, hits_random = [], []
+    for r in recs:
+        target = targets.get(str(r["user_id"]))
+        if target is None:
+            continue
+        cold_ids = [str(c) for c in sorted(cold)]
+        ranked = [str(i) for i in r["item_ids"] if str(i) in cold_ids]
+        ranked += [c for c in cold_ids if c not in ranked]
+        hits_model.append(target in ranked[:2])
+        hits_random.append(target in list(rng.permutation(cold_ids))[:2])
+    assert len(hits_model) == 150
+    model_r2, random_r2 = float(np.mean(hits_model)), float(np.mean(hits_random))  # random: about 2/12
+    assert model_r2 >= random_r2 + 0.25, (model_r2, random_r2)
+
+
+def cold_targets(inter_folder: str) -> list[dict]:
+    """Each user's last event (the test item) when it is a cold item."""
+    t = storage.read_table(inter_folder).to_pylist()
+    last: dict[int, dict] = {}
+    for row in t:
+        if row["user_id"] not in last or row["ts"] > last[row["user_id"]]["ts"]:
+            last[row["user_id"]] = row
+    return [r for r in last.values() if r["item_id"] < 12]

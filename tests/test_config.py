@@ -39,7 +39,6 @@ def test_job_config_parses_and_starts_with_its_command(path):
 @pytest.mark.unit
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_job_config_names_a_known_model_size_and_loss(path):
-
     cfg = load_config(path)
     assert cfg.model.item_tower.size in SIZES and cfg.model.user_tower.size in SIZES
     assert cfg.train.loss in LOSSES
@@ -154,7 +153,6 @@ def test_replace_unknown_key_raises():
 
 @pytest.mark.unit
 def test_shuffle_strategy_names_the_setting_and_its_choices():
-
     assert shuffle_strategy(RayConfig().shuffle_strategy).value == "sort_shuffle_pull_based"
     with pytest.raises(ValueError, match=r"ray.shuffle_strategy='bogus' unknown; choose one of \[.*hash_shuffle"):
         shuffle_strategy("bogus")

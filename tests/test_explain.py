@@ -45,7 +45,6 @@ def test_sample_users_is_sorted_reproducible_and_capped():
 
 
 def test_describe_users_generates_from_a_checkpoint(tmp_path):
-
     cfg = ModelConfig(item_tower=TowerConfig(size="tiny", dropout=0.0), user_tower=TowerConfig(size="tiny", dropout=0.0),
                       embed_dim=16, max_seq_len=8, max_text_tokens=16)
     torch.manual_seed(0)

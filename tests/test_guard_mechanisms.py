@@ -226,7 +226,6 @@ def test_generations_fit_the_position_window():
 
 
 def test_param_groups_give_the_item_lm_body_its_own_lr():
-
     torch.manual_seed(0)
     model = build_two_tower(MODEL, N_ITEMS)
     body = {id(p) for p in model.item_tower.backbone.parameters() if p.requires_grad}

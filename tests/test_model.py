@@ -156,7 +156,6 @@ def test_unwrap_strips_ddp_and_compile_wrappers():
 
 @pytest.mark.unit
 def test_save_checkpoint_of_wrapped_model_has_unprefixed_keys(model, tmp_path):
-
     save_checkpoint(_DDPLike(model), ModelSpec.of(_DDPLike(model)), tmp_path / "ckpt")
     keys = load_file(str(tmp_path / "ckpt" / "model.safetensors")).keys()
     assert set(keys) == set(model.state_dict())

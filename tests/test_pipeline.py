@@ -104,7 +104,6 @@ def test_evaluation_outputs(nightly):
 
 
 def test_first_model_is_registered_promoted_and_reported(nightly):
-
     cfg, out = nightly
     version = out["train"]["model_version"]
     assert registry.list_versions(cfg.storage.root) == [version]
@@ -166,7 +165,6 @@ def test_forced_republish_switches_manifest_and_retires_old_generations(nightly)
 
 
 def ray_data_of(table: pa.Table):
-
     return ray.data.from_arrow(table)
 
 

@@ -33,7 +33,6 @@ PER_DAY = {
 
 
 def cfg_for(root: str, day: str):
-
     return load_config(REPO / "jobs" / "configs" / "synthetic.yaml", [f"storage.root={root}", *BASE, *PER_DAY[day]])
 
 

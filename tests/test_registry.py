@@ -158,7 +158,6 @@ def test_config_diff_nested_and_list_vs_tuple():
 
 
 def test_save_tokenizer_copies_a_loadable_tokenizer_into_the_version(tmp_path):
-
     d = registry.version_dir(str(tmp_path), "20260101-000000")
     rec = registry.save_tokenizer("gpt2-offline", d)
     assert rec["name"] == "gpt2-offline" and rec["vocab_size"] == 50257 and rec["folder"] == "tokenizer"

@@ -213,7 +213,6 @@ def _read_interactions(src: SourceData, cfg: NightlyConfig) -> ray.data.Dataset:
 
 
 def shuffle_strategy(name: str) -> "ray.data.context.ShuffleStrategy":
-
     choices = sorted({s.value for s in ShuffleStrategy})
     if name not in choices:
         raise ValueError(f"ray.shuffle_strategy={name!r} unknown; choose one of {choices}")

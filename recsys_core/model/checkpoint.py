@@ -37,7 +37,6 @@ class ModelSpec:
                          user_backbone=m.user_tower.backbone.config.to_dict())
 
     def build(self) -> TwoTower:
-
         cfg = from_dict(ModelConfig, self.model)
         item_bb = backbone_from_config(self.item_backbone)
         head = None

@@ -63,7 +63,6 @@ def version_dir(root: str, version: str) -> str:
 
 
 def is_complete(root: str, version: str) -> bool:
-
     return storage.exists(storage.join(version_dir(root, version), MARKER))
 
 
