@@ -77,6 +77,7 @@ class PrepareConfig:
     min_user_interactions: int = 3  # users with fewer are dropped (protocol, not quarantine)
     max_history: int = 1000  # most recent interactions kept per user
     max_reject_fraction: float = 0.05  # fail the run when more rows than this are quarantined
+    bucket_rows: int = 1_000_000  # rows per user-hash bucket of the history build (one Python call per bucket)
 
 
 @dataclass(frozen=True)
