@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -336,14 +337,29 @@ def shuffle_strategy(name: str) -> "ray.data.context.ShuffleStrategy":
     return ShuffleStrategy(name)
 
 
+class _Laps:
+    """Wall seconds of consecutive phases: ``lap(name)`` closes the phase that started at the previous lap."""
+
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self.t, 3)
+        self.t = now
+
+
 def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict[str, Any]:
     """Run the prepare stage with Ray Data; returns the stats also written to ``stats.json``."""
     ctx = ray.data.DataContext.get_current()
     ctx.default_hash_shuffle_parallelism = cfg.ray.shuffle_parallelism
     ctx.shuffle_strategy = shuffle_strategy(cfg.ray.shuffle_strategy)
     ctx.enable_progress_bars = True
+    lap = _Laps()
 
     catalog = load_catalog(src.items, cfg)
+    lap("catalog")
     catalog_ids = _canonical_ids(catalog["item_id"])
     if isinstance(catalog_ids, pa.ChunkedArray):
         catalog_ids = catalog_ids.combine_chunks()
@@ -353,9 +369,11 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
         validate_batch, batch_format="pyarrow", fn_kwargs={"columns": columns, "catalog_ids": catalog_ids},
     ).materialize()
     rows_read = validated.count()
+    lap("validate")
     if rows_read == 0:
         raise DataValidationError(f"{src.interactions}: no interaction rows")
     bad = validated.map_batches(_bad, batch_format="pyarrow").materialize()
+    lap("rejected_rows")
     # Users are spread over hash buckets; each bucket is one Python call that sorts and groups all of its
     # users at once (a group-by on user_id would pay one call per user). Buckets shuffle across nodes.
     n_buckets = max(cfg.ray.shuffle_parallelism, math.ceil(rows_read / cfg.prepare.bucket_rows))
@@ -364,6 +382,7 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
              .map_groups(build_histories, batch_format="pyarrow",
                          fn_kwargs={"max_history": cfg.prepare.max_history})
              .materialize())
+    lap("histories")
     dups = users.map_batches(_duplicates, batch_format="pyarrow", fn_kwargs={"catalog_ids": catalog_ids})
 
     reasons: dict[str, int] = dict.fromkeys(REASONS, 0)
@@ -373,11 +392,13 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
     for t in dups.iter_batches(batch_format="pyarrow", batch_size=None):
         reasons["duplicate"] += t.num_rows
     rejected = sum(reasons.values())
+    lap("count_rejected")
 
     storage.delete(out.quarantine)
     if rejected:
         qpath, qfs = storage.ray_location(out.quarantine)
         bad.union(dups).repartition(1).write_parquet(qpath, filesystem=qfs)
+    lap("write_quarantine")
 
     if rejected / rows_read > cfg.prepare.max_reject_fraction:  # before any other output is written
         raise DataValidationError(
@@ -390,11 +411,13 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
     storage.delete(out.users)
     upath, ufs = storage.ray_location(out.users)
     kept.write_parquet(upath, filesystem=ufs)
+    lap("write_users")
 
     examples = kept.map_batches(_examples, batch_format="pyarrow", fn_kwargs={"seq_len": cfg.model.max_seq_len})
     storage.delete(out.train_examples)
     epath, efs = storage.ray_location(out.train_examples)
     examples.write_parquet(epath, filesystem=efs)
+    lap("write_examples")
 
     # Training popularity (for logQ correction and the popularity baseline), item-sized, not user-sized.
     counts = np.zeros(catalog.num_rows, dtype=np.int64)
@@ -403,6 +426,7 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
         np.add.at(counts, t["item_idx"].to_numpy(), t["count"].to_numpy())  # item-sized per block
     n_train = int(counts.sum())
     storage.write_table(catalog.append_column("train_count", pa.array(counts)), out.items)
+    lap("train_counts")
 
     stats = {
         "rows_read": rows_read,
@@ -419,6 +443,8 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
         "interactions_uri": src.interactions,
         "items_uri": src.items,
     }
+    lap("count_users")
+    stats["seconds"] = lap.seconds  # wall time of each phase, in order
     storage.write_json(out.stats, stats)
     log.info("prepare: %d rows, %d rejected %s, %d users kept, %d items",
              rows_read, rejected, {k: v for k, v in reasons.items() if v}, stats["users_kept"], catalog.num_rows)
