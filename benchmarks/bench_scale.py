@@ -41,6 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import psutil
 import pyarrow.parquet as pq
 import ray
 
@@ -79,6 +80,34 @@ class Laps:
         now = time.perf_counter()
         self.seconds[name] = round(now - self.t, 3)
         self.t = now
+
+
+class CpuMeter:
+    """CPU seconds (user + system) used by this process and its descendants (the local Ray cluster)
+    between enter and exit: a measure that, unlike wall time, hardly moves with other users' load.
+    Processes that exit before the end are not counted (Ray's workers stay alive)."""
+
+    def __init__(self) -> None:
+        self.me = psutil.Process()
+        self.cpu_s = 0.0
+
+    def _read(self) -> dict[tuple[int, float], float]:
+        out = {}
+        for p in [self.me, *self.me.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                out[(p.pid, p.create_time())] = t.user + t.system
+            except psutil.Error:
+                continue
+        return out
+
+    def __enter__(self) -> "CpuMeter":
+        self.start = self._read()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        end = self._read()
+        self.cpu_s = sum(v - self.start.get(k, 0.0) for k, v in end.items())
 
 
 def anchor(src: SourceData, cfg: NightlyConfig, out: Path) -> dict[str, Any]:
@@ -139,24 +168,30 @@ def per_user_vs_bucketed(root: Path, n: int, items: int, days: int) -> dict[str,
             .map_batches(_good, batch_format="pyarrow", fn_kwargs={"n_buckets": n_buckets}).materialize())
     out: dict[str, Any] = {"events": n, "rows_good": good.count(), "bucketed_runs_s": []}
 
+    out["bucketed_runs_cpu_s"] = []
+
     def bucketed_run() -> ray.data.Dataset:
         t = time.perf_counter()
-        ds = good.groupby("bucket").map_groups(build_histories, batch_format="pyarrow",
-                                               fn_kwargs={"max_history": cfg.prepare.max_history}).materialize()
+        with CpuMeter() as cpu:
+            ds = good.groupby("bucket").map_groups(build_histories, batch_format="pyarrow",
+                                                   fn_kwargs={"max_history": cfg.prepare.max_history}).materialize()
         out["bucketed_runs_s"].append(time.perf_counter() - t)
+        out["bucketed_runs_cpu_s"].append(cpu.cpu_s)
         return ds
 
     bucketed = bucketed_run()  # before and after the per-user run: the first one also warms the workers
     t = time.perf_counter()
-    per_user = good.groupby("user_id").map_groups(build_user, batch_format="pyarrow",
-                                                  fn_kwargs={"max_history": cfg.prepare.max_history}).materialize()
-    out["per_user_s"] = time.perf_counter() - t
+    with CpuMeter() as cpu:
+        per_user = good.groupby("user_id").map_groups(build_user, batch_format="pyarrow",
+                                                      fn_kwargs={"max_history": cfg.prepare.max_history}).materialize()
+    out["per_user_s"], out["per_user_cpu_s"] = time.perf_counter() - t, cpu.cpu_s
     bucketed_run()
-    out["bucketed_s"] = min(out["bucketed_runs_s"])
+    out["bucketed_s"], out["bucketed_cpu_s"] = min(out["bucketed_runs_s"]), min(out["bucketed_runs_cpu_s"])
     out["users"] = bucketed.count()
     if per_user.count() != out["users"]:
         raise AssertionError(f"per-user build gave {per_user.count()} users, bucketed {out['users']}")
     out["per_user_vs_bucketed"] = out["per_user_s"] / out["bucketed_s"]
+    out["per_user_vs_bucketed_cpu"] = out["per_user_cpu_s"] / out["bucketed_cpu_s"]
     return out
 
 
@@ -171,9 +206,9 @@ def scale_run(root: Path, n: int, items: int, days: int, per_user_events: int) -
     gc.collect()
     cfg = config(root, src)
     load_tokenizer(cfg.model.tokenizer)  # warm-up, untimed: the first import of transformers takes seconds
-    with benchlib.RssSampler() as rss:
+    with benchlib.RssSampler() as rss, CpuMeter() as cpu:
         res["anchor"] = anchor(src, cfg, root / f"anchor_{n}")
-    res["anchor"]["rss"] = rss.summary()
+    res["anchor"]["rss"], res["anchor"]["cpu_s"] = rss.summary(), cpu.cpu_s
     gc.collect()
 
     os.environ["RAY_TMPDIR"] = str(root / "ray")
@@ -186,11 +221,12 @@ def scale_run(root: Path, n: int, items: int, days: int, per_user_events: int) -
         init_ray(RayConfig())
     res["ray_start_s"] = time.perf_counter() - t
     res["ray_cpus"] = ray.cluster_resources().get("CPU")
-    with benchlib.RssSampler() as rss:
+    with benchlib.RssSampler() as rss, CpuMeter() as cpu:
         t = time.perf_counter()
         stats = run_prepare(cfg, src, PreparedPaths(str(root / f"prepared_{n}")))
         res["prepare_s"] = time.perf_counter() - t
-    res["prepare_rss"] = rss.summary()
+    res["prepare_rss"], res["prepare_cpu_s"] = rss.summary(), cpu.cpu_s
+    res["prepare_cpu_vs_anchor"] = cpu.cpu_s / res["anchor"]["cpu_s"]
     res["spilled_mib"], res["memory_summary"] = spilled_mib()
     res["prepare_stats"] = {k: v for k, v in stats.items() if k not in ("source", "interactions_uri", "items_uri")}
     res["prepare_rows_per_s"] = stats["rows_read"] / res["prepare_s"]
@@ -240,10 +276,12 @@ def main() -> None:
         "Prepare stage (read, validate, quarantine, histories, examples, writes) vs a single-process "
         "pyarrow + numpy anchor doing the same work, same log, same run",
         ["events", "users kept", "generate s", "anchor s", "Ray start s", "prepare s", "prepare / anchor",
+         "anchor CPU s", "prepare CPU s (driver + Ray)", "CPU prepare / anchor",
          "prepare events/s", "anchor events/s", "prepare peak RSS driver+workers MiB", "anchor peak RSS MiB",
          "spilled MiB"],
         [[r["events"], r["prepare_stats"]["users_kept"], r["generate_s"], r["anchor"]["total_s"], r["ray_start_s"],
-          r["prepare_s"], r["prepare_vs_anchor"], r["prepare_rows_per_s"], r["anchor_rows_per_s"],
+          r["prepare_s"], r["prepare_vs_anchor"], r["anchor"]["cpu_s"], r["prepare_cpu_s"],
+          r["prepare_cpu_vs_anchor"], r["prepare_rows_per_s"], r["anchor_rows_per_s"],
           r["prepare_rss"]["driver_plus_workers_mib"], r["anchor"]["rss"]["driver_mib"],
           r["spilled_mib"] if r["spilled_mib"] is not None else "n/a"] for r in runs]), flush=True)
     phases = list(runs[0]["prepare_stats"]["seconds"])
@@ -258,13 +296,16 @@ def main() -> None:
         print(benchlib.table(
             "History build alone on Ray Data, same validated rows: one call per user vs one per hash bucket",
             ["events", "users", "groupby(user_id).map_groups(build_user) s", "groupby(bucket).map_groups("
-             "build_histories) s", "ratio"],
-            [[hb["events"], hb["users"], hb["per_user_s"], hb["bucketed_s"], hb["per_user_vs_bucketed"]]]), flush=True)
+             "build_histories) s", "ratio", "CPU s per-user", "CPU s bucketed", "CPU ratio"],
+            [[hb["events"], hb["users"], hb["per_user_s"], hb["bucketed_s"], hb["per_user_vs_bucketed"],
+              hb["per_user_cpu_s"], hb["bucketed_cpu_s"], hb["per_user_vs_bucketed_cpu"]]]), flush=True)
     out: dict[str, Any] = {"cpu_model": cpu_model(), "cores": os.cpu_count(), "runs": runs,
                            "wall_s": time.time() - t0, "load_before": load0, "load_after": benchlib.load()}
     if len(runs) > 1:
         small, big = runs[0], runs[-1]
         out["prepare_cost_per_event_growth"] = (big["prepare_s"] / big["events"]) / (small["prepare_s"] / small["events"])
+        out["prepare_cpu_per_event_growth"] = ((big["prepare_cpu_s"] / big["events"])
+                                               / (small["prepare_cpu_s"] / small["events"]))
         out["prepare_rss_growth"] = (big["prepare_rss"]["driver_plus_workers_mib"]
                                      / small["prepare_rss"]["driver_plus_workers_mib"])
     benchlib.write_json(a.json, out)

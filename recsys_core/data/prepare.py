@@ -232,17 +232,21 @@ def build_histories(events: pa.Table, max_history: int) -> pa.Table:
     """Many users' events (user_id, item_idx, ts) -> one row per user, as :func:`build_user` for each:
     chronological ``items``/``ts`` (ties by item_idx), the last ``max_history`` kept, and the exact
     duplicates (same user, ts and item) set aside in ``dup_items``/``dup_ts``. One pyarrow sort and numpy
-    over the whole block; rows ordered by user_id."""
-    t = events.select(["user_id", "item_idx", "ts"]).sort_by(
-        [("user_id", "ascending"), ("ts", "ascending"), ("item_idx", "ascending")])
-    n = t.num_rows
+    over the whole block (the ids, never null, are sorted once per distinct user); rows ordered by user_id."""
+    n = events.num_rows
     if n == 0:
         return HISTORY_SCHEMA.empty_table()
-    users = t["user_id"].combine_chunks()  # (R,)
-    items = t["item_idx"].to_numpy().astype(np.int32)  # (R,)
-    ts = t["ts"].to_numpy().astype(np.int64)  # (R,)
+    enc = pc.dictionary_encode(events["user_id"].combine_chunks())  # (R,) indices into the distinct ids
+    by_id = pc.array_sort_indices(enc.dictionary).to_numpy()  # (U,) distinct ids in id order
+    rank = np.empty(by_id.shape[0], dtype=np.int64)
+    rank[by_id] = np.arange(by_id.shape[0])
+    code = rank[enc.indices.to_numpy()]  # (R,) user number in id order
+    items = events["item_idx"].to_numpy().astype(np.int32)  # (R,)
+    ts = events["ts"].to_numpy().astype(np.int64)  # (R,)
+    order = np.lexsort((items, ts, code))  # (R,) by user, then ts, then item_idx
+    code, items, ts = code[order], items[order], ts[order]
     new_user = np.ones(n, dtype=bool)  # (R,) first event of its user
-    new_user[1:] = pc.not_equal(users[1:], users[:-1]).to_numpy(zero_copy_only=False)
+    new_user[1:] = code[1:] != code[:-1]
     dup = np.zeros(n, dtype=bool)  # (R,) an exact repeat of the event before it
     dup[1:] = ~new_user[1:] & (ts[1:] == ts[:-1]) & (items[1:] == items[:-1])
     owner = np.cumsum(new_user) - 1  # (R,) user number of each event
@@ -254,7 +258,7 @@ def build_histories(events: pa.Table, max_history: int) -> pa.Table:
     recent = pos >= np.repeat(kept_len - hist_len, kept_len)  # (K,) among the last max_history
     dup_len = np.bincount(owner[dup], minlength=n_users)  # (U,)
     return pa.table({
-        "user_id": users.take(pa.array(np.flatnonzero(new_user))),
+        "user_id": enc.dictionary.take(pa.array(by_id)),  # every distinct id has events: user u is by_id[u]
         "items": _list_array(hist_len, items[keep][recent], pa.int32()),
         "ts": _list_array(hist_len, ts[keep][recent], pa.int64()),
         "dup_items": _list_array(dup_len, items[dup], pa.int32()),
