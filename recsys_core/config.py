@@ -144,6 +144,7 @@ class EvalConfig:
     n_boot: int = 1000
     baselines: tuple[str, ...] = ("popularity", "itemknn")
     itemknn_neighbors: int = 200
+    max_users: int | None = None  # holdout scores a seeded sample (train.seed) of this many users; None: all
 
 
 @dataclass(frozen=True)

@@ -160,20 +160,25 @@ BASELINES: dict[str, Callable[..., Iterator[np.ndarray]]] = {
 
 
 def baseline_per_user(users_uri: str, n_items: int, names: tuple[str, ...], ks: tuple[int, ...],
-                      k_neighbors: int) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray]:
-    """Baselines fit on train+validation interactions, ranked for the test item (seen excluded).
+                      k_neighbors: int, query_rows: np.ndarray | None = None
+                      ) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray]:
+    """Baselines fit on train+validation interactions of every user, ranked for the test item (seen
+    excluded) of the users at ``query_rows`` (rows of ``users_uri``; None: every user).
 
-    Returns per-user metric values for each baseline and the test item of each user."""
+    Returns per-user metric values for each baseline and the test item of each scored user."""
     t = storage.read_table(users_uri, columns=["items"])
     hist, target = holdout(t["items"].to_pylist(), "test")
     train_users = np.repeat(np.arange(len(hist)), [len(h) for h in hist])
     train_items = np.concatenate(hist) if hist else np.zeros(0, np.int64)
+    n_train_users = len(hist)
+    if query_rows is not None:  # the holdout's sample of users (eval.max_users)
+        hist, target = [hist[i] for i in query_rows], target[query_rows]
     out = {}
     for name in names:
         if name not in BASELINES:
             raise ValueError(f"eval.baselines: {name!r} unknown; choose from {sorted(BASELINES)}")
         ranked, done = [], 0
-        for block in BASELINES[name](train_users, train_items, len(hist), n_items, hist, k_neighbors=k_neighbors):
+        for block in BASELINES[name](train_users, train_items, n_train_users, n_items, hist, k_neighbors=k_neighbors):
             ranked.append(topk_from_scores(block, hist[done:done + len(block)], max(ks)))  # (q, K)
             done += len(block)
         top = np.concatenate(ranked) if ranked else np.zeros((0, max(ks)), np.int64)
