@@ -90,13 +90,16 @@ class CpuMeter:
     def __init__(self) -> None:
         self.me = psutil.Process()
         self.cpu_s = 0.0
+        self.parts: dict[str, float] = {}  # driver | workers (ray::*) | infra (raylet, GCS, agents)
 
-    def _read(self) -> dict[tuple[int, float], float]:
+    def _read(self) -> dict[tuple[int, float], tuple[str, float]]:
         out = {}
         for p in [self.me, *self.me.children(recursive=True)]:
             try:
                 t = p.cpu_times()
-                out[(p.pid, p.create_time())] = t.user + t.system
+                title = (p.cmdline() or [p.name()])[0]
+                kind = "driver" if p.pid == self.me.pid else "workers" if title.startswith("ray::") else "infra"
+                out[(p.pid, p.create_time())] = (kind, t.user + t.system)
             except psutil.Error:
                 continue
         return out
@@ -106,8 +109,10 @@ class CpuMeter:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        end = self._read()
-        self.cpu_s = sum(v - self.start.get(k, 0.0) for k, v in end.items())
+        self.parts = {"driver": 0.0, "workers": 0.0, "infra": 0.0}
+        for k, (kind, v) in self._read().items():
+            self.parts[kind] += v - self.start.get(k, (kind, 0.0))[1]
+        self.cpu_s = sum(self.parts.values())
 
 
 def anchor(src: SourceData, cfg: NightlyConfig, out: Path) -> dict[str, Any]:
@@ -148,7 +153,8 @@ def anchor(src: SourceData, cfg: NightlyConfig, out: Path) -> dict[str, Any]:
 
 def spilled_mib() -> tuple[float | None, str]:
     try:
-        text = ray._private.internal_api.memory_summary(stats_only=True)  # what `ray memory --stats-only` prints
+        text = ray._private.internal_api.memory_summary(  # what `ray memory --stats-only` prints
+            address=ray.get_runtime_context().gcs_address, stats_only=True)
     except Exception as e:  # noqa: BLE001 - a reading, not the benchmark
         return None, f"memory_summary failed: {e!r}"[:200]
     m = re.search(r"Spilled ([\d.]+) MiB", text)
@@ -225,7 +231,7 @@ def scale_run(root: Path, n: int, items: int, days: int, per_user_events: int) -
         t = time.perf_counter()
         stats = run_prepare(cfg, src, PreparedPaths(str(root / f"prepared_{n}")))
         res["prepare_s"] = time.perf_counter() - t
-    res["prepare_rss"], res["prepare_cpu_s"] = rss.summary(), cpu.cpu_s
+    res["prepare_rss"], res["prepare_cpu_s"], res["prepare_cpu_parts_s"] = rss.summary(), cpu.cpu_s, cpu.parts
     res["prepare_cpu_vs_anchor"] = cpu.cpu_s / res["anchor"]["cpu_s"]
     res["spilled_mib"], res["memory_summary"] = spilled_mib()
     res["prepare_stats"] = {k: v for k, v in stats.items() if k not in ("source", "interactions_uri", "items_uri")}
@@ -259,7 +265,8 @@ def main() -> None:
         benchlib.write_json(a.json, scale_run(Path(a.root), a.scale_run, a.items, a.days, a.per_user_events))
         return
     t0, load0 = time.time(), benchlib.load()
-    runs = []
+    runs: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         root = Path(a.root or tmp)
         for i, n in enumerate(a.sizes):
@@ -267,7 +274,12 @@ def main() -> None:
             child.mkdir(parents=True, exist_ok=True)
             args = ["--root", str(child), "--scale-run", str(n), "--items", str(a.items), "--days", str(a.days),
                     "--per-user-events", str(a.per_user_events if i == 0 else 0)]
-            runs.append(benchlib.run_child("bench_scale.py", args, child / "run.json", timeout_s=a.timeout_s))
+            try:
+                runs.append(benchlib.run_child("bench_scale.py", args, child / "run.json", timeout_s=a.timeout_s))
+            except RuntimeError as e:  # a size past --timeout-s on a loaded machine: recorded, not fatal
+                failed.append({"events": n, "error": str(e)[:2000]})
+                print(f"{n:,} events: FAILED - {str(e)[:300]}", flush=True)
+                continue
             r = runs[-1]
             print(f"{n:,} events: prepare {r['prepare_s']:.1f} s, anchor {r['anchor']['total_s']:.1f} s "
                   f"({r['prepare_vs_anchor']:.1f}x), same counts: {r['same_counts_as_anchor']}", flush=True)
@@ -299,7 +311,9 @@ def main() -> None:
              "build_histories) s", "ratio", "CPU s per-user", "CPU s bucketed", "CPU ratio"],
             [[hb["events"], hb["users"], hb["per_user_s"], hb["bucketed_s"], hb["per_user_vs_bucketed"],
               hb["per_user_cpu_s"], hb["bucketed_cpu_s"], hb["per_user_vs_bucketed_cpu"]]]), flush=True)
-    out: dict[str, Any] = {"cpu_model": cpu_model(), "cores": os.cpu_count(), "runs": runs,
+    if not runs:
+        raise SystemExit(f"every size failed: {failed}")
+    out: dict[str, Any] = {"cpu_model": cpu_model(), "cores": os.cpu_count(), "runs": runs, "failed": failed,
                            "wall_s": time.time() - t0, "load_before": load0, "load_after": benchlib.load()}
     if len(runs) > 1:
         small, big = runs[0], runs[-1]
