@@ -38,16 +38,27 @@ from typing import Any
 
 import benchlib
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-import psutil
 import pyarrow.parquet as pq
 import ray
 
 from recsys_core.config import NightlyConfig, RayConfig, load_config
-from recsys_core.data.prepare import (PreparedPaths, _examples, _good, _kept, _read_interactions, _train_counts,
-                                      build_histories, build_user, load_catalog, run_prepare, validate_batch)
+from recsys_core.data.prepare import (
+    PreparedPaths,
+    _examples,
+    _good,
+    _kept,
+    _read_interactions,
+    _train_counts,
+    build_histories,
+    build_user,
+    load_catalog,
+    run_prepare,
+    validate_batch,
+)
 from recsys_core.data.sources import LogShape, SourceData, write_scale_log
 from recsys_core.data.split import MIN_EVENTS
 from recsys_core.data.text import load_tokenizer
@@ -57,7 +68,7 @@ EVENTS_PER_USER = 6_500_000 / 300_000  # the issue's log
 
 
 def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
     m = re.search(r"Model name:\s*(.+)", out)
     return m.group(1).strip() if m else "unknown"
 
@@ -104,11 +115,11 @@ class CpuMeter:
                 continue
         return out
 
-    def __enter__(self) -> "CpuMeter":
+    def __enter__(self) -> CpuMeter:
         self.start = self._read()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.parts = {"driver": 0.0, "workers": 0.0, "infra": 0.0}
         for k, (kind, v) in self._read().items():
             self.parts[kind] += v - self.start.get(k, (kind, 0.0))[1]
@@ -307,8 +318,7 @@ def main() -> None:
     if hb:
         print(benchlib.table(
             "History build alone on Ray Data, same validated rows: one call per user vs one per hash bucket",
-            ["events", "users", "groupby(user_id).map_groups(build_user) s", "groupby(bucket).map_groups("
-             "build_histories) s", "ratio", "CPU s per-user", "CPU s bucketed", "CPU ratio"],
+            ["events", "users", "groupby(user_id).map_groups(build_user) s", "groupby(bucket).map_groups(build_histories) s", "ratio", "CPU s per-user", "CPU s bucketed", "CPU ratio"],
             [[hb["events"], hb["users"], hb["per_user_s"], hb["bucketed_s"], hb["per_user_vs_bucketed"],
               hb["per_user_cpu_s"], hb["bucketed_cpu_s"], hb["per_user_vs_bucketed_cpu"]]]), flush=True)
     if not runs:

@@ -15,8 +15,12 @@ from recsys_core.config import load_config
 from recsys_core.data.prepare import PreparedPaths, _good, run_prepare, validate_batch
 from recsys_core.data.sources import SourceData
 from tests.conftest import REPO
-from tests.prepare_reference import (reference_duplicates, reference_examples, reference_histories,
-                                     reference_train_counts)
+from tests.prepare_reference import (
+    reference_duplicates,
+    reference_examples,
+    reference_histories,
+    reference_train_counts,
+)
 
 pytestmark = pytest.mark.integration
 T0 = 1_790_000_000
@@ -65,13 +69,13 @@ def test_vectorised_prepare_matches_the_per_user_reference(ray_local, tmp_path):
 
     users = storage.read_table(out.users)
     assert users.num_rows == stats["users_kept"] == kept.num_rows > 100
-    key = lambda r: r["user_id"]  # noqa: E731
+    key = lambda r: r["user_id"]
     assert sorted(users.to_pylist(), key=key) == sorted(kept.select(["user_id", "items", "ts"]).to_pylist(), key=key)
     assert stats["users_seen"] == hist.num_rows
 
     ex = storage.read_table(out.train_examples)
     want = reference_examples(kept, 4)
-    as_pairs = lambda t: Counter(zip(map(tuple, t["input"].to_pylist()), map(tuple, t["target"].to_pylist())))  # noqa: E731
+    as_pairs = lambda t: Counter(zip(map(tuple, t["input"].to_pylist()), map(tuple, t["target"].to_pylist())))
     assert ex.num_rows == stats["train_examples"] == want.num_rows
     assert as_pairs(ex) == as_pairs(want)
 
@@ -80,7 +84,7 @@ def test_vectorised_prepare_matches_the_per_user_reference(ray_local, tmp_path):
     assert {k: v for k, v in stats["rejected_by_reason"].items() if v} == dict(want_reasons)
     assert want_reasons["duplicate"] >= 50 and want_reasons["unknown_item"] == 1
     q = storage.read_table(out.quarantine)
-    row = lambda r: (r["user_id"], r["item_id"], r["ts"], r["reason"])  # noqa: E731
+    row = lambda r: (r["user_id"], r["item_id"], r["ts"], r["reason"])
     want_q = [r for r in validated.to_pylist() if r["reason"]]
     assert Counter(map(row, q.to_pylist())) == Counter(
         [(r["user_id"], r["raw_item_id"], r["raw_ts"], r["reason"]) for r in want_q] + list(map(row, dups.to_pylist())))

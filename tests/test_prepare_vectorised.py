@@ -5,11 +5,25 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from recsys_core.data.prepare import (_duplicates, _examples, _kept, _train_counts, build_histories,
-                                      user_bucket)
-from recsys_core.data.split import train_lengths, training_window_bounds, training_windows
-from tests.prepare_reference import (reference_duplicates, reference_examples, reference_histories,
-                                     reference_train_counts)
+from recsys_core.data.prepare import (
+    _duplicates,
+    _examples,
+    _kept,
+    _train_counts,
+    build_histories,
+    user_bucket,
+)
+from recsys_core.data.split import (
+    train_lengths,
+    training_window_bounds,
+    training_windows,
+)
+from tests.prepare_reference import (
+    reference_duplicates,
+    reference_examples,
+    reference_histories,
+    reference_train_counts,
+)
 
 pytestmark = pytest.mark.unit
 
