@@ -78,6 +78,7 @@ class PrepareConfig:
     min_user_interactions: int = 3  # users with fewer are dropped (protocol, not quarantine)
     max_history: int = 1000  # most recent interactions kept per user
     max_reject_fraction: float = 0.05  # fail the run when more rows than this are quarantined
+    bucket_rows: int = 1_000_000  # rows per user-hash bucket of the history build (one Python call per bucket)
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,7 @@ class EvalConfig:
     n_boot: int = 1000
     baselines: tuple[Literal["popularity", "itemknn"], ...] = ("popularity", "itemknn")  # eval.baselines.BASELINES
     itemknn_neighbors: int = 200
+    max_users: int | None = None  # holdout scores a seeded sample (train.seed) of this many users; None: all
 
 
 @dataclass(frozen=True)

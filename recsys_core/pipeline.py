@@ -32,7 +32,7 @@ from recsys_core.config import NightlyConfig, replace
 from recsys_core.data.prepare import PreparedPaths, catalog_ids, run_prepare
 from recsys_core.data.sources import resolve_source
 from recsys_core.eval.baselines import baseline_per_user
-from recsys_core.eval.holdout import cold_start_metrics, evaluate_model
+from recsys_core.eval.holdout import cold_start_metrics, evaluate_model, holdout_users
 from recsys_core.eval.metrics import summarize_values
 from recsys_core.model.checkpoint import CONFIG
 from recsys_core.ops import gate, registry, report
@@ -199,22 +199,30 @@ def _warm_start(run: Run, ids: pa.Array, today_hash: str, config: dict[str, Any]
 def evaluate_stage(run: Run) -> EvaluateRecord:
     cfg, trained = run.cfg, run.record("train")
     items = storage.read_table(run.prepared.items, columns=["item_id", "train_count"])
-    n_users = run.record("prepare").stats["users_kept"]
+    held = holdout_users(run.prepared.users, storage.join(run.eval_dir, "holdout_users.parquet"),
+                         cfg.eval.max_users, cfg.train.seed)
+    n_users = held["users"]
+    if held["sampled"]:
+        log.info("holdout: %d of %d users sampled (eval.max_users, seed %d)", n_users, held["of"], held["seed"])
     per_user, model_m, n_scored = evaluate_model(
-        trained.model_dir, trained.model_version, run.prepared.items, run.prepared.users,
+        trained.model_dir, trained.model_version, run.prepared.items, held["uri"],
         storage.join(trained.model_dir, "item_embeddings.npy"), storage.join(run.eval_dir, "holdout_recs.parquet"),
         cfg.eval, cfg.infer, cfg.model.max_seq_len, n_users)
     base_pu, base_target = baseline_per_user(run.prepared.users, items.num_rows, cfg.eval.baselines, cfg.eval.ks,
-                                             cfg.eval.itemknn_neighbors)
+                                             cfg.eval.itemknn_neighbors, query_rows=held["rows"])
     base = {b: summarize_values(pu, n_users, cfg.eval.n_boot) for b, pu in base_pu.items()}
     cold = cold_start_metrics(per_user, base_pu, base_target, items["train_count"].to_numpy() == 0, cfg.eval.n_boot)
     metrics = {"model": model_m, "baselines": base, "model_version": trained.model_version,
                "users_scored": n_scored, "cold_start": cold,
-               "note": "bootstrap 95% CIs over users; with ~1k users, differences under ~0.015 are noise"}
+               "holdout_users": {"scored": n_users, "of": held["of"], "sampled": held["sampled"],
+                                 "seed": held.get("seed"), "max_users": cfg.eval.max_users},
+               "note": "bootstrap 95% CIs over users; with ~1k users, differences under ~0.015 are noise"
+                       + (f"; holdout on a seeded sample of {n_users} of {held['of']} users (eval.max_users)"
+                          if held["sampled"] else "")}
     storage.write_json(storage.join(run.eval_dir, "metrics.json"), metrics)
     plot_learning_curve(trained.history, base, storage.join(run.eval_dir, "learning_curve.png"))
     _log_table(model_m, base)
-    return EvaluateRecord(metrics=metrics, eval_dir=run.eval_dir)
+    return EvaluateRecord(metrics=metrics, eval_dir=run.eval_dir, holdout_users_uri=held["uri"])
 
 
 def promote_stage(run: Run) -> PromoteRecord:
@@ -267,8 +275,9 @@ def _evaluate_production(run: Run, version: str) -> ModelSource:
     model_dir, note = registry.on_catalog(run.root, version, ids, registry.catalog_hash(ids), workdir)
     max_seq_len = int(json.loads(storage.read_bytes(storage.join(model_dir, CONFIG)))["model"]["max_seq_len"])
     emb = storage.join(workdir, f"{version}-item_embeddings.npy")
-    n_users = run.record("prepare").stats["users_kept"]
-    _, summary, _ = evaluate_model(model_dir, version, run.prepared.items, run.prepared.users, emb,
+    users_uri = run.record("evaluate").holdout_users_uri or run.prepared.users  # the same users as the new model
+    n_users = storage.parquet_totals(users_uri)[0]
+    _, summary, _ = evaluate_model(model_dir, version, run.prepared.items, users_uri, emb,
                                    storage.join(run.eval_dir, "production_holdout_recs.parquet"),
                                    cfg.eval, cfg.infer, max_seq_len, n_users)
     log.info("production model %s on today's holdout: NDCG@10 %.4f (%s)", version, summary["ndcg@10"], note)

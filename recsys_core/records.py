@@ -57,6 +57,7 @@ class TrainRecord(Record):
 class EvaluateRecord(Record):
     metrics: dict[str, Any]  # metrics.json: model, baselines, cold start (95% CIs)
     eval_dir: str
+    holdout_users_uri: str | None = None  # the users scored (a sample when eval.max_users is set)
 
 
 @dataclass(frozen=True)

@@ -147,3 +147,30 @@ def test_baselines_rank_the_same_in_small_score_blocks(tmp_path, monkeypatch, na
     for m, v in whole[name].items():
         np.testing.assert_array_equal(v, blocked[name][m])
     assert whole[name]["recall@10"].shape == (25,)
+
+
+@pytest.mark.unit
+def test_itemknn_at_30k_items_is_memory_bounded_float32_top_k(monkeypatch):
+    """30k items: a dense item-item float64 matrix would be 7.2 GB and one (2,000 x 30k) float64 score
+    block 480 MB; the chunked float32 build with top-k neighbours stays far below either."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    n_users, n_items, k = 2_000, 30_000, 50
+    users = rng.integers(0, n_users, 40_000)
+    items = rng.zipf(1.3, 40_000) % n_items
+    hists = [rng.integers(0, n_items, 5) for _ in range(2_000)]
+    built = []
+    weights = baselines._itemknn_weights
+    monkeypatch.setattr(baselines, "_itemknn_weights", lambda *a: built.append(weights(*a)) or built[-1])
+    tracemalloc.start()
+    shapes = [b.shape for b in itemknn_score_chunks(users, items, n_users, n_items, hists, k_neighbors=k,
+                                                   chunk_size=4096)]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    (w,) = built
+    assert w.dtype == np.float32 and w.shape == (n_items, n_items)
+    assert np.diff(w.tocsc().indptr).max() <= k  # at most k neighbours kept per item
+    step = baselines._SCORE_BLOCK_ENTRIES // n_items  # 533 users per block
+    assert shapes == [(step, n_items)] * 3 + [(2_000 - 3 * step, n_items)]
+    assert peak < 250 * 2**20, f"peak {peak / 2**20:.0f} MiB"

@@ -12,6 +12,8 @@ Protocol: per user, sort by (ts, item_id); last = test, second-to-last = validat
 from __future__ import annotations
 
 import logging
+import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +27,7 @@ from ray.data.context import ShuffleStrategy
 from recsys_core import storage
 from recsys_core.config import NightlyConfig, TrainConfig
 from recsys_core.data.sources import SourceData
-from recsys_core.data.split import MIN_EVENTS, train_part, training_windows
+from recsys_core.data.split import MIN_EVENTS, train_lengths, training_window_bounds
 from recsys_core.data.text import load_tokenizer, render_texts, tokenize_texts
 
 log = logging.getLogger(__name__)
@@ -141,8 +143,49 @@ def validate_batch(batch: pa.Table, columns: dict[str, str], catalog_ids: pa.Arr
     })
 
 
-def _good(batch: pa.Table) -> pa.Table:
-    return batch.filter(pc.is_null(batch["reason"])).select(["user_id", "item_idx", "ts"])
+HISTORY_SCHEMA = pa.schema([("user_id", pa.string()), ("items", pa.list_(pa.int32())), ("ts", pa.list_(pa.int64())),
+                            ("dup_items", pa.list_(pa.int32())), ("dup_ts", pa.list_(pa.int64()))])
+EXAMPLES_SCHEMA = pa.schema([("input", pa.list_(pa.int32())), ("target", pa.list_(pa.int32()))])
+
+
+def user_bucket(user_id: pa.Array | pa.ChunkedArray, n_buckets: int) -> np.ndarray:
+    """(R,) int64 bucket in [0, n_buckets) of each user id, hashed from its UTF-8 bytes with numpy over the
+    string buffers: the same on every process and machine (Python's ``hash`` of str is salted per process)."""
+    if n_buckets < 1:
+        raise ValueError(f"n_buckets must be >= 1, got {n_buckets}")
+    arr = user_id.combine_chunks() if isinstance(user_id, pa.ChunkedArray) else user_id
+    if pa.types.is_large_string(arr.type):
+        arr = pc.cast(arr, pa.string())
+    if not pa.types.is_string(arr.type):
+        raise TypeError(f"user_bucket needs string user ids, got {arr.type}")
+    n = len(arr)
+    _, off_buf, data_buf = arr.buffers()
+    offsets = np.frombuffer(off_buf, dtype=np.int32)[arr.offset:arr.offset + n + 1].astype(np.int64)  # (R+1,)
+    lens = np.diff(offsets)  # (R,)
+    first = offsets[0] if n else 0
+    total = int(offsets[-1] - first) if n else 0
+    h = np.zeros(n, dtype=np.uint64)
+    if total:
+        data = np.frombuffer(data_buf, dtype=np.uint8)[first:first + total].astype(np.uint64)  # (B,)
+        starts = offsets[:-1] - first  # (R,)
+        pos = np.arange(total, dtype=np.int64) - np.repeat(starts, lens)  # (B,) byte position in its id
+        powers = np.cumprod(np.full(int(lens.max()), 1_000_003, dtype=np.uint64))  # wraps mod 2**64
+        with np.errstate(over="ignore"):
+            terms = (data + np.uint64(1)) * powers[pos]  # (B,)
+            nonempty = lens > 0
+            h[nonempty] = np.add.reduceat(terms, starts[nonempty])
+            h ^= h >> np.uint64(33)  # murmur3 finaliser: spread the low bits before the modulo
+            h *= np.uint64(0xFF51AFD7ED558CCD)
+            h ^= h >> np.uint64(33)
+            h *= np.uint64(0xC4CEB9FE1A85EC53)
+            h ^= h >> np.uint64(33)
+    return (h % np.uint64(n_buckets)).astype(np.int64)
+
+
+def _good(batch: pa.Table, n_buckets: int) -> pa.Table:
+    """Valid rows (user_id, item_idx, ts) and the hash ``bucket`` of their user (the history build's group key)."""
+    good = batch.filter(pc.is_null(batch["reason"])).select(["user_id", "item_idx", "ts"])
+    return good.append_column("bucket", pa.array(user_bucket(good["user_id"], n_buckets)))
 
 
 def _bad(batch: pa.Table) -> pa.Table:
@@ -152,7 +195,10 @@ def _bad(batch: pa.Table) -> pa.Table:
 
 
 def build_user(group: pa.Table, max_history: int) -> pa.Table:
-    """One user's events -> chronological history (ties by item_id), exact duplicates set aside."""
+    """One user's events -> chronological history (ties by item_id), exact duplicates set aside.
+
+    The per-user reference implementation (one Python call per user): the stage runs
+    :func:`build_histories`, which tests compare against this."""
     ts = group["ts"].to_numpy()
     items = group["item_idx"].to_numpy()
     order = np.lexsort((items, ts))  # by ts, then item_idx (== item_id order)
@@ -169,26 +215,101 @@ def build_user(group: pa.Table, max_history: int) -> pa.Table:
     })
 
 
+def _list_array(lengths: np.ndarray, values: np.ndarray, type_: pa.DataType) -> pa.ListArray:
+    """List array of ``lengths`` (U,) consecutive runs of ``values``."""
+    offsets = np.zeros(lengths.shape[0] + 1, dtype=np.int32)  # (U+1,)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type_))
+
+
+def _run_positions(lengths: np.ndarray) -> np.ndarray:
+    """(sum(lengths),) position of each element within its run: 0..len-1 for each run, concatenated."""
+    total = int(lengths.sum())
+    return np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+
+
+def build_histories(events: pa.Table, max_history: int) -> pa.Table:
+    """Many users' events (user_id, item_idx, ts) -> one row per user, as :func:`build_user` for each:
+    chronological ``items``/``ts`` (ties by item_idx), the last ``max_history`` kept, and the exact
+    duplicates (same user, ts and item) set aside in ``dup_items``/``dup_ts``. One pyarrow sort and numpy
+    over the whole block (the ids, never null, are sorted once per distinct user); rows ordered by user_id."""
+    n = events.num_rows
+    if n == 0:
+        return HISTORY_SCHEMA.empty_table()
+    enc = pc.dictionary_encode(events["user_id"].combine_chunks())  # (R,) indices into the distinct ids
+    by_id = pc.array_sort_indices(enc.dictionary).to_numpy()  # (U,) distinct ids in id order
+    rank = np.empty(by_id.shape[0], dtype=np.int64)
+    rank[by_id] = np.arange(by_id.shape[0])
+    code = rank[enc.indices.to_numpy()]  # (R,) user number in id order
+    items = events["item_idx"].to_numpy().astype(np.int32)  # (R,)
+    ts = events["ts"].to_numpy().astype(np.int64)  # (R,)
+    order = np.lexsort((items, ts, code))  # (R,) by user, then ts, then item_idx
+    code, items, ts = code[order], items[order], ts[order]
+    new_user = np.ones(n, dtype=bool)  # (R,) first event of its user
+    new_user[1:] = code[1:] != code[:-1]
+    dup = np.zeros(n, dtype=bool)  # (R,) an exact repeat of the event before it
+    dup[1:] = ~new_user[1:] & (ts[1:] == ts[:-1]) & (items[1:] == items[:-1])
+    owner = np.cumsum(new_user) - 1  # (R,) user number of each event
+    n_users = int(owner[-1]) + 1
+    keep = ~dup
+    kept_len = np.bincount(owner[keep], minlength=n_users)  # (U,) >= 1: a first event is never a duplicate
+    hist_len = np.minimum(kept_len, max_history)  # (U,)
+    pos = _run_positions(kept_len)  # (K,) position within the user's kept events
+    recent = pos >= np.repeat(kept_len - hist_len, kept_len)  # (K,) among the last max_history
+    dup_len = np.bincount(owner[dup], minlength=n_users)  # (U,)
+    return pa.table({
+        "user_id": enc.dictionary.take(pa.array(by_id)),  # every distinct id has events: user u is by_id[u]
+        "items": _list_array(hist_len, items[keep][recent], pa.int32()),
+        "ts": _list_array(hist_len, ts[keep][recent], pa.int64()),
+        "dup_items": _list_array(dup_len, items[dup], pa.int32()),
+        "dup_ts": _list_array(dup_len, ts[dup], pa.int64()),
+    }, schema=HISTORY_SCHEMA)
+
+
+def _list_parts(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets (U+1,) into values, values) of a list column, slices included."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    return arr.offsets.to_numpy().astype(np.int64), arr.values.to_numpy(zero_copy_only=False)
+
+
 def _examples(batch: pa.Table, seq_len: int) -> pa.Table:
-    inputs, targets = [], []
-    for seq in batch["items"].to_pylist():
-        train = np.asarray(train_part(seq), dtype=np.int32)
-        for x, y in training_windows(train, seq_len):
-            inputs.append(x)
-            targets.append(y)
-    return pa.table({"input": pa.array(inputs, pa.list_(pa.int32())),
-                     "target": pa.array(targets, pa.list_(pa.int32()))})
+    """Next-item windows (``split.training_windows``) over the training part of every history in the batch."""
+    if batch.num_rows == 0:
+        return EXAMPLES_SCHEMA.empty_table()
+    offsets, values = _list_parts(batch["items"])  # (U+1,), (E,)
+    owner, start, end = training_window_bounds(train_lengths(np.diff(offsets)), seq_len)  # (W,) each
+    win_len = end - start - 1  # (W,) positions per window
+    first = offsets[:-1][owner] + start  # (W,) index in values of each window's first input
+    idx = np.repeat(first, win_len) + _run_positions(win_len)  # (P,)
+    return pa.table({"input": _list_array(win_len, values[idx], pa.int32()),
+                     "target": _list_array(win_len, values[idx + 1], pa.int32())}, schema=EXAMPLES_SCHEMA)
+
+
+def _train_counts(batch: pa.Table) -> pa.Table:
+    """Training interactions per item in the batch's histories (item_idx, count), item-sized."""
+    offsets, values = _list_parts(batch["items"])  # (U+1,), (E,)
+    n_train = train_lengths(np.diff(offsets))  # (U,)
+    idx = np.repeat(offsets[:-1], n_train) + _run_positions(n_train)  # (T,)
+    item, count = np.unique(values[idx], return_counts=True)
+    return pa.table({"item_idx": pa.array(item.astype(np.int64)), "count": pa.array(count.astype(np.int64))})
+
+
+def _kept(batch: pa.Table, min_n: int) -> pa.Table:
+    keep = pc.greater_equal(pc.list_value_length(batch["items"]), min_n)
+    return batch.filter(keep).select(["user_id", "items", "ts"])
 
 
 def _duplicates(batch: pa.Table, catalog_ids: pa.Array) -> pa.Table:
-    users, items, ts = [], [], []
-    for u, di, dt_ in zip(batch["user_id"].to_pylist(), batch["dup_items"].to_pylist(), batch["dup_ts"].to_pylist()):
-        for i, t in zip(di, dt_):
-            users.append(u)
-            items.append(catalog_ids[i].as_py())
-            ts.append(str(t))
-    return pa.table({"user_id": users, "item_id": items, "ts": ts,
-                     "reason": ["duplicate"] * len(users)}, schema=QUARANTINE_SCHEMA)
+    """Quarantine rows (reason ``duplicate``) for the duplicates set aside in each history row."""
+    dup_items = batch["dup_items"].combine_chunks()
+    parent = pc.list_parent_indices(dup_items)  # (D,) row of each duplicate
+    item = pc.list_flatten(dup_items)  # (D,)
+    n = len(item)
+    return pa.table({"user_id": batch["user_id"].combine_chunks().take(parent),
+                     "item_id": pc.cast(catalog_ids.take(item), pa.string()),
+                     "ts": pc.cast(pc.list_flatten(batch["dup_ts"].combine_chunks()), pa.string()),
+                     "reason": pa.repeat(pa.scalar("duplicate", pa.string()), n)},
+                    schema=QUARANTINE_SCHEMA)
 
 
 def _read_interactions(src: SourceData, cfg: NightlyConfig) -> ray.data.Dataset:
@@ -219,14 +340,29 @@ def shuffle_strategy(name: str) -> "ray.data.context.ShuffleStrategy":
     return ShuffleStrategy(name)
 
 
+class _Laps:
+    """Wall seconds of consecutive phases: ``lap(name)`` closes the phase that started at the previous lap."""
+
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self.t, 3)
+        self.t = now
+
+
 def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict[str, Any]:
     """Run the prepare stage with Ray Data; returns the stats also written to ``stats.json``."""
     ctx = ray.data.DataContext.get_current()
     ctx.default_hash_shuffle_parallelism = cfg.ray.shuffle_parallelism
     ctx.shuffle_strategy = shuffle_strategy(cfg.ray.shuffle_strategy)
     ctx.enable_progress_bars = True
+    lap = _Laps()
 
     catalog = load_catalog(src.items, cfg)
+    lap("catalog")
     catalog_ids = _canonical_ids(catalog["item_id"])
     if isinstance(catalog_ids, pa.ChunkedArray):
         catalog_ids = catalog_ids.combine_chunks()
@@ -236,13 +372,22 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
         validate_batch, batch_format="pyarrow", fn_kwargs={"columns": columns, "catalog_ids": catalog_ids},
     ).materialize()
     rows_read = validated.count()
+    lap("validate")
     if rows_read == 0:
         raise DataValidationError(f"{src.interactions}: no interaction rows")
     bad = validated.map_batches(_bad, batch_format="pyarrow").materialize()
-    users = (validated.map_batches(_good, batch_format="pyarrow")
-             .groupby("user_id")
-             .map_groups(build_user, batch_format="pyarrow", fn_kwargs={"max_history": cfg.prepare.max_history})
+    lap("rejected_rows")
+    # Users are spread over hash buckets; each bucket is one Python call that sorts and groups all of its
+    # users at once (a group-by on user_id would pay one call per user). Buckets shuffle across nodes.
+    if cfg.prepare.bucket_rows < 1:
+        raise ValueError(f"prepare.bucket_rows must be >= 1, got {cfg.prepare.bucket_rows}")
+    n_buckets = max(cfg.ray.shuffle_parallelism, math.ceil(rows_read / cfg.prepare.bucket_rows))
+    users = (validated.map_batches(_good, batch_format="pyarrow", fn_kwargs={"n_buckets": n_buckets})
+             .groupby("bucket")
+             .map_groups(build_histories, batch_format="pyarrow",
+                         fn_kwargs={"max_history": cfg.prepare.max_history})
              .materialize())
+    lap("histories")
     dups = users.map_batches(_duplicates, batch_format="pyarrow", fn_kwargs={"catalog_ids": catalog_ids})
 
     reasons: dict[str, int] = dict.fromkeys(REASONS, 0)
@@ -252,11 +397,13 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
     for t in dups.iter_batches(batch_format="pyarrow", batch_size=None):
         reasons["duplicate"] += t.num_rows
     rejected = sum(reasons.values())
+    lap("count_rejected")
 
     storage.delete(out.quarantine)
     if rejected:
         qpath, qfs = storage.ray_location(out.quarantine)
         bad.union(dups).repartition(1).write_parquet(qpath, filesystem=qfs)
+    lap("write_quarantine")
 
     if rejected / rows_read > cfg.prepare.max_reject_fraction:  # before any other output is written
         raise DataValidationError(
@@ -265,25 +412,26 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
             f"{ {k: v for k, v in reasons.items() if v} }; rows kept in {out.quarantine}")
 
     min_n = max(cfg.prepare.min_user_interactions, MIN_EVENTS)
-    kept = users.filter(lambda r: len(r["items"]) >= min_n).select_columns(["user_id", "items", "ts"]).materialize()
+    kept = users.map_batches(_kept, batch_format="pyarrow", fn_kwargs={"min_n": min_n}).materialize()
     storage.delete(out.users)
     upath, ufs = storage.ray_location(out.users)
     kept.write_parquet(upath, filesystem=ufs)
+    lap("write_users")
 
     examples = kept.map_batches(_examples, batch_format="pyarrow", fn_kwargs={"seq_len": cfg.model.max_seq_len})
     storage.delete(out.train_examples)
     epath, efs = storage.ray_location(out.train_examples)
     examples.write_parquet(epath, filesystem=efs)
+    lap("write_examples")
 
     # Training popularity (for logQ correction and the popularity baseline), item-sized, not user-sized.
     counts = np.zeros(catalog.num_rows, dtype=np.int64)
-    n_train = 0
-    for t in kept.iter_batches(batch_format="pyarrow", batch_size=4096):
-        for seq in t["items"].to_pylist():
-            part = np.asarray(train_part(seq), dtype=np.int64)
-            np.add.at(counts, part, 1)
-            n_train += len(part)
+    for t in kept.map_batches(_train_counts, batch_format="pyarrow").iter_batches(batch_format="pyarrow",
+                                                                                 batch_size=None):
+        np.add.at(counts, t["item_idx"].to_numpy(), t["count"].to_numpy())  # item-sized per block
+    n_train = int(counts.sum())
     storage.write_table(catalog.append_column("train_count", pa.array(counts)), out.items)
+    lap("train_counts")
 
     stats = {
         "rows_read": rows_read,
@@ -300,6 +448,8 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
         "interactions_uri": src.interactions,
         "items_uri": src.items,
     }
+    lap("count_users")
+    stats["seconds"] = lap.seconds  # wall time of each phase, in order
     storage.write_json(out.stats, stats)
     log.info("prepare: %d rows, %d rejected %s, %d users kept, %d items",
              rows_read, rejected, {k: v for k, v in reasons.items() if v}, stats["users_kept"], catalog.num_rows)

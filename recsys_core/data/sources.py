@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from recsys_core import storage
@@ -150,6 +151,82 @@ def synthetic_tables(cfg: SyntheticConfig) -> tuple[pa.Table, pa.Table]:
         "genres": pa.array([TOPIC_WORDS[t][0] for t in item_topic], pa.string()),
     })
     return interactions, items_t
+
+
+@dataclass(frozen=True)
+class LogShape:
+    """Shape of a generated production-like log (benchmarks, scale tests): ``n_events`` rows in total."""
+
+    n_events: int = 1_000_000
+    n_users: int = 50_000
+    n_items: int = 30_000
+    n_days: int = 30  # daily hive partitions dt=YYYY-MM-DD/
+    start: str = "2026-11-01"  # first day (UTC)
+    zipf_a: float = 1.0  # item popularity ~ rank ** -zipf_a
+    user_alpha: float = 1.2  # user activity weight ~ 1 + Pareto(user_alpha): heavy tail, smaller = heavier
+    dup_fraction: float = 0.001  # rows that exactly repeat another row (prepare quarantines them)
+    unknown_fraction: float = 0.0005  # rows whose item id is not in the catalog
+    seed: int = 0
+
+
+def _inverse_cdf_draw(rng: np.random.Generator, weights: np.ndarray, n: int) -> np.ndarray:
+    """(n,) int64 indices drawn with probability proportional to ``weights`` (K,): searchsorted on the CDF."""
+    cdf = np.cumsum(weights / weights.sum())  # (K,)
+    return np.minimum(np.searchsorted(cdf, rng.random(n), side="right"), len(weights) - 1).astype(np.int64)
+
+
+def scale_log_tables(shape: LogShape) -> tuple[pa.Table, pa.Table]:
+    """(events, items) of ``shape``, vectorised (no Python loop over events, users or items).
+
+    events: user_id, item_id, ts (int64 epoch seconds), day (int16, 0..n_days-1), sorted by day.
+    items: item_id (int64, not contiguous), title, genres. Item popularity is Zipf over a random
+    permutation of the catalog; users' activity weights are Pareto (a few users hold most events).
+    """
+    rng = np.random.default_rng(shape.seed)
+    n_dup = int(round(shape.n_events * shape.dup_fraction))
+    n_unknown = int(round(shape.n_events * shape.unknown_fraction))
+    n_base = shape.n_events - n_dup
+    item_ids = 100_000 + 7 * np.arange(shape.n_items, dtype=np.int64)  # (N,) sparse int64 ids
+    by_rank = rng.permutation(shape.n_items)  # (N,) item of each popularity rank
+    pop = np.arange(1, shape.n_items + 1, dtype=np.float64) ** -shape.zipf_a  # (N,)
+    item = item_ids[by_rank[_inverse_cdf_draw(rng, pop, n_base)]]  # (E,)
+    if n_unknown:  # ids past the catalog's largest
+        item[rng.choice(n_base, n_unknown, replace=False)] = item_ids[-1] + 1 + rng.integers(0, 1000, n_unknown)
+    activity = 1.0 + rng.pareto(shape.user_alpha, shape.n_users)  # (U,)
+    user = 1_000_000_000 + _inverse_cdf_draw(rng, activity, n_base)  # (E,) int64 ids
+    day = rng.integers(0, shape.n_days, n_base).astype(np.int16)  # (E,)
+    t0 = int(np.datetime64(shape.start, "s").astype(np.int64))
+    ts = t0 + day.astype(np.int64) * 86_400 + rng.integers(0, 86_400, n_base)  # (E,)
+    if n_dup:  # exact copies of random rows
+        src = rng.integers(0, n_base, n_dup)
+        user, item, ts, day = (np.concatenate([a, a[src]]) for a in (user, item, ts, day))
+    order = np.argsort(day, kind="stable")  # (E,) radix sort on int16
+    events = pa.table({"user_id": user[order], "item_id": item[order], "ts": ts[order], "day": day[order]})
+    topic = np.arange(shape.n_items) % len(TOPIC_WORDS)  # (N,)
+    words = np.array(TOPIC_WORDS, dtype=object)  # (T, 5)
+    w1 = words[topic, rng.integers(0, 5, shape.n_items)]
+    w2 = words[topic, rng.integers(0, 5, shape.n_items)]
+    title = pc.binary_join_element_wise("The", pa.array(w1, pa.string()), "and the", pa.array(w2, pa.string()),
+                                        pc.cast(pa.array(item_ids), pa.string()), " ")
+    items = pa.table({"item_id": pa.array(item_ids), "title": title,
+                      "genres": pa.array(words[topic, 0], pa.string())})
+    return events, items
+
+
+def write_scale_log(shape: LogShape, folder: str) -> SourceData:
+    """Write ``scale_log_tables(shape)`` as ``folder/interactions/dt=YYYY-MM-DD/part-00000.parquet`` (one
+    file per day; columns user_id, item_id, ts) and ``folder/items.parquet``."""
+    events, items = scale_log_tables(shape)
+    inter_uri = storage.join(folder, "interactions")
+    day = events["day"].to_numpy()
+    bounds = np.searchsorted(day, np.arange(shape.n_days + 1))  # (D+1,) rows of each day (sorted by day)
+    first = np.datetime64(shape.start, "D")
+    for d in range(shape.n_days):
+        part = events.slice(int(bounds[d]), int(bounds[d + 1] - bounds[d])).select(["user_id", "item_id", "ts"])
+        storage.write_table(part, storage.join(inter_uri, f"dt={first + d}", "part-00000.parquet"))
+    items_uri = storage.join(folder, "items.parquet")
+    storage.write_table(items, items_uri)
+    return SourceData(inter_uri, items_uri, f"scale-log-{shape.n_events}")
 
 
 def _parquet(cfg: DataConfig, root: str) -> SourceData:

@@ -54,6 +54,30 @@ def training_windows(items: np.ndarray, seq_len: int) -> list[tuple[np.ndarray, 
     return out
 
 
+def train_lengths(lengths: np.ndarray) -> np.ndarray:
+    """(U,) number of training events of histories of ``lengths`` events: ``len(train_part(seq))``."""
+    return np.maximum(np.asarray(lengths, dtype=np.int64) - HELD_OUT["val"], 0)
+
+
+def training_window_bounds(n_train: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The windows of :func:`training_windows` for many sequences at once, without a Python loop.
+
+    ``n_train`` (U,) holds each sequence's length. Returns (owner, start, end), each (W,): window w covers
+    positions ``start[w]:end[w]`` of sequence ``owner[w]`` (inputs ``[start, end-1)``, targets
+    ``[start+1, end)``); sequences in order, each one's windows newest first, as ``training_windows``.
+    A sequence of n >= 2 items has ceil((n-1)/seq_len) windows, the j-th ending at n - j*seq_len.
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    n = np.asarray(n_train, dtype=np.int64)  # (U,)
+    n_win = np.where(n >= 2, (n - 2) // seq_len + 1, 0)  # (U,)
+    owner = np.repeat(np.arange(n.shape[0], dtype=np.int64), n_win)  # (W,)
+    j = np.arange(owner.shape[0], dtype=np.int64) - np.repeat(np.cumsum(n_win) - n_win, n_win)  # (W,) rank
+    end = n[owner] - j * seq_len  # (W,)
+    start = np.maximum(0, end - seq_len - 1)  # (W,)
+    return owner, start, end
+
+
 def load_split(users_uri: str, which: Which, max_users: int | None = None,
                seed: int = 0) -> tuple[list[np.ndarray], np.ndarray, list[Any]]:
     """Histories, targets and user ids of the prepared users for ``which`` (``max_users`` sampled)."""

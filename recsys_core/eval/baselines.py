@@ -15,8 +15,11 @@ from recsys_core.data.split import holdout
 from recsys_core.eval.metrics import per_user_metrics
 from recsys_core.serve.retrieval import topk_from_scores
 
-# Upper bound on dense float64 entries materialised at once while building similarities (~64 MiB).
+# Upper bound on dense float32 entries materialised at once while building similarities (~32 MiB).
 _SIM_BLOCK_ENTRIES = 8_000_000
+# Upper bound on the entries of one dense float32 (users, items) item-kNN score block (~64 MiB): at 30k+
+# items a block holds fewer than ``chunk_size`` users.
+_SCORE_BLOCK_ENTRIES = 16_000_000
 
 
 def _check_index(idx: np.ndarray, n: int, name: str) -> np.ndarray:
@@ -62,6 +65,7 @@ def _topk_per_column(block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]
 def _itemknn_weights(x: sp.csr_matrix, k_neighbors: int, shrink: float) -> sp.csr_matrix:
     """(I, I) sparse W with W[i, j] = cosine sim of i to j, keeping the top k_neighbors i per column j."""
     n_items = x.shape[1]
+    x = x.astype(np.float32)  # counts are exact in float32 below 2**24 co-occurrences
     xt = x.T.tocsr()  # (I, U)
     xc = x.tocsc()  # (U, I)
     norms = np.sqrt(np.asarray(x.sum(axis=0)).ravel())  # (I,) binary => ||x_i|| = sqrt(count)
@@ -82,7 +86,7 @@ def _itemknn_weights(x: sp.csr_matrix, k_neighbors: int, shrink: float) -> sp.cs
         vals_out.append(sim[r, c])
     rows = np.concatenate(rows_out) if rows_out else np.zeros(0, dtype=np.int64)
     cols = np.concatenate(cols_out) if cols_out else np.zeros(0, dtype=np.int64)
-    vals = np.concatenate(vals_out) if vals_out else np.zeros(0, dtype=np.float64)
+    vals = np.concatenate(vals_out) if vals_out else np.zeros(0, dtype=np.float32)
     return sp.csr_matrix((vals, (rows, cols)), shape=(n_items, n_items))
 
 
@@ -98,7 +102,8 @@ def itemknn_score_chunks(
     chunk_size: int = 4096,
 ) -> Iterator[np.ndarray]:
     """Item-kNN with cosine similarity (as in RecBole's ItemKNN), as dense (q, n_items) float32 score
-    blocks of at most ``chunk_size`` query users, in query order: memory is bounded by one block.
+    blocks of at most ``chunk_size`` query users (fewer when a block would exceed ``_SCORE_BLOCK_ENTRIES``
+    entries), in query order: memory is bounded by one block and by the float32 similarity blocks.
 
     The binary user-item matrix (scipy.sparse csr) is built from the training interactions (duplicates
     count once); item-item similarity = (X^T X) / (||x_i|| ||x_j|| + shrink) with a zero diagonal, the
@@ -125,9 +130,10 @@ def itemknn_score_chunks(
     lens = np.array([h.shape[0] for h in hists], dtype=np.int64)  # (Q,)
     q_rows = np.repeat(np.arange(n_q, dtype=np.int64), lens)
     q_cols = np.concatenate(hists) if n_q else np.zeros(0, dtype=np.int64)
-    q = _binary_matrix(q_rows, q_cols, n_q, n_items)  # (Q, I)
-    for start in range(0, n_q, chunk_size):
-        yield (q[start:start + chunk_size] @ w).toarray().astype(np.float32, copy=False)  # (q, I)
+    q = _binary_matrix(q_rows, q_cols, n_q, n_items).astype(np.float32)  # (Q, I)
+    step = max(1, min(chunk_size, _SCORE_BLOCK_ENTRIES // max(n_items, 1)))  # users per dense block
+    for start in range(0, n_q, step):
+        yield (q[start:start + step] @ w).toarray().astype(np.float32, copy=False)  # (q, I)
 
 
 BLOCK_USERS = 4096  # query users per dense score block of a baseline
@@ -154,20 +160,25 @@ BASELINES: dict[str, Callable[..., Iterator[np.ndarray]]] = {
 
 
 def baseline_per_user(users_uri: str, n_items: int, names: tuple[str, ...], ks: tuple[int, ...],
-                      k_neighbors: int) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray]:
-    """Baselines fit on train+validation interactions, ranked for the test item (seen excluded).
+                      k_neighbors: int, query_rows: np.ndarray | None = None
+                      ) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray]:
+    """Baselines fit on train+validation interactions of every user, ranked for the test item (seen
+    excluded) of the users at ``query_rows`` (rows of ``users_uri``; None: every user).
 
-    Returns per-user metric values for each baseline and the test item of each user."""
+    Returns per-user metric values for each baseline and the test item of each scored user."""
     t = storage.read_table(users_uri, columns=["items"])
     hist, target = holdout(t["items"].to_pylist(), "test")
     train_users = np.repeat(np.arange(len(hist)), [len(h) for h in hist])
     train_items = np.concatenate(hist) if hist else np.zeros(0, np.int64)
+    n_train_users = len(hist)
+    if query_rows is not None:  # the holdout's sample of users (eval.max_users)
+        hist, target = [hist[i] for i in query_rows], target[query_rows]
     out = {}
     for name in names:
         if name not in BASELINES:
             raise ValueError(f"eval.baselines: {name!r} unknown; choose from {sorted(BASELINES)}")
         ranked, done = [], 0
-        for block in BASELINES[name](train_users, train_items, len(hist), n_items, hist, k_neighbors=k_neighbors):
+        for block in BASELINES[name](train_users, train_items, n_train_users, n_items, hist, k_neighbors=k_neighbors):
             ranked.append(topk_from_scores(block, hist[done:done + len(block)], max(ks)))  # (q, K)
             done += len(block)
         top = np.concatenate(ranked) if ranked else np.zeros((0, max(ks)), np.int64)

@@ -23,6 +23,27 @@ from recsys_core.serve.infer import UserScorer, embed_items, score_users
 from recsys_core.serve.retrieval import topk_excluding
 
 
+def holdout_rows(n_users: int, max_users: int | None, seed: int) -> np.ndarray | None:
+    """Sorted rows of the users file the holdout scores: None (every user) when ``max_users`` is None or
+    not below ``n_users``, else ``max_users`` distinct rows drawn with ``seed``."""
+    if max_users is None or n_users <= max_users:
+        return None
+    if max_users < 1:
+        raise ValueError(f"eval.max_users must be >= 1 or null, got {max_users}")
+    return np.sort(np.random.default_rng(seed).choice(n_users, max_users, replace=False))
+
+
+def holdout_users(users_uri: str, out_uri: str, max_users: int | None, seed: int) -> dict[str, Any]:
+    """The users the holdout scores: the prepared users file itself, or (more than ``max_users`` users)
+    a seeded sample written to ``out_uri``. Returns its uri, the count scored and the count kept."""
+    total = storage.parquet_totals(users_uri)[0]
+    rows = holdout_rows(total, max_users, seed)
+    if rows is None:
+        return {"uri": users_uri, "users": total, "of": total, "sampled": False, "rows": None}
+    storage.write_table(storage.read_table(users_uri).take(pa.array(rows)), out_uri)
+    return {"uri": out_uri, "users": len(rows), "of": total, "sampled": True, "seed": seed, "rows": rows}
+
+
 def model_holdout(scored: ray.data.Dataset, out_uri: str, metric_names: list[str]) -> tuple[dict[str, np.ndarray], int]:
     """Write holdout_recs.parquet (user_id, item_ids best first) and gather per-user metric columns
     (plus ``target_item_idx``, the held-out item of each user)."""

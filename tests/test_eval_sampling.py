@@ -1,0 +1,59 @@
+"""The holdout at scale: a seeded sample of eval.max_users users; baselines still fit on every user."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from recsys_core import storage
+from recsys_core.eval.baselines import baseline_per_user
+from recsys_core.eval.holdout import holdout_rows, holdout_users
+
+pytestmark = pytest.mark.unit
+
+
+def test_holdout_rows_all_users_or_a_seeded_sorted_sample():
+    assert holdout_rows(10, None, 0) is None
+    assert holdout_rows(10, 10, 0) is None  # not fewer than kept: every user
+    rows = holdout_rows(1000, 50, seed=3)
+    assert rows.shape == (50,) and len(set(rows.tolist())) == 50 and (np.diff(rows) > 0).all()
+    assert rows.min() >= 0 and rows.max() < 1000
+    np.testing.assert_array_equal(rows, holdout_rows(1000, 50, seed=3))
+    assert not np.array_equal(rows, holdout_rows(1000, 50, seed=4))
+    with pytest.raises(ValueError, match="eval.max_users"):
+        holdout_rows(10, 0, 0)
+
+
+def _users(tmp_path, n=60, n_items=9):
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(0, n_items, rng.integers(3, 12)).tolist() for _ in range(n)]
+    uri = str(tmp_path / "users" / "part-0.parquet")
+    storage.write_table(pa.table({"user_id": [f"u{i}" for i in range(n)],
+                                  "items": pa.array(seqs, pa.list_(pa.int32()))}), uri)
+    return str(tmp_path / "users"), seqs
+
+
+def test_holdout_users_writes_the_sample_and_says_how_many(tmp_path):
+    uri, seqs = _users(tmp_path)
+    same = holdout_users(uri, str(tmp_path / "h.parquet"), None, 0)
+    assert same == {"uri": uri, "users": 60, "of": 60, "sampled": False, "rows": None}
+    held = holdout_users(uri, str(tmp_path / "h.parquet"), 7, seed=1)
+    assert (held["users"], held["of"], held["sampled"], held["seed"]) == (7, 60, True, 1)
+    t = storage.read_table(held["uri"])
+    assert t["user_id"].to_pylist() == [f"u{i}" for i in held["rows"]]
+    assert t["items"].to_pylist() == [seqs[i] for i in held["rows"]]
+
+
+@pytest.mark.parametrize("name", ["popularity", "itemknn"])
+def test_sampled_baselines_equal_the_full_run_at_the_sampled_users(tmp_path, name):
+    """Baselines fit on every user's interactions, so a sampled user's metrics equal the full run's."""
+    uri, _ = _users(tmp_path)
+    full, full_target = baseline_per_user(uri, 9, (name,), (3, 5), k_neighbors=4)
+    rows = holdout_rows(60, 11, seed=2)
+    part, target = baseline_per_user(uri, 9, (name,), (3, 5), k_neighbors=4, query_rows=rows)
+    np.testing.assert_array_equal(target, full_target[rows])
+    assert set(part[name]) == set(full[name])
+    for metric, v in part[name].items():
+        assert v.shape == (11,)
+        np.testing.assert_allclose(v, full[name][metric][rows])
+    assert any(v.any() for v in part[name].values())  # some hits: the comparison is not of zeros
