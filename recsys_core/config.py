@@ -141,8 +141,11 @@ class InferConfig:
 class EvalConfig:
     ks: tuple[int, ...] = (10, 50)
     n_boot: int = 1000
-    baselines: tuple[str, ...] = ("popularity", "itemknn")
+    baselines: tuple[str, ...] = ("popularity", "recent_popularity", "itemknn", "ease")
     itemknn_neighbors: int = 200
+    pop_windows_days: tuple[int, ...] = (7, 14, 30, 90, 0)  # recent_popularity: days chosen on validation; 0 = all
+    ease_lambdas: tuple[float, ...] = (1.0, 10.0, 100.0, 500.0, 2000.0)  # EASE L2 strengths chosen on validation
+    ease_max_items: int = 20000  # EASE is skipped (a log line) above this catalog size: dense I x I float32 inverse
 
 
 @dataclass(frozen=True)

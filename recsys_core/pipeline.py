@@ -31,7 +31,7 @@ from recsys_core import storage
 from recsys_core.config import NightlyConfig, replace
 from recsys_core.data.prepare import PreparedPaths, catalog_ids, run_prepare
 from recsys_core.data.sources import resolve_source
-from recsys_core.eval.baselines import baseline_per_user
+from recsys_core.eval.baselines import baseline_options, baseline_per_user
 from recsys_core.eval.holdout import cold_start_metrics, evaluate_model
 from recsys_core.eval.metrics import summarize_values
 from recsys_core.model.checkpoint import CONFIG, copy_model_folder
@@ -194,12 +194,12 @@ def evaluate_stage(run: Run) -> dict[str, Any]:
         trained["model_dir"], trained["model_version"], run.prepared.items, run.prepared.users,
         storage.join(trained["model_dir"], "item_embeddings.npy"), storage.join(run.eval_dir, "holdout_recs.parquet"),
         cfg.eval, cfg.infer, cfg.model.max_seq_len, n_users)
-    base_pu, base_target = baseline_per_user(run.prepared.users, items.num_rows, cfg.eval.baselines, cfg.eval.ks,
-                                             cfg.eval.itemknn_neighbors)
+    base_pu, base_target, base_chosen = baseline_per_user(run.prepared.users, items.num_rows, cfg.eval.baselines,
+                                                          cfg.eval.ks, baseline_options(cfg.eval))
     base = {b: summarize_values(pu, n_users, cfg.eval.n_boot) for b, pu in base_pu.items()}
     cold = cold_start_metrics(per_user, base_pu, base_target, items["train_count"].to_numpy() == 0, cfg.eval.n_boot)
     metrics = {"model": model_m, "baselines": base, "model_version": trained["model_version"],
-               "users_scored": n_scored, "cold_start": cold,
+               "users_scored": n_scored, "cold_start": cold, "baseline_selection": base_chosen,
                "note": "bootstrap 95% CIs over users; with ~1k users, differences under ~0.015 are noise"}
     storage.write_json(storage.join(run.eval_dir, "metrics.json"), metrics)
     plot_learning_curve(trained["history"], base, storage.join(run.eval_dir, "learning_curve.png"))
