@@ -10,7 +10,8 @@ Storage layout under ``storage.root``::
                                                changed) and its item embeddings, for warm start and the gate
     runs/run_date=D/stages/<stage>.json        completion markers (written last)
     models/<version>/, models/PRODUCTION       the registry (see recsys_core.registry)
-    evaluation/run_date=D/                     holdout_recs.parquet, metrics.json, learning_curve.png,
+    evaluation/run_date=D/                     holdout_recs.parquet, metrics.json (with "online": the previous
+                                               date's published recs vs the events since), learning_curve.png,
                                                production_holdout_recs.parquet, promotion.json, report.html
     recommendations/run_date=D/                part-*.parquet + _MANIFEST.json (written last)
     history/metrics.parquet                    one row per run date (see recsys_core.report)
@@ -34,6 +35,7 @@ from recsys_core.data.sources import resolve_source
 from recsys_core.eval.baselines import baseline_options, baseline_per_user
 from recsys_core.eval.holdout import cold_start_metrics, evaluate_model
 from recsys_core.eval.metrics import summarize_values
+from recsys_core.eval.online import newest_event_ts, online_proxy
 from recsys_core.model.checkpoint import CONFIG, copy_model_folder
 from recsys_core.ops import gate, registry, report
 from recsys_core.ops.explain import describe_users
@@ -45,6 +47,7 @@ from recsys_core.serve.publish import publish
 from recsys_core.train.trainer import run_train
 
 log = logging.getLogger(__name__)
+ONLINE_K = 10  # the online proxy scores the published top 10
 
 
 @dataclass(frozen=True)
@@ -198,7 +201,9 @@ def evaluate_stage(run: Run) -> dict[str, Any]:
                                                           cfg.eval.ks, baseline_options(cfg.eval))
     base = {b: summarize_values(pu, n_users, cfg.eval.n_boot) for b, pu in base_pu.items()}
     cold = cold_start_metrics(per_user, base_pu, base_target, items["train_count"].to_numpy() == 0, cfg.eval.n_boot)
+    online = online_proxy(run.root, run.run_date, run.prepared.users, run.prepared.items, ONLINE_K, cfg.eval.n_boot)
     metrics = {"model": model_m, "baselines": base, "model_version": trained["model_version"],
+               "online": online, "newest_event_ts": newest_event_ts(run.prepared.users),
                "users_scored": n_scored, "cold_start": cold, "baseline_selection": base_chosen,
                "note": "bootstrap 95% CIs over users; with ~1k users, differences under ~0.015 are noise"}
     storage.write_json(storage.join(run.eval_dir, "metrics.json"), metrics)
@@ -209,8 +214,8 @@ def evaluate_stage(run: Run) -> dict[str, Any]:
 
 def promote_stage(run: Run) -> dict[str, Any]:
     """The promotion gate: the production model is evaluated on today's holdout too; the new model
-    replaces it only when its NDCG@10 is within ``registry.ndcg_tolerance`` and the generation guard
-    passed. Decides which model's recommendations are published, then applies retention."""
+    replaces it only when its NDCG@10 beats the best baseline's (the first promotion included), is
+    within ``registry.ndcg_tolerance`` of production's and the generation guard passed. Decides which model's recommendations are published, then applies retention."""
     cfg, trained, evaluated = run.cfg, run.require("train"), run.require("evaluate")
     new = trained["model_version"]
     pointer = registry.production(run.root)
@@ -228,7 +233,8 @@ def promote_stage(run: Run) -> dict[str, Any]:
             log.warning("%s; the gate compares against nothing", note)
     decision = gate.gate_decision(evaluated["metrics"]["model"]["ndcg@10"],
                                       prod_eval["metrics"]["ndcg@10"] if prod_eval else None,
-                                      cfg.registry.ndcg_tolerance, trained.get("guard"), note)
+                                      cfg.registry.ndcg_tolerance, trained.get("guard"), note,
+                                      baseline=gate.best_baseline(evaluated["metrics"]["baselines"]))
     new_source = {"model_version": new, "model_dir": trained["model_dir"], "role": "new",
                   "item_embeddings": storage.join(trained["model_dir"], "item_embeddings.npy"),
                   "max_seq_len": cfg.model.max_seq_len, "metrics": evaluated["metrics"]["model"],
@@ -294,7 +300,8 @@ def infer_stage(run: Run) -> dict[str, Any]:
         "users": prepared["stats"]["users_kept"],
         "metrics": manifest_metrics(src, evaluated["metrics"]["baselines"], promoted),
         "input_snapshot": {"interactions": prepared["stats"]["interactions_uri"],
-                           "items": prepared["stats"]["items_uri"], "rows_read": prepared["stats"]["rows_read"]},
+                           "items": prepared["stats"]["items_uri"], "rows_read": prepared["stats"]["rows_read"],
+                           "newest_event_ts": evaluated["metrics"].get("newest_event_ts")},
     })
     log.info("published %d users' top-%d from model %s (%s) to %s", manifest["rows"], cfg.infer.k,
              src["model_version"], src["role"], run.recs_dir)

@@ -130,7 +130,7 @@ def test_validate_batch_numeric_ids_match_string_catalog_and_numeric_ts_pass_thr
     batch = pa.table({"uid": pa.array([7, 8], pa.int64()), "iid": pa.array([3, 1], pa.int64()),
                       "time": pa.array([5, 0], pa.int64())})
     out = validate_batch(batch, {"user_id": "uid", "item_id": "iid", "ts": "time"}, catalog_ids=CATALOG)
-    assert out["user_id"].to_pylist() == ["7", "8"]
+    assert out["user_id"].to_pylist() == [7, 8] and out["user_id"].type == pa.int64()  # ids keep their type
     assert out["item_idx"].to_pylist() == [2, 0]
     assert out["ts"].to_pylist() == [5, 0]  # ts 0 (the epoch) is valid
     assert out["reason"].to_pylist() == [None, None]

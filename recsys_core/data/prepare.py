@@ -68,6 +68,11 @@ def _canonical_ids(col: pa.ChunkedArray | pa.Array) -> pa.Array:
     return pc.cast(col, pa.string()) if not pa.types.is_string(col.type) else col
 
 
+def _user_ids(col: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """User ids keep their type in every output: integers stay integers, anything else becomes text."""
+    return col if pa.types.is_integer(col.type) else _canonical_ids(col)
+
+
 def load_catalog(items_uri: str, cfg: NightlyConfig) -> pa.Table:
     """Item catalog with a dense ``item_idx`` ordered by item_id (numeric when ids are numeric)."""
     items = storage.read_table(items_uri)
@@ -132,7 +137,7 @@ def validate_batch(batch: pa.Table, columns: dict[str, str], catalog_ids: pa.Arr
     for name, bad in checks:  # reverse priority: the last assignment wins
         reason[bad] = name
     return pa.table({
-        "user_id": _canonical_ids(user),
+        "user_id": _user_ids(user),
         "item_idx": pc.cast(item_idx, pa.int32()),
         "ts": pa.array(np.nan_to_num(ts, nan=-1).astype(np.int64)),
         "raw_item_id": _canonical_ids(item),
@@ -147,7 +152,7 @@ def _good(batch: pa.Table) -> pa.Table:
 
 def _bad(batch: pa.Table) -> pa.Table:
     bad = batch.filter(pc.is_valid(batch["reason"]))
-    return pa.table({"user_id": bad["user_id"], "item_id": bad["raw_item_id"], "ts": bad["raw_ts"],
+    return pa.table({"user_id": pc.cast(bad["user_id"], pa.string()), "item_id": bad["raw_item_id"], "ts": bad["raw_ts"],
                      "reason": bad["reason"]}, schema=QUARANTINE_SCHEMA)
 
 
@@ -161,7 +166,7 @@ def build_user(group: pa.Table, max_history: int) -> pa.Table:
     dup[1:] = (ts[1:] == ts[:-1]) & (items[1:] == items[:-1])
     keep_items, keep_ts = items[~dup][-max_history:], ts[~dup][-max_history:]
     return pa.table({
-        "user_id": [group["user_id"][0].as_py()],
+        "user_id": pa.array([group["user_id"][0].as_py()], group.schema.field("user_id").type),
         "items": pa.array([keep_items.astype(np.int32)], pa.list_(pa.int32())),
         "ts": pa.array([keep_ts.astype(np.int64)], pa.list_(pa.int64())),
         "dup_items": pa.array([items[dup].astype(np.int32)], pa.list_(pa.int32())),
@@ -184,7 +189,7 @@ def _duplicates(batch: pa.Table, catalog_ids: pa.Array) -> pa.Table:
     users, items, ts = [], [], []
     for u, di, dt_ in zip(batch["user_id"].to_pylist(), batch["dup_items"].to_pylist(), batch["dup_ts"].to_pylist()):
         for i, t in zip(di, dt_):
-            users.append(u)
+            users.append(None if u is None else str(u))
             items.append(catalog_ids[i].as_py())
             ts.append(str(t))
     return pa.table({"user_id": users, "item_id": items, "ts": ts,
