@@ -146,6 +146,8 @@ class EvalConfig:
     pop_windows_days: tuple[int, ...] = (7, 14, 30, 90, 0)  # recent_popularity: days chosen on validation; 0 = all
     ease_lambdas: tuple[float, ...] = (1.0, 10.0, 100.0, 500.0, 2000.0)  # EASE L2 strengths chosen on validation
     ease_max_items: int = 20000  # EASE is skipped (a log line) above this catalog size: dense I x I float32 inverse
+    protocol: str = "loo"  # loo: each user's last events held out | temporal: a global cutoff (recsys_core.data.split)
+    temporal_fraction: float = 0.1  # temporal: the cutoff sits this fraction of the log's time span before its end
 
 
 @dataclass(frozen=True)

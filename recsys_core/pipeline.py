@@ -192,7 +192,7 @@ def evaluate_stage(run: Run) -> dict[str, Any]:
 
     cfg, trained = run.cfg, run.require("train")
     items = storage.read_table(run.prepared.items, columns=["item_id", "train_count"])
-    n_users = run.require("prepare")["stats"]["users_kept"]
+    n_users = test_users(run.require("prepare")["stats"])
     per_user, model_m, n_scored = evaluate_model(
         trained["model_dir"], trained["model_version"], run.prepared.items, run.prepared.users,
         storage.join(trained["model_dir"], "item_embeddings.npy"), storage.join(run.eval_dir, "holdout_recs.parquet"),
@@ -203,13 +203,18 @@ def evaluate_stage(run: Run) -> dict[str, Any]:
     cold = cold_start_metrics(per_user, base_pu, base_target, items["train_count"].to_numpy() == 0, cfg.eval.n_boot)
     online = online_proxy(run.root, run.run_date, run.prepared.users, run.prepared.items, ONLINE_K, cfg.eval.n_boot)
     metrics = {"model": model_m, "baselines": base, "model_version": trained["model_version"],
-               "online": online, "newest_event_ts": newest_event_ts(run.prepared.users),
+               "online": online, "protocol": run.require("prepare")["stats"].get("split", {"protocol": "loo"}), "newest_event_ts": newest_event_ts(run.prepared.users),
                "users_scored": n_scored, "cold_start": cold, "baseline_selection": base_chosen,
                "note": "bootstrap 95% CIs over users; with ~1k users, differences under ~0.015 are noise"}
     storage.write_json(storage.join(run.eval_dir, "metrics.json"), metrics)
     plot_learning_curve(trained["history"], base, storage.join(run.eval_dir, "learning_curve.png"))
     _log_table(model_m, base)
     return {"metrics": metrics, "eval_dir": run.eval_dir}
+
+
+def test_users(stats: dict[str, Any]) -> int:
+    """Users in the test split (every kept user under leave-one-out); absent ones count as misses."""
+    return int((stats.get("split") or {}).get("test_users", stats["users_kept"]))
 
 
 def promote_stage(run: Run) -> dict[str, Any]:
@@ -265,7 +270,7 @@ def _evaluate_production(run: Run, version: str) -> dict[str, Any]:
     model_dir, note = registry.on_catalog(run.root, version, ids, registry.catalog_hash(ids), workdir)
     max_seq_len = int(json.loads(storage.read_bytes(storage.join(model_dir, CONFIG)))["model"]["max_seq_len"])
     emb = storage.join(workdir, f"{version}-item_embeddings.npy")
-    n_users = run.require("prepare")["stats"]["users_kept"]
+    n_users = test_users(run.require("prepare")["stats"])
     _, summary, _ = evaluate_model(model_dir, version, run.prepared.items, run.prepared.users, emb,
                                    storage.join(run.eval_dir, "production_holdout_recs.parquet"),
                                    cfg.eval, cfg.infer, max_seq_len, n_users)

@@ -7,7 +7,9 @@ Outputs, under ``{root}/runs/run_date=D/prepared/``:
 - ``quarantine/``: rejected rows (user_id, item_id, ts as text, reason), never silently dropped
 - ``stats.json``: row counts, reject counts per reason, user and example counts
 
-Protocol: per user, sort by (ts, item_id); last = test, second-to-last = validation, rest = train.
+Protocol (``eval.protocol``, rules in recsys_core.data.split): per user, sort by (ts, item_id); leave-one-out:
+last = test, second-to-last = validation, rest = train; temporal: a global cutoff. ``users/`` carries
+the rule as per-user columns (train_len, val_pos, test_pos, test_fit_len).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from ray.data.context import ShuffleStrategy
 from recsys_core import storage
 from recsys_core.config import NightlyConfig, TrainConfig
 from recsys_core.data.sources import SourceData
-from recsys_core.data.split import MIN_EVENTS, train_part, training_windows
+from recsys_core.data.split import MIN_EVENTS, split_columns, temporal_cutoff, train_len_of, training_windows
 from recsys_core.data.text import load_tokenizer, render_texts, tokenize_texts
 
 log = logging.getLogger(__name__)
@@ -176,8 +178,8 @@ def build_user(group: pa.Table, max_history: int) -> pa.Table:
 
 def _examples(batch: pa.Table, seq_len: int) -> pa.Table:
     inputs, targets = [], []
-    for seq in batch["items"].to_pylist():
-        train = np.asarray(train_part(seq), dtype=np.int32)
+    for seq, n in zip(batch["items"].to_pylist(), batch["train_len"].to_pylist()):
+        train = np.asarray(seq[:train_len_of(seq, n)], dtype=np.int32)
         for x, y in training_windows(train, seq_len):
             inputs.append(x)
             targets.append(y)
@@ -272,6 +274,12 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
 
     min_n = max(cfg.prepare.min_user_interactions, MIN_EVENTS)
     kept = users.filter(lambda r: len(r["items"]) >= min_n).select_columns(["user_id", "items", "ts"]).materialize()
+    cutoff = None
+    if cfg.eval.protocol == "temporal" and kept.count():
+        lo, hi = ts_range(kept)
+        cutoff = temporal_cutoff(lo, hi, cfg.eval.temporal_fraction)
+    kept = kept.map_batches(split_columns, batch_format="pyarrow",
+                            fn_kwargs={"protocol": cfg.eval.protocol, "cutoff": cutoff}).materialize()
     storage.delete(out.users)
     upath, ufs = storage.ray_location(out.users)
     kept.write_parquet(upath, filesystem=ufs)
@@ -283,12 +291,17 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
 
     # Training popularity (for logQ correction and the popularity baseline), item-sized, not user-sized.
     counts = np.zeros(catalog.num_rows, dtype=np.int64)
-    n_train = 0
+    first_seen = np.full(catalog.num_rows, np.iinfo(np.int64).max, dtype=np.int64)  # (N,) first event ts
+    n_train, targets = 0, {"val": [], "test": []}
     for t in kept.iter_batches(batch_format="pyarrow", batch_size=4096):
-        for seq in t["items"].to_pylist():
-            part = np.asarray(train_part(seq), dtype=np.int64)
+        for seq, ts, n, vp, tp in zip(*(t[c].to_pylist() for c in ("items", "ts", "train_len", "val_pos", "test_pos"))):
+            part = np.asarray(seq[:train_len_of(seq, n)], dtype=np.int64)
             np.add.at(counts, part, 1)
+            np.minimum.at(first_seen, np.asarray(seq, dtype=np.int64), np.asarray(ts, dtype=np.int64))
             n_train += len(part)
+            for which, p in (("val", vp), ("test", tp)):
+                if p is not None:
+                    targets[which].append(seq[p])
     storage.write_table(catalog.append_column("train_count", pa.array(counts)), out.items)
 
     stats = {
@@ -302,6 +315,7 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
         "items": catalog.num_rows,
         "train_interactions": n_train,
         "train_examples": storage_count(out.train_examples),
+        "split": split_stats(cfg.eval.protocol, cutoff, targets, first_seen, kept),
         "source": src.description,
         "interactions_uri": src.interactions,
         "items_uri": src.items,
@@ -312,6 +326,30 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
     if stats["users_kept"] == 0:
         raise DataValidationError(f"{src.interactions}: no user has {min_n} or more valid interactions")
     return stats
+
+
+def ts_range(ds: ray.data.Dataset) -> tuple[int, int]:
+    """Oldest and newest event ts of prepared users (user-sized pass, item-sized state)."""
+    lo, hi = np.iinfo(np.int64).max, np.iinfo(np.int64).min
+    for t in ds.iter_batches(batch_format="pyarrow", batch_size=4096):
+        flat = pc.list_flatten(t["ts"])
+        if len(flat):
+            lo, hi = min(lo, pc.min(flat).as_py()), max(hi, pc.max(flat).as_py())
+    return int(lo), int(hi)
+
+
+def split_stats(protocol: str, cutoff: int | None, targets: dict[str, list[int]], first_seen: np.ndarray,
+                kept: ray.data.Dataset) -> dict[str, Any]:
+    """Users per split, users without history before the cutoff, targets first seen after it."""
+    out: dict[str, Any] = {"protocol": protocol, "cutoff": cutoff,
+                           "val_users": len(targets["val"]), "test_users": len(targets["test"])}
+    if cutoff is not None:
+        new_items = first_seen >= cutoff  # (N,) items first seen after the cutoff (never seen: max int)
+        out["cold_targets"] = {w: int(new_items[np.asarray(v, dtype=np.int64)].sum()) for w, v in targets.items()}
+        out["users_no_history"] = int(sum(int(pc.sum(pc.equal(t["train_len"], 0)).as_py() or 0)
+                                          for t in kept.iter_batches(batch_format="pyarrow", batch_size=4096)))
+        out["items_first_seen_after_cutoff"] = int((new_items & (first_seen < np.iinfo(np.int64).max)).sum())
+    return out
 
 
 def storage_count(uri: str) -> int:

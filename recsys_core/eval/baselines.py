@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import pyarrow as pa
 import scipy.sparse as sp
 
 from recsys_core import storage
 from recsys_core.config import EvalConfig
-from recsys_core.data.split import holdout
+from recsys_core.data.split import fit_prefixes, split_rows
 from recsys_core.eval.metrics import per_user_metrics
 from recsys_core.serve.retrieval import topk_from_scores
 
@@ -262,7 +263,7 @@ BASELINES: dict[str, Baseline] = {
 
 
 def train_log(hist: list[np.ndarray], hist_ts: list[np.ndarray], n_items: int) -> TrainLog:
-    """The events of the query histories themselves as a training log (user r = history r)."""
+    """Per-user event prefixes (items, ts) as a training log (user r = prefix r)."""
     users = np.repeat(np.arange(len(hist)), [len(h) for h in hist]).astype(np.int64)
     items = np.concatenate(hist).astype(np.int64) if hist else np.zeros(0, np.int64)
     ts = np.concatenate(hist_ts).astype(np.int64) if hist_ts else np.zeros(0, np.int64)
@@ -284,17 +285,17 @@ def selection_metric(ks: tuple[int, ...]) -> str:
     return f"ndcg@{10 if 10 in ks else min(ks)}"
 
 
-def choose_on_validation(name: str, seqs: list[list[int]], ts_seqs: list[list[int]], n_items: int,
-                         ks: tuple[int, ...], opts: BaselineOptions) -> tuple[Any, dict[str, float]]:
+def choose_on_validation(name: str, users: pa.Table, n_items: int, ks: tuple[int, ...],
+                         opts: BaselineOptions) -> tuple[Any, dict[str, float]]:
     """The grid value of baseline ``name`` with the best mean validation ``selection_metric`` (the
-    first one on ties): fit on each user's training part, ranked for the validation event. The test
-    event is never read. Returns the value and the validation score of every grid value."""
+    first one on ties): fit on the validation split's fitting events, ranked for the validation
+    targets. The test targets are never read. Returns the value and the validation score of every
+    grid value."""
     grid = BASELINES[name].grid(opts)
     if len(grid) == 1:
         return grid[0], {}
-    hist, target = holdout(seqs, "val")
-    hist_ts, _ = holdout(ts_seqs, "val")
-    log = train_log(hist, hist_ts, n_items)
+    hist, target, _ = split_rows(users, "val")
+    log = train_log(fit_prefixes(users, "items", "val"), fit_prefixes(users, "ts", "val"), n_items)
     metric = selection_metric(ks)
     scores = {str(g): float(per_user_metrics(rank_baseline(name, log, hist, max(ks), opts, g), target, ks)[metric].mean())
               for g in grid}
@@ -305,18 +306,16 @@ def choose_on_validation(name: str, seqs: list[list[int]], ts_seqs: list[list[in
 def baseline_per_user(users_uri: str, n_items: int, names: tuple[str, ...], ks: tuple[int, ...],
                       opts: BaselineOptions | int = BaselineOptions()
                       ) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray, dict[str, dict[str, Any]]]:
-    """Baselines fit on train+validation interactions, ranked for the test item (seen excluded); a
-    baseline with a grid has its value chosen on the validation split first (:func:`choose_on_validation`).
+    """Baselines fit on the test split's fitting events (leave-one-out: train+validation; temporal: every
+    event before the cutoff), ranked for the test targets (seen excluded); a baseline with a grid has its value chosen on the validation split first (:func:`choose_on_validation`).
 
     Returns per-user metric values for each baseline that ran, the test item of each user, and per
     baseline what was chosen (``param``, ``validation`` scores) or why it was skipped (``skipped``)."""
     if isinstance(opts, int):  # the item-kNN neighbour count alone
         opts = BaselineOptions(k_neighbors=opts)
-    t = storage.read_table(users_uri, columns=["items", "ts"])
-    seqs, ts_seqs = t["items"].to_pylist(), t["ts"].to_pylist()
-    hist, target = holdout(seqs, "test")
-    hist_ts, _ = holdout(ts_seqs, "test")
-    log = train_log(hist, hist_ts, n_items)
+    t = storage.read_table(users_uri)
+    hist, target, _ = split_rows(t, "test")
+    log = train_log(fit_prefixes(t, "items", "test"), fit_prefixes(t, "ts", "test"), n_items)
     out: dict[str, dict[str, np.ndarray]] = {}
     chosen: dict[str, dict[str, Any]] = {}
     for name in names:
@@ -327,7 +326,7 @@ def baseline_per_user(users_uri: str, n_items: int, names: tuple[str, ...], ks: 
             _log.warning("%s", why)
             chosen[name] = {"skipped": why}
             continue
-        param, val_scores = choose_on_validation(name, seqs, ts_seqs, n_items, ks, opts)
+        param, val_scores = choose_on_validation(name, t, n_items, ks, opts)
         chosen[name] = {"param": param, "validation": val_scores, "metric": selection_metric(ks)}
         if val_scores:
             _log.info("baseline %s: %s on validation %s -> %s", name, selection_metric(ks), val_scores, param)
