@@ -157,6 +157,8 @@ def test_validate_batch_sub_second_timestamp_column_truncates_to_seconds():
 # ----------------------------------------------------------------------------- the temporal protocol
 
 from recsys_core.data.split import (  # noqa: E402
+    NEVER,
+    cold_targets,
     fit_prefixes,
     split_columns,
     split_rows,
@@ -178,11 +180,12 @@ def _log(protocol, cutoff=None):
     """Hand-made log, items as item_idx, chronological ts; cutoff 90:
       a: [1, 2, 3] @ 10, 50, 95   -> history [1, 2], next item 3 (after the cutoff)
       b: [4, 5, 6] @ 91, 92, 99   -> every event after the cutoff: no history, never evaluated or trained
-      c: [1, 2, 7] @ 20, 30, 40   -> nothing after the cutoff: trains, never evaluated
+      c: [1, 3, 7] @ 20, 30, 40   -> nothing after the cutoff: trains, never evaluated (item 3 is known
+                                     before the cutoff: a's target is warm)
       d: [2, 8, 1] @ 60, 90, 93   -> ts 90 is not before the cutoff: history [2], next item 8 (first seen after
                                      the cutoff: a cold target, kept)
     """
-    return split_columns(pa.table({"user_id": ["a", "b", "c", "d"], "items": [[1, 2, 3], [4, 5, 6], [1, 2, 7], [2, 8, 1]],
+    return split_columns(pa.table({"user_id": ["a", "b", "c", "d"], "items": [[1, 2, 3], [4, 5, 6], [1, 3, 7], [2, 8, 1]],
                                    "ts": [[10, 50, 95], [91, 92, 99], [20, 30, 40], [60, 90, 93]]}), protocol, cutoff)
 
 
@@ -201,9 +204,16 @@ def test_temporal_split_rules_on_a_hand_made_log():
     both = [(u, h, y) for which in ("val", "test") for u, h, y in zip(
         [["a", "b", "c", "d"][r] for r in split_rows(t, which)[2]], *[x for x in split_rows(t, which)[:2]])]
     assert sorted((u, h.tolist(), int(y)) for u, h, y in both) == [("a", [1, 2], 3), ("d", [2], 8)]
+    # items first seen after the cutoff: 4, 5, 6 (user b) and 8 (user d at ts 90); d's target 8 is one
+    first_seen = np.full(10, NEVER, dtype=np.int64)
+    for seq, ts in zip(t["items"].to_pylist(), t["ts"].to_pylist()):
+        np.minimum.at(first_seen, seq, ts)
+    assert np.flatnonzero((first_seen >= 90) & (first_seen < NEVER)).tolist() == [4, 5, 6, 8]
+    assert cold_targets([3, 8], first_seen, 90) == 1 and cold_targets([3], first_seen, 90) == 0
+    assert cold_targets([4, 8, 9], first_seen, 90) == 3  # 9: no event at all (NEVER) counts as new
     # baselines fit on every user's events before the cutoff, for validation and test alike
     for which in ("val", "test"):
-        assert [p.tolist() for p in fit_prefixes(t, "items", which)] == [[1, 2], [], [1, 2, 7], [2]]
+        assert [p.tolist() for p in fit_prefixes(t, "items", which)] == [[1, 2], [], [1, 3, 7], [2]]
         assert [p.tolist() for p in fit_prefixes(t, "ts", which)] == [[10, 50], [], [20, 30, 40], [60]]
 
 

@@ -27,7 +27,8 @@ from ray.data.context import ShuffleStrategy
 from recsys_core import storage
 from recsys_core.config import NightlyConfig, TrainConfig
 from recsys_core.data.sources import SourceData
-from recsys_core.data.split import MIN_EVENTS, split_columns, temporal_cutoff, train_len_of, training_windows
+from recsys_core.data.split import (MIN_EVENTS, NEVER, cold_targets, split_columns, temporal_cutoff, train_len_of,
+                                   training_windows)
 from recsys_core.data.text import load_tokenizer, render_texts, tokenize_texts
 
 log = logging.getLogger(__name__)
@@ -291,7 +292,7 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
 
     # Training popularity (for logQ correction and the popularity baseline), item-sized, not user-sized.
     counts = np.zeros(catalog.num_rows, dtype=np.int64)
-    first_seen = np.full(catalog.num_rows, np.iinfo(np.int64).max, dtype=np.int64)  # (N,) first event ts
+    first_seen = np.full(catalog.num_rows, NEVER, dtype=np.int64)  # (N,) first event ts of each item
     n_train, targets = 0, {"val": [], "test": []}
     for t in kept.iter_batches(batch_format="pyarrow", batch_size=4096):
         for seq, ts, n, vp, tp in zip(*(t[c].to_pylist() for c in ("items", "ts", "train_len", "val_pos", "test_pos"))):
@@ -344,11 +345,10 @@ def split_stats(protocol: str, cutoff: int | None, targets: dict[str, list[int]]
     out: dict[str, Any] = {"protocol": protocol, "cutoff": cutoff,
                            "val_users": len(targets["val"]), "test_users": len(targets["test"])}
     if cutoff is not None:
-        new_items = first_seen >= cutoff  # (N,) items first seen after the cutoff (never seen: max int)
-        out["cold_targets"] = {w: int(new_items[np.asarray(v, dtype=np.int64)].sum()) for w, v in targets.items()}
+        out["cold_targets"] = {w: cold_targets(v, first_seen, cutoff) for w, v in targets.items()}
         out["users_no_history"] = int(sum(int(pc.sum(pc.equal(t["train_len"], 0)).as_py() or 0)
                                           for t in kept.iter_batches(batch_format="pyarrow", batch_size=4096)))
-        out["items_first_seen_after_cutoff"] = int((new_items & (first_seen < np.iinfo(np.int64).max)).sum())
+        out["items_first_seen_after_cutoff"] = int(((first_seen >= cutoff) & (first_seen < NEVER)).sum())
     return out
 
 

@@ -120,6 +120,15 @@ def split_columns(batch: pa.Table, protocol: str, cutoff: int | None) -> pa.Tabl
     return batch
 
 
+NEVER = np.iinfo(np.int64).max  # first-seen ts of an item without any event
+
+
+def cold_targets(targets: Sequence[int], first_seen: np.ndarray, cutoff: int) -> int:
+    """How many targets are items first seen at or after the cutoff (``first_seen``: (N,) ts of each
+    item's first event, :data:`NEVER` when none)."""
+    return int((np.asarray(first_seen)[np.asarray(targets, dtype=np.int64)] >= cutoff).sum())
+
+
 def has_split_columns(table: pa.Table) -> bool:
     return all(c in table.column_names for c in SPLIT_COLUMNS)
 
