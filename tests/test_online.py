@@ -62,3 +62,19 @@ def test_previous_published_date_and_history_columns(tmp_path):
     assert cols == {"online_hit_rate@10": 0.2, "online_n_users": 7, "online_from_run_date": "2026-12-01",
                     "online_model_version": "v"}
     assert report.online_columns(None) == {}
+
+
+@pytest.mark.unit
+def test_history_row_carries_the_protocol_and_the_online_proxy():
+    from tests.test_registry import fake_records
+
+    recs = fake_records(promote=True)
+    row = report.history_row("2026-01-02", recs)
+    assert row["protocol"] == "loo" and "online_hit_rate@10" not in row  # nothing published before
+    recs["evaluate"]["metrics"].update(protocol={"protocol": "temporal", "cutoff": 5},
+                                       online={"from_run_date": "2026-01-01", "model_version": "v1", "k": 10,
+                                               "hit_rate@10": 0.25, "ndcg@10": 0.1, "n_users": 4, "users_active": 5})
+    row = report.history_row("2026-01-02", recs)
+    assert row["protocol"] == "temporal" and row["online_hit_rate@10"] == 0.25 and row["online_users_active"] == 5
+    page = report.render("2026-01-02", recs, [row])
+    assert 'id="online"' in page and "published on 2026-01-01" in page and "4 of 5 active" in page

@@ -56,6 +56,7 @@ def history_row(run_date: str, records: dict[str, dict[str, Any]]) -> dict[str, 
         "compared_version": prod.get("model_version"),
         "compared_ndcg@10": point_metrics(prod.get("metrics")).get("ndcg@10"),
     }
+    row["protocol"] = (metrics.get("protocol") or {}).get("protocol", "loo")  # of the holdout metrics below
     row.update(online_columns(metrics.get("online")))
     row.update({f"model_{k}": v for k, v in point_metrics(metrics["model"]).items()})
     for name, m in metrics["baselines"].items():
