@@ -41,7 +41,7 @@ def daily_log(kind: str, n_users: int = N_USERS, n_items: int = N_ITEMS) -> tupl
     idx = np.arange(inter.num_rows) % EVENTS  # the generator writes each user's events in order
     inter = inter.set_column(2, "ts", pa.array(T0 + idx * DAY + user * 60, pa.int64()))
     if kind == "string":
-        text = lambda col, p: pc.binary_join_element_wise(p, pc.cast(col, pa.string()), "")  # noqa: E731
+        text = lambda col, p: pc.binary_join_element_wise(p, pc.cast(col, pa.string()), "")
         inter = inter.set_column(0, "user_id", text(inter["user_id"], "u")).set_column(1, "item_id",
                                                                                        text(inter["item_id"], "i"))
         items = items.set_column(0, "item_id", text(items["item_id"], "i"))

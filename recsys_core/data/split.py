@@ -23,7 +23,8 @@ tables without them follow leave-one-out.
 from __future__ import annotations
 
 import zlib
-from typing import Any, Callable, Literal, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
