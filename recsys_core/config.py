@@ -143,9 +143,15 @@ class InferConfig:
 class EvalConfig:
     ks: tuple[int, ...] = (10, 50)
     n_boot: int = 1000
-    baselines: tuple[Literal["popularity", "itemknn"], ...] = ("popularity", "itemknn")  # eval.baselines.BASELINES
+    baselines: tuple[Literal["popularity", "recent_popularity", "itemknn", "ease"], ...] = (
+        "popularity", "recent_popularity", "itemknn", "ease")  # registry: recsys_core.eval.baselines.BASELINES
     itemknn_neighbors: int = 200
     max_users: int | None = None  # holdout scores a seeded sample (train.seed) of this many users; None: all
+    pop_windows_days: tuple[int, ...] = (7, 14, 30, 90, 0)  # recent_popularity: days chosen on validation; 0 = all
+    ease_lambdas: tuple[float, ...] = (1.0, 10.0, 100.0, 500.0, 2000.0)  # EASE L2 strengths chosen on validation
+    ease_max_items: int = 20000  # EASE is skipped (a log line) above this catalog size: dense I x I float32 inverse
+    protocol: Literal["loo", "temporal"] = "loo"  # loo: each user's last events held out | temporal: a global cutoff
+    temporal_fraction: float = 0.1  # temporal: the cutoff sits this fraction of the log's time span before its end
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ Storage layout under ``storage.root``::
                                                changed) and its item embeddings, for warm start and the gate
     runs/run_date=D/stages/<stage>.json        completion markers (written last)
     models/<version>/, models/PRODUCTION       the registry (see recsys_core.registry)
-    evaluation/run_date=D/                     holdout_recs.parquet, metrics.json, learning_curve.png,
+    evaluation/run_date=D/                     holdout_recs.parquet, metrics.json (with "online": the previous
+                                               date's published recs vs the events since), learning_curve.png,
                                                production_holdout_recs.parquet, promotion.json, report.html
     recommendations/run_date=D/                part-*.parquet + _MANIFEST.json (written last)
     history/metrics.parquet                    one row per run date (see recsys_core.report)
@@ -31,9 +32,10 @@ from recsys_core import storage
 from recsys_core.config import NightlyConfig, replace
 from recsys_core.data.prepare import PreparedPaths, catalog_ids, run_prepare
 from recsys_core.data.sources import resolve_source
-from recsys_core.eval.baselines import baseline_per_user
+from recsys_core.eval.baselines import baseline_options, baseline_per_user
 from recsys_core.eval.holdout import cold_start_metrics, evaluate_model, holdout_users
 from recsys_core.eval.metrics import summarize_values
+from recsys_core.eval.online import newest_event_ts, online_proxy
 from recsys_core.model.checkpoint import CONFIG
 from recsys_core.ops import gate, registry, report
 from recsys_core.ops.explain import describe_users
@@ -57,6 +59,7 @@ from recsys_core.serve.publish import publish
 from recsys_core.train.trainer import run_train
 
 log = logging.getLogger(__name__)
+ONLINE_K = 10  # the online proxy scores the published top 10
 
 
 @dataclass(frozen=True)
@@ -201,19 +204,25 @@ def evaluate_stage(run: Run) -> EvaluateRecord:
     items = storage.read_table(run.prepared.items, columns=["item_id", "train_count"])
     held = holdout_users(run.prepared.users, storage.join(run.eval_dir, "holdout_users.parquet"),
                          cfg.eval.max_users, cfg.train.seed)
-    n_users = held["users"]
+    stats = run.record("prepare").stats
+    # users the metrics average over (absent ones count as misses): the test split's, or the sample's
+    n_users = held["users"] if held["sampled"] else test_users(stats)
     if held["sampled"]:
         log.info("holdout: %d of %d users sampled (eval.max_users, seed %d)", n_users, held["of"], held["seed"])
     per_user, model_m, n_scored = evaluate_model(
         trained.model_dir, trained.model_version, run.prepared.items, held["uri"],
         storage.join(trained.model_dir, "item_embeddings.npy"), storage.join(run.eval_dir, "holdout_recs.parquet"),
         cfg.eval, cfg.infer, cfg.model.max_seq_len, n_users)
-    base_pu, base_target = baseline_per_user(run.prepared.users, items.num_rows, cfg.eval.baselines, cfg.eval.ks,
-                                             cfg.eval.itemknn_neighbors, query_rows=held["rows"])
+    base_pu, base_target, base_chosen = baseline_per_user(run.prepared.users, items.num_rows, cfg.eval.baselines,
+                                                          cfg.eval.ks, baseline_options(cfg.eval),
+                                                          query_rows=held["rows"])
     base = {b: summarize_values(pu, n_users, cfg.eval.n_boot) for b, pu in base_pu.items()}
     cold = cold_start_metrics(per_user, base_pu, base_target, items["train_count"].to_numpy() == 0, cfg.eval.n_boot)
+    online = online_proxy(run.root, run.run_date, run.prepared.users, run.prepared.items, ONLINE_K, cfg.eval.n_boot)
     metrics = {"model": model_m, "baselines": base, "model_version": trained.model_version,
-               "users_scored": n_scored, "cold_start": cold,
+               "online": online, "protocol": stats.get("split", {"protocol": "loo"}),
+               "newest_event_ts": newest_event_ts(run.prepared.users),
+               "users_scored": n_scored, "cold_start": cold, "baseline_selection": base_chosen,
                "holdout_users": {"scored": n_users, "of": held["of"], "sampled": held["sampled"],
                                  "seed": held.get("seed"), "max_users": cfg.eval.max_users},
                "note": "bootstrap 95% CIs over users; with ~1k users, differences under ~0.015 are noise"
@@ -225,10 +234,16 @@ def evaluate_stage(run: Run) -> EvaluateRecord:
     return EvaluateRecord(metrics=metrics, eval_dir=run.eval_dir, holdout_users_uri=held["uri"])
 
 
+def test_users(stats: dict[str, Any]) -> int:
+    """Users in the test split (every kept user under leave-one-out); absent ones count as misses."""
+    return int((stats.get("split") or {}).get("test_users", stats["users_kept"]))
+
+
 def promote_stage(run: Run) -> PromoteRecord:
     """The promotion gate: the production model is evaluated on today's holdout too; the new model
-    replaces it only when its NDCG@10 is within ``registry.ndcg_tolerance`` and the generation guard
-    passed. Decides which model's recommendations are published, then applies retention."""
+    replaces it only when its NDCG@10 beats the best baseline's (the first promotion included), is
+    within ``registry.ndcg_tolerance`` of production's and the generation guard passed. Decides which
+    model's recommendations are published, then applies retention."""
     cfg, trained, evaluated = run.cfg, run.record("train"), run.record("evaluate")
     new = trained.model_version
     pointer = registry.production(run.root)
@@ -246,7 +261,8 @@ def promote_stage(run: Run) -> PromoteRecord:
             log.warning("%s; the gate compares against nothing", note)
     decision = gate.gate_decision(evaluated.metrics["model"]["ndcg@10"],
                                   prod_eval.metrics["ndcg@10"] if prod_eval else None,
-                                  cfg.registry.ndcg_tolerance, trained.guard, note)
+                                  cfg.registry.ndcg_tolerance, trained.guard, note,
+                                  baseline=gate.best_baseline(evaluated.metrics["baselines"]))
     new_source = ModelSource(model_version=new, model_dir=trained.model_dir, role="new",
                              item_embeddings=storage.join(trained.model_dir, "item_embeddings.npy"),
                              max_seq_len=cfg.model.max_seq_len, metrics=evaluated.metrics["model"],
@@ -275,8 +291,9 @@ def _evaluate_production(run: Run, version: str) -> ModelSource:
     model_dir, note = registry.on_catalog(run.root, version, ids, registry.catalog_hash(ids), workdir)
     max_seq_len = int(json.loads(storage.read_bytes(storage.join(model_dir, CONFIG)))["model"]["max_seq_len"])
     emb = storage.join(workdir, f"{version}-item_embeddings.npy")
-    users_uri = run.record("evaluate").holdout_users_uri or run.prepared.users  # the same users as the new model
-    n_users = storage.parquet_totals(users_uri)[0]
+    evaluated = run.record("evaluate")
+    users_uri = evaluated.holdout_users_uri or run.prepared.users  # the same users as the new model
+    n_users = (evaluated.metrics.get("holdout_users") or {}).get("scored") or test_users(run.record("prepare").stats)
     _, summary, _ = evaluate_model(model_dir, version, run.prepared.items, users_uri, emb,
                                    storage.join(run.eval_dir, "production_holdout_recs.parquet"),
                                    cfg.eval, cfg.infer, max_seq_len, n_users)
@@ -305,7 +322,7 @@ def infer_stage(run: Run) -> InferRecord:
         "users": stats["users_kept"],
         "metrics": manifest_metrics(src, evaluated.metrics["baselines"], promoted),
         "input_snapshot": {"interactions": stats["interactions_uri"], "items": stats["items_uri"],
-                           "rows_read": stats["rows_read"]},
+                           "rows_read": stats["rows_read"], "newest_event_ts": evaluated.metrics.get("newest_event_ts")},
     })
     log.info("published %d users' top-%d from model %s (%s) to %s", manifest["rows"], cfg.infer.k,
              src.model_version, src.role, run.recs_dir)

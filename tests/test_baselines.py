@@ -7,7 +7,8 @@ import pytest
 
 from recsys_core import storage
 from recsys_core.eval import baselines
-from recsys_core.eval.baselines import itemknn_score_chunks, popularity_scores
+from recsys_core.eval.baselines import (BASELINES, BaselineOptions, itemknn_score_chunks, popularity_scores,
+                                        windowed_popularity_scores)
 
 
 def itemknn_scores(train_users, train_items, n_users, n_items, query_histories, **kw) -> np.ndarray:
@@ -129,7 +130,7 @@ def test_itemknn_chunking_matches_dense_reference(monkeypatch):
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("name", ["popularity", "itemknn"])
+@pytest.mark.parametrize("name", ["popularity", "recent_popularity", "itemknn", "ease"])
 def test_baselines_rank_the_same_in_small_score_blocks(tmp_path, monkeypatch, name):
     """The evaluate stage scores baselines a block of users at a time; block size changes nothing."""
     import pyarrow as pa
@@ -137,13 +138,16 @@ def test_baselines_rank_the_same_in_small_score_blocks(tmp_path, monkeypatch, na
 
     rng = np.random.default_rng(1)
     seqs = [rng.choice(40, size=int(rng.integers(3, 12)), replace=False).tolist() for _ in range(25)]
+    ts = [np.sort(rng.integers(0, 60 * DAY, len(s))).tolist() for s in seqs]
     uri = str(tmp_path / "users.parquet")
-    storage.write_table(pa.table({"items": seqs}), uri)
-    whole, target = baselines.baseline_per_user(uri, 40, (name,), (5, 10), 20)
+    storage.write_table(pa.table({"items": seqs, "ts": ts}), uri)
+    opts = BaselineOptions(k_neighbors=20, pop_windows_days=(7, 30, 0), ease_lambdas=(10.0, 100.0))
+    whole, target, chosen = baselines.baseline_per_user(uri, 40, (name,), (5, 10), opts)
     monkeypatch.setattr(baselines, "BLOCK_USERS", 4)  # 7 blocks, the last one ragged
-    blocked, target2 = baselines.baseline_per_user(uri, 40, (name,), (5, 10), 20)
+    blocked, target2, chosen2 = baselines.baseline_per_user(uri, 40, (name,), (5, 10), opts)
     np.testing.assert_array_equal(target, [s[-1] for s in seqs])
     np.testing.assert_array_equal(target, target2)
+    assert chosen == chosen2
     for m, v in whole[name].items():
         np.testing.assert_array_equal(v, blocked[name][m])
     assert whole[name]["recall@10"].shape == (25,)
@@ -174,3 +178,110 @@ def test_itemknn_at_30k_items_is_memory_bounded_float32_top_k(monkeypatch):
     step = baselines._SCORE_BLOCK_ENTRIES // n_items  # 533 users per block
     assert shapes == [(step, n_items)] * 3 + [(2_000 - 3 * step, n_items)]
     assert peak < 250 * 2**20, f"peak {peak / 2**20:.0f} MiB"
+
+
+# ----------------------------------------------------------------------------- popularity of the last N days
+
+DAY = 86_400
+
+
+@pytest.mark.unit
+def test_windowed_popularity_hand_values():
+    # events (item, day): (0, 0) (1, 10) (1, 28) (2, 29) (2, 1) (2, 2); newest = day 29
+    items = np.array([0, 1, 1, 2, 2, 2])
+    ts = np.array([0, 10, 28, 29, 1, 2]) * DAY
+    # 7 days: (22, 29] -> item 1 at 28, item 2 at 29
+    np.testing.assert_array_equal(windowed_popularity_scores(items, ts, 4, 7), [0, 1, 1, 0])
+    # 28 days: (1, 29] -> day 1 is out (strictly older than 28 days), day 2 is in
+    np.testing.assert_array_equal(windowed_popularity_scores(items, ts, 4, 28), [0, 2, 2, 0])
+    # 30 days and 0 (= all time): every event
+    np.testing.assert_array_equal(windowed_popularity_scores(items, ts, 4, 30), [1, 2, 3, 0])
+    np.testing.assert_array_equal(windowed_popularity_scores(items, ts, 4, 0), [1, 2, 3, 0])
+    # an explicit "now" (day 12): 7 days = (5, 12] -> item 1 at day 10 only (later events are not counted)
+    np.testing.assert_array_equal(windowed_popularity_scores(items, ts, 4, 7, now=12 * DAY), [0, 1, 0, 0])
+    assert windowed_popularity_scores(items, ts, 4, 7).dtype == np.float32
+    with pytest.raises(ValueError):
+        windowed_popularity_scores(items, ts, 4, -1)
+
+
+def _users_table(tmp_path, seqs, days):
+    import pyarrow as pa
+
+    uri = str(tmp_path / "users.parquet")
+    storage.write_table(pa.table({"items": seqs, "ts": [[d * DAY for d in ds] for ds in days]}), uri)
+    return uri
+
+
+@pytest.mark.unit
+def test_window_is_chosen_on_validation_never_on_test(tmp_path):
+    """Item 0 was popular long ago, item 1 is popular lately. The validation events are item 1 (the
+    7-day window wins), the test events item 0 (all-time popularity would win): 7 days is chosen.
+
+    Validation fit (train parts, newest day 97): bg [0,0,0,1,1] @1,2,3,96,97; q1 [2] @90; q2 [3] @91.
+      7 days (90, 97]: counts [0, 2, 0, 1, 0]; all time: [3, 2, 1, 1, 0].
+      q1 (seen {2}) and q2 (seen {3}) -> 7 days ranks item 1 first (hit), all time item 0 (miss);
+      bg's validation item 4: a miss either way. HR@1 = NDCG@1: 7 days 2/3, all time 0.
+    Test fit (newest day 98): 7 days (91, 98]: bg 1,1,4 + q1 1 + q2 1 -> [0, 4, 0, 0, 1]: q1 (seen
+      {2, 1}) and q2 (seen {3, 1}) get item 4 first, their test item is 0: misses. (All time would hit.)"""
+    seqs = [[0, 0, 0, 1, 1, 4, 4], [2, 1, 0], [3, 1, 0]]
+    days = [[1, 2, 3, 96, 97, 98, 99], [90, 98, 99], [91, 98, 99]]
+    uri = _users_table(tmp_path, seqs, days)
+    opts = BaselineOptions(pop_windows_days=(7, 0))
+    out, target, chosen = baselines.baseline_per_user(uri, 5, ("recent_popularity", "popularity"), (1,), opts)
+    assert chosen["recent_popularity"]["param"] == 7
+    assert chosen["recent_popularity"]["validation"] == pytest.approx({"7": 2 / 3, "0": 0.0})
+    np.testing.assert_array_equal(target, [4, 0, 0])
+    np.testing.assert_array_equal(out["recent_popularity"]["recall@1"], [0, 0, 0])
+    # all-time popularity (no grid) on the same test: q1 and q2 get item 0 (count 3, unseen): hits
+    np.testing.assert_array_equal(out["popularity"]["recall@1"], [0, 1, 1])
+    assert chosen["popularity"] == {"param": None, "validation": {}, "metric": "ndcg@1"}
+
+
+# ----------------------------------------------------------------------------- EASE
+
+# X (users x items) = [[1,1,0],[0,1,1],[1,0,0]]; X^T X + 1 I = [[3,1,0],[1,3,1],[0,1,2]], det 13,
+# P = (1/13) [[5,-2,1],[-2,6,-3],[1,-3,8]]; B[i,j] = -P[i,j]/P[j,j], diag 0:
+EASE_B = np.array([[0.0, 1 / 3, -1 / 8],
+                   [2 / 5, 0.0, 3 / 8],
+                   [-1 / 5, 1 / 2, 0.0]])
+EASE_USERS, EASE_ITEMS = np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 2, 0])
+
+
+@pytest.mark.unit
+def test_ease_weights_hand_values():
+    import scipy.sparse as sp
+
+    x = sp.csr_matrix((np.ones(5), (EASE_USERS, EASE_ITEMS)), shape=(3, 3))
+    b = baselines.ease_weights(x, 1.0)
+    assert b.dtype == np.float32
+    np.testing.assert_allclose(b, EASE_B, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError):
+        baselines.ease_weights(x, 0.0)
+
+
+@pytest.mark.unit
+def test_ease_scores_are_history_rows_of_b():
+    log = baselines.TrainLog(EASE_USERS, EASE_ITEMS, np.zeros(5, np.int64), 3, 3)
+    opts = BaselineOptions()
+    blocks = list(BASELINES["ease"].score(log, [np.array([0]), np.array([1, 2]), np.array([], np.int64)], opts, 1.0))
+    scores = np.concatenate(blocks)
+    np.testing.assert_allclose(scores[0], EASE_B[0], rtol=1e-5, atol=1e-6)  # [0, 1/3, -1/8]
+    np.testing.assert_allclose(scores[1], EASE_B[1] + EASE_B[2], rtol=1e-5, atol=1e-6)  # [1/5, 1/2, 3/8]
+    np.testing.assert_array_equal(scores[2], 0.0)
+    # history {0}: item 1 (1/3) ranks before item 2 (-1/8); item 0 is seen
+    assert baselines.rank_baseline("ease", log, [np.array([0])], 2, opts, 1.0).tolist() == [[1, 2]]
+
+
+@pytest.mark.unit
+def test_ease_is_skipped_above_the_catalog_limit_with_a_log_line(tmp_path, caplog):
+    seqs = [[0, 1, 2, 3], [1, 2, 3, 4], [4, 3, 2, 1]]
+    uri = _users_table(tmp_path, seqs, [[1, 2, 3, 4]] * 3)
+    opts = BaselineOptions(ease_max_items=4)
+    with caplog.at_level("WARNING"):
+        out, _, chosen = baselines.baseline_per_user(uri, 5, ("ease", "popularity"), (1,), opts)
+    assert "ease" not in out and "popularity" in out
+    assert "5 items > eval.ease_max_items=4" in chosen["ease"]["skipped"]
+    assert "EASE skipped" in caplog.text
+    out, _, chosen = baselines.baseline_per_user(uri, 5, ("ease",), (1,), BaselineOptions(ease_max_items=5,
+                                                                                        ease_lambdas=(1.0, 10.0)))
+    assert chosen["ease"]["param"] in (1.0, 10.0) and set(chosen["ease"]["validation"]) == {"1.0", "10.0"}

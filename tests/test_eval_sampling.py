@@ -29,7 +29,8 @@ def _users(tmp_path, n=60, n_items=9):
     seqs = [rng.integers(0, n_items, rng.integers(3, 12)).tolist() for _ in range(n)]
     uri = str(tmp_path / "users" / "part-0.parquet")
     storage.write_table(pa.table({"user_id": [f"u{i}" for i in range(n)],
-                                  "items": pa.array(seqs, pa.list_(pa.int32()))}), uri)
+                                  "items": pa.array(seqs, pa.list_(pa.int32())),
+                                  "ts": pa.array([list(range(len(q))) for q in seqs], pa.list_(pa.int64()))}), uri)
     return str(tmp_path / "users"), seqs
 
 
@@ -48,9 +49,9 @@ def test_holdout_users_writes_the_sample_and_says_how_many(tmp_path):
 def test_sampled_baselines_equal_the_full_run_at_the_sampled_users(tmp_path, name):
     """Baselines fit on every user's interactions, so a sampled user's metrics equal the full run's."""
     uri, _ = _users(tmp_path)
-    full, full_target = baseline_per_user(uri, 9, (name,), (3, 5), k_neighbors=4)
+    full, full_target, _ = baseline_per_user(uri, 9, (name,), (3, 5), 4)
     rows = holdout_rows(60, 11, seed=2)
-    part, target = baseline_per_user(uri, 9, (name,), (3, 5), k_neighbors=4, query_rows=rows)
+    part, target, _ = baseline_per_user(uri, 9, (name,), (3, 5), 4, query_rows=rows)
     np.testing.assert_array_equal(target, full_target[rows])
     assert set(part[name]) == set(full[name])
     for metric, v in part[name].items():

@@ -130,7 +130,7 @@ def test_validate_batch_numeric_ids_match_string_catalog_and_numeric_ts_pass_thr
     batch = pa.table({"uid": pa.array([7, 8], pa.int64()), "iid": pa.array([3, 1], pa.int64()),
                       "time": pa.array([5, 0], pa.int64())})
     out = validate_batch(batch, {"user_id": "uid", "item_id": "iid", "ts": "time"}, catalog_ids=CATALOG)
-    assert out["user_id"].to_pylist() == ["7", "8"]
+    assert out["user_id"].to_pylist() == [7, 8] and out["user_id"].type == pa.int64()  # ids keep their type
     assert out["item_idx"].to_pylist() == [2, 0]
     assert out["ts"].to_pylist() == [5, 0]  # ts 0 (the epoch) is valid
     assert out["reason"].to_pylist() == [None, None]
@@ -152,3 +152,86 @@ def test_validate_batch_sub_second_timestamp_column_truncates_to_seconds():
     out = validate_batch(batch, COLUMNS, catalog_ids=CATALOG)
     assert out["ts"].to_pylist() == [NOV27]
     assert out["reason"].to_pylist() == [None]
+
+
+# ----------------------------------------------------------------------------- the temporal protocol
+
+from recsys_core.data.split import (  # noqa: E402
+    NEVER,
+    cold_targets,
+    fit_prefixes,
+    split_columns,
+    split_rows,
+    temporal_cutoff,
+    temporal_role,
+)
+
+
+@pytest.mark.unit
+def test_temporal_cutoff_by_hand():
+    # span 0..100, last 10% -> cutoff 90 (events at ts < 90 train); 15% of 1000..2000 -> 1850
+    assert temporal_cutoff(0, 100, 0.1) == 90
+    assert temporal_cutoff(1000, 2000, 0.15) == 1850
+    with pytest.raises(ValueError):
+        temporal_cutoff(0, 100, 1.0)
+
+
+def _log(protocol, cutoff=None):
+    """Hand-made log, items as item_idx, chronological ts; cutoff 90:
+      a: [1, 2, 3] @ 10, 50, 95   -> history [1, 2], next item 3 (after the cutoff)
+      b: [4, 5, 6] @ 91, 92, 99   -> every event after the cutoff: no history, never evaluated or trained
+      c: [1, 3, 7] @ 20, 30, 40   -> nothing after the cutoff: trains, never evaluated (item 3 is known
+                                     before the cutoff: a's target is warm)
+      d: [2, 8, 1] @ 60, 90, 93   -> ts 90 is not before the cutoff: history [2], next item 8 (first seen after
+                                     the cutoff: a cold target, kept)
+    """
+    return split_columns(pa.table({"user_id": ["a", "b", "c", "d"], "items": [[1, 2, 3], [4, 5, 6], [1, 3, 7], [2, 8, 1]],
+                                   "ts": [[10, 50, 95], [91, 92, 99], [20, 30, 40], [60, 90, 93]]}), protocol, cutoff)
+
+
+@pytest.mark.unit
+def test_temporal_split_rules_on_a_hand_made_log():
+    t = _log("temporal", 90)
+    assert t["train_len"].to_pylist() == [2, 0, 3, 1]  # events before the cutoff
+    roles = {u: temporal_role(u) for u in "abcd"}
+    evaluated = {"a": 2, "d": 1}  # target positions: the first event after the cutoff
+    for which in ("val", "test"):
+        want = [evaluated.get(u) if roles[u] == which else None for u in "abcd"]
+        assert t[f"{which}_pos"].to_pylist() == want
+    # validation and test users never overlap; together they are exactly a and d
+    assert {u for u, p in zip("abcd", t["val_pos"].to_pylist()) if p is not None}.isdisjoint(
+        {u for u, p in zip("abcd", t["test_pos"].to_pylist()) if p is not None})
+    both = [(u, h, y) for which in ("val", "test") for u, h, y in zip(
+        [["a", "b", "c", "d"][r] for r in split_rows(t, which)[2]], *[x for x in split_rows(t, which)[:2]])]
+    assert sorted((u, h.tolist(), int(y)) for u, h, y in both) == [("a", [1, 2], 3), ("d", [2], 8)]
+    # items first seen after the cutoff: 4, 5, 6 (user b) and 8 (user d at ts 90); d's target 8 is one
+    first_seen = np.full(10, NEVER, dtype=np.int64)
+    for seq, ts in zip(t["items"].to_pylist(), t["ts"].to_pylist()):
+        np.minimum.at(first_seen, seq, ts)
+    assert np.flatnonzero((first_seen >= 90) & (first_seen < NEVER)).tolist() == [4, 5, 6, 8]
+    assert cold_targets([3, 8], first_seen, 90) == 1 and cold_targets([3], first_seen, 90) == 0
+    assert cold_targets([4, 8, 9], first_seen, 90) == 3  # 9: no event at all (NEVER) counts as new
+    # baselines fit on every user's events before the cutoff, for validation and test alike
+    for which in ("val", "test"):
+        assert [p.tolist() for p in fit_prefixes(t, "items", which)] == [[1, 2], [], [1, 3, 7], [2]]
+        assert [p.tolist() for p in fit_prefixes(t, "ts", which)] == [[10, 50], [], [20, 30, 40], [60]]
+
+
+@pytest.mark.unit
+def test_roles_are_a_stable_hash_of_the_id():
+    assert [temporal_role(u) for u in range(8)] == [temporal_role(u) for u in range(8)]
+    roles = [temporal_role(f"user{u}") for u in range(400)]
+    assert 150 < roles.count("val") < 250  # about half each
+
+
+@pytest.mark.unit
+def test_leave_one_out_columns_match_the_leave_one_out_functions():
+    t = _log("loo")
+    assert t["train_len"].to_pylist() == [1, 1, 1, 1] and t["val_pos"].to_pylist() == [1, 1, 1, 1]
+    assert t["test_pos"].to_pylist() == [2, 2, 2, 2] and t["test_fit_len"].to_pylist() == [2, 2, 2, 2]
+    bare = t.select(["user_id", "items", "ts"])  # no split columns: leave-one-out
+    for which in ("val", "test"):
+        for a, b in zip(split_rows(t, which), split_rows(bare, which)):
+            np.testing.assert_array_equal(np.asarray(a, dtype=object), np.asarray(b, dtype=object))
+        assert [p.tolist() for p in fit_prefixes(t, "items", which)] == [
+            p.tolist() for p in fit_prefixes(bare, "items", which)]

@@ -7,7 +7,9 @@ Outputs, under ``{root}/runs/run_date=D/prepared/``:
 - ``quarantine/``: rejected rows (user_id, item_id, ts as text, reason), never silently dropped
 - ``stats.json``: row counts, reject counts per reason, user and example counts
 
-Protocol: per user, sort by (ts, item_id); last = test, second-to-last = validation, rest = train.
+Protocol (``eval.protocol``, rules in recsys_core.data.split): per user, sort by (ts, item_id); leave-one-out:
+last = test, second-to-last = validation, rest = train; temporal: a global cutoff. ``users/`` carries
+the rule as per-user columns (train_len, val_pos, test_pos, test_fit_len).
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ from ray.data.context import ShuffleStrategy
 from recsys_core import storage
 from recsys_core.config import NightlyConfig, TrainConfig
 from recsys_core.data.sources import SourceData
-from recsys_core.data.split import MIN_EVENTS, train_lengths, training_window_bounds
+from recsys_core.data.split import (MIN_EVENTS, NEVER, cold_targets, split_columns, temporal_cutoff, train_lengths,
+                                   training_window_bounds)
 from recsys_core.data.text import load_tokenizer, render_texts, tokenize_texts
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,11 @@ class PreparedPaths:
 def _canonical_ids(col: pa.ChunkedArray | pa.Array) -> pa.Array:
     """Item/user ids compared as text: int64 242 and string "242" are the same id."""
     return pc.cast(col, pa.string()) if not pa.types.is_string(col.type) else col
+
+
+def _user_ids(col: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """User ids keep their type in every output: integers stay integers, anything else becomes text."""
+    return col if pa.types.is_integer(col.type) else _canonical_ids(col)
 
 
 def load_catalog(items_uri: str, cfg: NightlyConfig) -> pa.Table:
@@ -134,7 +142,7 @@ def validate_batch(batch: pa.Table, columns: dict[str, str], catalog_ids: pa.Arr
     for name, bad in checks:  # reverse priority: the last assignment wins
         reason[bad] = name
     return pa.table({
-        "user_id": _canonical_ids(user),
+        "user_id": _user_ids(user),
         "item_idx": pc.cast(item_idx, pa.int32()),
         "ts": pa.array(np.nan_to_num(ts, nan=-1).astype(np.int64)),
         "raw_item_id": _canonical_ids(item),
@@ -190,7 +198,7 @@ def _good(batch: pa.Table, n_buckets: int) -> pa.Table:
 
 def _bad(batch: pa.Table) -> pa.Table:
     bad = batch.filter(pc.is_valid(batch["reason"]))
-    return pa.table({"user_id": bad["user_id"], "item_id": bad["raw_item_id"], "ts": bad["raw_ts"],
+    return pa.table({"user_id": pc.cast(bad["user_id"], pa.string()), "item_id": bad["raw_item_id"], "ts": bad["raw_ts"],
                      "reason": bad["reason"]}, schema=QUARANTINE_SCHEMA)
 
 
@@ -207,7 +215,7 @@ def build_user(group: pa.Table, max_history: int) -> pa.Table:
     dup[1:] = (ts[1:] == ts[:-1]) & (items[1:] == items[:-1])
     keep_items, keep_ts = items[~dup][-max_history:], ts[~dup][-max_history:]
     return pa.table({
-        "user_id": [group["user_id"][0].as_py()],
+        "user_id": pa.array([group["user_id"][0].as_py()], group.schema.field("user_id").type),
         "items": pa.array([keep_items.astype(np.int32)], pa.list_(pa.int32())),
         "ts": pa.array([keep_ts.astype(np.int64)], pa.list_(pa.int64())),
         "dup_items": pa.array([items[dup].astype(np.int32)], pa.list_(pa.int32())),
@@ -277,7 +285,7 @@ def _examples(batch: pa.Table, seq_len: int) -> pa.Table:
     if batch.num_rows == 0:
         return EXAMPLES_SCHEMA.empty_table()
     offsets, values = _list_parts(batch["items"])  # (U+1,), (E,)
-    owner, start, end = training_window_bounds(train_lengths(np.diff(offsets)), seq_len)  # (W,) each
+    owner, start, end = training_window_bounds(_n_train(batch, offsets), seq_len)  # (W,) each
     win_len = end - start - 1  # (W,) positions per window
     first = offsets[:-1][owner] + start  # (W,) index in values of each window's first input
     idx = np.repeat(first, win_len) + _run_positions(win_len)  # (P,)
@@ -288,10 +296,34 @@ def _examples(batch: pa.Table, seq_len: int) -> pa.Table:
 def _train_counts(batch: pa.Table) -> pa.Table:
     """Training interactions per item in the batch's histories (item_idx, count), item-sized."""
     offsets, values = _list_parts(batch["items"])  # (U+1,), (E,)
-    n_train = train_lengths(np.diff(offsets))  # (U,)
+    n_train = _n_train(batch, offsets)  # (U,)
     idx = np.repeat(offsets[:-1], n_train) + _run_positions(n_train)  # (T,)
     item, count = np.unique(values[idx], return_counts=True)
     return pa.table({"item_idx": pa.array(item.astype(np.int64)), "count": pa.array(count.astype(np.int64))})
+
+
+def _n_train(batch: pa.Table, offsets: np.ndarray) -> np.ndarray:
+    """(U,) training events per history: the protocol's ``train_len`` column (``split.split_columns``),
+    else the leave-one-out rule on the history lengths."""
+    if "train_len" in batch.column_names:
+        return np.clip(batch["train_len"].to_numpy(zero_copy_only=False).astype(np.int64), 0, np.diff(offsets))
+    return train_lengths(np.diff(offsets))
+
+
+def _split_facts(batch: pa.Table, n_items: int) -> pa.Table:
+    """One row per block, item-sized: each item's first event ts in the block, and the block's validation
+    and test target items (for the split's stats: cold targets, items first seen after the cutoff)."""
+    offsets, items = _list_parts(batch["items"])  # (U+1,), (E,)
+    _, ts = _list_parts(batch["ts"])  # (E,)
+    first = np.full(n_items, NEVER, dtype=np.int64)  # (N,)
+    np.minimum.at(first, items.astype(np.int64), ts.astype(np.int64))
+    out = {"first_seen": pa.array([first], pa.list_(pa.int64()))}
+    for which in ("val", "test"):
+        pos = batch[f"{which}_pos"].combine_chunks()
+        rows = np.flatnonzero(pos.is_valid().to_numpy(zero_copy_only=False))  # users in this split
+        at = offsets[:-1][rows] + pos.to_numpy(zero_copy_only=False)[rows].astype(np.int64)
+        out[f"{which}_targets"] = pa.array([items[at].astype(np.int64)], pa.list_(pa.int64()))
+    return pa.table(out)
 
 
 def _kept(batch: pa.Table, min_n: int) -> pa.Table:
@@ -305,7 +337,7 @@ def _duplicates(batch: pa.Table, catalog_ids: pa.Array) -> pa.Table:
     parent = pc.list_parent_indices(dup_items)  # (D,) row of each duplicate
     item = pc.list_flatten(dup_items)  # (D,)
     n = len(item)
-    return pa.table({"user_id": batch["user_id"].combine_chunks().take(parent),
+    return pa.table({"user_id": pc.cast(batch["user_id"].combine_chunks().take(parent), pa.string()),
                      "item_id": pc.cast(catalog_ids.take(item), pa.string()),
                      "ts": pc.cast(pc.list_flatten(batch["dup_ts"].combine_chunks()), pa.string()),
                      "reason": pa.repeat(pa.scalar("duplicate", pa.string()), n)},
@@ -413,6 +445,12 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
 
     min_n = max(cfg.prepare.min_user_interactions, MIN_EVENTS)
     kept = users.map_batches(_kept, batch_format="pyarrow", fn_kwargs={"min_n": min_n}).materialize()
+    cutoff = None
+    if cfg.eval.protocol == "temporal" and kept.count():
+        lo, hi = ts_range(kept)
+        cutoff = temporal_cutoff(lo, hi, cfg.eval.temporal_fraction)
+    kept = kept.map_batches(split_columns, batch_format="pyarrow",
+                            fn_kwargs={"protocol": cfg.eval.protocol, "cutoff": cutoff}).materialize()
     storage.delete(out.users)
     upath, ufs = storage.ray_location(out.users)
     kept.write_parquet(upath, filesystem=ufs)
@@ -430,6 +468,14 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
                                                                                  batch_size=None):
         np.add.at(counts, t["item_idx"].to_numpy(), t["count"].to_numpy())  # item-sized per block
     n_train = int(counts.sum())
+    first_seen = np.full(catalog.num_rows, NEVER, dtype=np.int64)  # (N,) first event ts of each item
+    targets: dict[str, list[int]] = {"val": [], "test": []}
+    for t in kept.map_batches(_split_facts, batch_format="pyarrow", fn_kwargs={"n_items": catalog.num_rows}
+                              ).iter_batches(batch_format="pyarrow", batch_size=None):
+        for row in range(t.num_rows):  # one row per block: item-sized
+            np.minimum(first_seen, np.asarray(t["first_seen"][row].values, dtype=np.int64), out=first_seen)
+            for which in targets:
+                targets[which] += t[f"{which}_targets"][row].values.to_pylist()
     storage.write_table(catalog.append_column("train_count", pa.array(counts)), out.items)
     lap("train_counts")
 
@@ -444,6 +490,7 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
         "items": catalog.num_rows,
         "train_interactions": n_train,
         "train_examples": storage_count(out.train_examples),
+        "split": split_stats(cfg.eval.protocol, cutoff, targets, first_seen, kept),
         "source": src.description,
         "interactions_uri": src.interactions,
         "items_uri": src.items,
@@ -456,6 +503,29 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
     if stats["users_kept"] == 0:
         raise DataValidationError(f"{src.interactions}: no user has {min_n} or more valid interactions")
     return stats
+
+
+def ts_range(ds: ray.data.Dataset) -> tuple[int, int]:
+    """Oldest and newest event ts of prepared users (user-sized pass, item-sized state)."""
+    lo, hi = np.iinfo(np.int64).max, np.iinfo(np.int64).min
+    for t in ds.iter_batches(batch_format="pyarrow", batch_size=4096):
+        flat = pc.list_flatten(t["ts"])
+        if len(flat):
+            lo, hi = min(lo, pc.min(flat).as_py()), max(hi, pc.max(flat).as_py())
+    return int(lo), int(hi)
+
+
+def split_stats(protocol: str, cutoff: int | None, targets: dict[str, list[int]], first_seen: np.ndarray,
+                kept: ray.data.Dataset) -> dict[str, Any]:
+    """Users per split, users without history before the cutoff, targets first seen after it."""
+    out: dict[str, Any] = {"protocol": protocol, "cutoff": cutoff,
+                           "val_users": len(targets["val"]), "test_users": len(targets["test"])}
+    if cutoff is not None:
+        out["cold_targets"] = {w: cold_targets(v, first_seen, cutoff) for w, v in targets.items()}
+        out["users_no_history"] = int(sum(int(pc.sum(pc.equal(t["train_len"], 0)).as_py() or 0)
+                                          for t in kept.iter_batches(batch_format="pyarrow", batch_size=4096)))
+        out["items_first_seen_after_cutoff"] = int(((first_seen >= cutoff) & (first_seen < NEVER)).sum())
+    return out
 
 
 def storage_count(uri: str) -> int:

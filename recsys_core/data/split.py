@@ -7,12 +7,28 @@ Every stage asks this module, never slices a history itself:
 - ``train_part(seq)``: the events a model may train on;
 - ``holdout(seqs, "val")``: inputs = training part, target = the validation event (model selection);
 - ``holdout(seqs, "test")``: inputs = training + validation, target = the test event (the holdout).
+
+Temporal (``eval.protocol: temporal``, the production view): one global cutoff ``eval.temporal_fraction``
+of the log's time span before its newest event. Every event before the cutoff trains; a user with
+events on both sides is evaluated on the first event after it (the next item), with the events before
+it as inputs; users are assigned to validation or test by a stable hash of their id (half each).
+Users whose every event is after the cutoff have no history: they neither train nor evaluate. A
+target item first seen after the cutoff stays a target (the catalog holds it and the text tower can
+score it; ID-only baselines cannot) and is counted (``cold_targets``).
+
+Prepare writes the rule of the configured protocol as per-user columns (:data:`SPLIT_COLUMNS`), and
+every stage reads them through :func:`split_rows` / :func:`fit_prefixes` / :func:`train_len_of`;
+tables without them follow leave-one-out.
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+import zlib
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from recsys_core import storage
 
@@ -78,11 +94,107 @@ def training_window_bounds(n_train: np.ndarray, seq_len: int) -> tuple[np.ndarra
     return owner, start, end
 
 
+# Per-user split columns: the model's training prefix, the validation and test target positions
+# (null: not in that split) and the baselines' fitting prefix for the test split.
+SPLIT_COLUMNS = ("train_len", "val_pos", "test_pos", "test_fit_len")
+
+
+def temporal_cutoff(ts_min: int, ts_max: int, fraction: float) -> int:
+    """The global cutoff ``fraction`` of the span before the newest event: events with ts < cutoff train."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"eval.temporal_fraction must be in (0, 1), got {fraction}")
+    return int(np.floor(ts_max - fraction * (ts_max - ts_min)))
+
+
+def temporal_role(user_id: Any) -> Which:
+    """Validation or test, by a stable hash of the user id (the same on every run and machine)."""
+    return "val" if zlib.crc32(str(user_id).encode()) % 2 == 0 else "test"
+
+
+def _loo_rule(user_id: Any, ts: np.ndarray, cutoff: int | None) -> tuple[int, int | None, int | None, int]:
+    n = len(ts)
+    return n - HELD_OUT["val"], n - HELD_OUT["val"], n - HELD_OUT["test"], n - HELD_OUT["test"]
+
+
+def _temporal_rule(user_id: Any, ts: np.ndarray, cutoff: int | None) -> tuple[int, int | None, int | None, int]:
+    if cutoff is None:
+        raise ValueError("the temporal protocol needs a cutoff")
+    before = int(np.searchsorted(np.asarray(ts), cutoff, side="left"))  # chronological: events with ts < cutoff
+    if before == 0 or before == len(ts):  # no history before, or nothing after: not evaluated
+        return before, None, None, before
+    role = temporal_role(user_id)
+    return before, before if role == "val" else None, before if role == "test" else None, before
+
+
+# protocol -> (user id, chronological ts, cutoff) -> (train_len, val_pos, test_pos, test_fit_len)
+PROTOCOLS: dict[str, Callable[[Any, np.ndarray, int | None], tuple[int, int | None, int | None, int]]] = {
+    "loo": _loo_rule,
+    "temporal": _temporal_rule,
+}
+
+
+def split_columns(batch: pa.Table, protocol: str, cutoff: int | None) -> pa.Table:
+    """Add the :data:`SPLIT_COLUMNS` of ``protocol`` to prepared users (user_id, items, ts)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"eval.protocol: {protocol!r} unknown; choose from {sorted(PROTOCOLS)}")
+    rows = [PROTOCOLS[protocol](u, np.asarray(t, dtype=np.int64), cutoff)
+            for u, t in zip(batch["user_id"].to_pylist(), batch["ts"].to_pylist())]
+    cols = list(zip(*rows)) if rows else [[] for _ in SPLIT_COLUMNS]
+    for name, values in zip(SPLIT_COLUMNS, cols):
+        batch = batch.append_column(name, pa.array(list(values), pa.int32()))
+    return batch
+
+
+NEVER = np.iinfo(np.int64).max  # first-seen ts of an item without any event
+
+
+def cold_targets(targets: Sequence[int], first_seen: np.ndarray, cutoff: int) -> int:
+    """How many targets are items first seen at or after the cutoff (``first_seen``: (N,) ts of each
+    item's first event, :data:`NEVER` when none)."""
+    return int((np.asarray(first_seen)[np.asarray(targets, dtype=np.int64)] >= cutoff).sum())
+
+
+def has_split_columns(table: pa.Table) -> bool:
+    return all(c in table.column_names for c in SPLIT_COLUMNS)
+
+
+def split_rows(table: pa.Table, which: Which) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Inputs, targets and row indices of the users of ``which`` in a users table (items, and the
+    split columns; leave-one-out over every row without them)."""
+    seqs = table["items"].to_pylist()
+    if not has_split_columns(table):
+        hist, tgt = holdout(seqs, which)
+        return hist, tgt, np.arange(len(seqs), dtype=np.int64)
+    pos = table[f"{which}_pos"].to_pylist()
+    rows = np.asarray([r for r, p in enumerate(pos) if p is not None], dtype=np.int64)
+    hist = [np.asarray(seqs[r][:pos[r]], dtype=np.int64) for r in rows]
+    tgt = np.asarray([seqs[r][pos[r]] for r in rows], dtype=np.int64)
+    return hist, tgt, rows
+
+
+def fit_prefixes(table: pa.Table, column: str, which: Which) -> list[np.ndarray]:
+    """Every user's events a baseline may be fit on for ``which`` (``column``: items or ts): before the
+    user's own target (leave-one-out) or before the cutoff (temporal)."""
+    seqs = table[column].to_pylist()
+    if not has_split_columns(table):
+        return holdout(seqs, which)[0]
+    lens = table["train_len" if which == "val" else "test_fit_len"].to_pylist()
+    return [np.asarray(s[:n], dtype=np.int64) for s, n in zip(seqs, lens)]
+
+
+def train_len_of(seq: Sequence[int], train_len: int | None) -> int:
+    """The model's training prefix length of a history (leave-one-out when no split column)."""
+    return len(train_part(seq)) if train_len is None else int(train_len)
+
+
 def load_split(users_uri: str, which: Which, max_users: int | None = None,
                seed: int = 0) -> tuple[list[np.ndarray], np.ndarray, list[Any]]:
     """Histories, targets and user ids of the prepared users for ``which`` (``max_users`` sampled)."""
-    t = storage.read_table(users_uri, columns=["user_id", "items"])
+    t = storage.read_table(users_uri)
+    t = t.select([c for c in ("user_id", "items", *SPLIT_COLUMNS) if c in t.column_names])
+    if has_split_columns(t):  # only the users of this split
+        t = t.filter(pc.is_valid(t[f"{which}_pos"]))
     if max_users is not None and t.num_rows > max_users:
         t = t.take(np.sort(np.random.default_rng(seed).choice(t.num_rows, max_users, replace=False)))
-    hist, tgt = holdout(t["items"].to_pylist(), which)
+    hist, tgt, _ = split_rows(t, which)
     return hist, tgt, t["user_id"].to_pylist()

@@ -1,17 +1,21 @@
-"""Reference recommenders (popularity, item-kNN) scored on the same split as the model.
+"""Reference recommenders (popularity, popularity of the last N days, item-kNN, EASE) scored on the same split as the model.
 
 They return raw SCORE matrices (item-kNN also as bounded blocks of query users); masking of seen items
 and top-k selection are the caller's job.
 """
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import pyarrow as pa
 import scipy.sparse as sp
 
 from recsys_core import storage
-from recsys_core.data.split import holdout
+from recsys_core.config import EvalConfig
+from recsys_core.data.split import fit_prefixes, split_rows
 from recsys_core.eval.metrics import per_user_metrics
 from recsys_core.serve.retrieval import topk_from_scores
 
@@ -20,6 +24,8 @@ _SIM_BLOCK_ENTRIES = 8_000_000
 # Upper bound on the entries of one dense float32 (users, items) item-kNN score block (~64 MiB): at 30k+
 # items a block holds fewer than ``chunk_size`` users.
 _SCORE_BLOCK_ENTRIES = 16_000_000
+
+_log = logging.getLogger(__name__)
 
 
 def _check_index(idx: np.ndarray, n: int, name: str) -> np.ndarray:
@@ -137,50 +143,204 @@ def itemknn_score_chunks(
 
 
 BLOCK_USERS = 4096  # query users per dense score block of a baseline
+DAY_S = 86_400
 
 
-def _baseline_popularity(train_users: np.ndarray, train_items: np.ndarray, n_users: int, n_items: int,
-                         hist: list[np.ndarray], **_: Any) -> Iterator[np.ndarray]:
-    pop = popularity_scores(train_items, n_items)  # (N,), one row shared by every user
+def windowed_popularity_scores(train_items: np.ndarray, train_ts: np.ndarray, n_items: int, window_days: int,
+                               now: int | None = None) -> np.ndarray:
+    """(n_items,) float32 counts of the training events in the last ``window_days`` days, i.e. with
+    ``now - window_days * 86400 < ts <= now`` (``now``: the newest training event). 0 days = all time."""
+    items = _check_index(train_items, n_items, "train_items")
+    ts = np.asarray(train_ts, dtype=np.int64)
+    if ts.shape != items.shape:
+        raise ValueError(f"train_ts {ts.shape} and train_items {items.shape} differ in length")
+    if window_days < 0:
+        raise ValueError(f"window_days must be >= 0 (0 = all time), got {window_days}")
+    if window_days == 0 or ts.size == 0:
+        return popularity_scores(items, n_items)
+    newest = int(ts.max()) if now is None else int(now)
+    recent = (ts > newest - int(window_days) * DAY_S) & (ts <= newest)  # (E,)
+    return popularity_scores(items[recent], n_items)
+
+
+def ease_weights(x: sp.csr_matrix, lam: float) -> np.ndarray:
+    """EASE (Steck 2019) in closed form, float32: P = (X^T X + lam I)^-1, B = I - P / diag(P), i.e.
+    B[i, j] = -P[i, j] / P[j, j] off the diagonal and diag(B) = 0. Returns (I, I) B; scores = X_u B."""
+    if lam <= 0:
+        raise ValueError(f"EASE lambda must be > 0, got {lam}")
+    xf = x.astype(np.float32)
+    g = np.asarray((xf.T @ xf).todense(), dtype=np.float32)  # (I, I) Gram matrix
+    g[np.diag_indices_from(g)] += np.float32(lam)
+    p = np.linalg.inv(g)  # (I, I) float32
+    b = p / (-np.diag(p))[None, :]  # column j divided by -P[j, j]
+    np.fill_diagonal(b, 0.0)
+    return b.astype(np.float32, copy=False)
+
+
+@dataclass(frozen=True)
+class TrainLog:
+    """The interactions a baseline is fit on: one entry per training event."""
+
+    users: np.ndarray  # (E,) row of the event's user
+    items: np.ndarray  # (E,) item_idx
+    ts: np.ndarray  # (E,) epoch seconds
+    n_users: int
+    n_items: int
+
+
+@dataclass(frozen=True)
+class BaselineOptions:
+    """Baselines' settings (from EvalConfig): fixed ones and the grids chosen from on validation."""
+
+    k_neighbors: int = 200
+    pop_windows_days: tuple[int, ...] = (7, 14, 30, 90, 0)
+    ease_lambdas: tuple[float, ...] = (1.0, 10.0, 100.0, 500.0, 2000.0)
+    ease_max_items: int = 20_000
+
+
+def baseline_options(ev: EvalConfig) -> BaselineOptions:
+    return BaselineOptions(k_neighbors=ev.itemknn_neighbors, pop_windows_days=tuple(ev.pop_windows_days),
+                           ease_lambdas=tuple(float(x) for x in ev.ease_lambdas), ease_max_items=ev.ease_max_items)
+
+
+def _blocks(hist: list[np.ndarray], row: np.ndarray) -> Iterator[np.ndarray]:
+    """One score row shared by every query user, as (q, N) blocks."""
     for s in range(0, len(hist), BLOCK_USERS):
-        yield np.broadcast_to(pop, (len(hist[s:s + BLOCK_USERS]), n_items))
+        yield np.broadcast_to(row, (len(hist[s:s + BLOCK_USERS]), row.shape[0]))
 
 
-def _baseline_itemknn(train_users: np.ndarray, train_items: np.ndarray, n_users: int, n_items: int,
-                      hist: list[np.ndarray], k_neighbors: int = 200, **_: Any) -> Iterator[np.ndarray]:
-    return itemknn_score_chunks(train_users, train_items, n_users, n_items, hist, k_neighbors=k_neighbors,
+def _query_matrix(hist: list[np.ndarray], n_items: int) -> sp.csr_matrix:
+    hists = [_check_index(h, n_items, f"query_histories[{i}]") for i, h in enumerate(hist)]
+    lens = np.array([h.shape[0] for h in hists], dtype=np.int64)
+    rows = np.repeat(np.arange(len(hists), dtype=np.int64), lens)
+    cols = np.concatenate(hists) if hists else np.zeros(0, dtype=np.int64)
+    return _binary_matrix(rows, cols, len(hists), n_items)
+
+
+def _baseline_popularity(log: TrainLog, hist: list[np.ndarray], opts: BaselineOptions,
+                         param: Any) -> Iterator[np.ndarray]:
+    return _blocks(hist, popularity_scores(log.items, log.n_items))
+
+
+def _baseline_recent_popularity(log: TrainLog, hist: list[np.ndarray], opts: BaselineOptions,
+                                param: Any) -> Iterator[np.ndarray]:
+    return _blocks(hist, windowed_popularity_scores(log.items, log.ts, log.n_items, int(param)))
+
+
+def _baseline_itemknn(log: TrainLog, hist: list[np.ndarray], opts: BaselineOptions,
+                      param: Any) -> Iterator[np.ndarray]:
+    return itemknn_score_chunks(log.users, log.items, log.n_users, log.n_items, hist, k_neighbors=opts.k_neighbors,
                                 chunk_size=BLOCK_USERS)
 
 
-# name -> (..., query histories) -> (q, N) score blocks in query order (memory: one block at a time)
-BASELINES: dict[str, Callable[..., Iterator[np.ndarray]]] = {
-    "popularity": _baseline_popularity,
-    "itemknn": _baseline_itemknn,
+def _baseline_ease(log: TrainLog, hist: list[np.ndarray], opts: BaselineOptions,
+                   param: Any) -> Iterator[np.ndarray]:
+    b = ease_weights(_binary_matrix(_check_index(log.users, log.n_users, "train_users"),
+                                    _check_index(log.items, log.n_items, "train_items"), log.n_users, log.n_items),
+                     float(param))
+    q = _query_matrix(hist, log.n_items)  # (Q, I)
+    for s in range(0, len(hist), BLOCK_USERS):
+        yield np.asarray(q[s:s + BLOCK_USERS] @ b, dtype=np.float32)  # (q, I)
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A reference recommender: (train log, query histories, options, param) -> (q, N) score blocks in
+    query order (memory: one block at a time); ``grid`` lists the params chosen from on validation
+    ((None,): nothing to choose); ``skip`` says why it cannot run on a catalog (None: it runs)."""
+
+    score: Callable[[TrainLog, list[np.ndarray], BaselineOptions, Any], Iterator[np.ndarray]]
+    grid: Callable[[BaselineOptions], tuple[Any, ...]] = lambda o: (None,)
+    skip: Callable[[BaselineOptions, int], str | None] = lambda o, n: None
+
+
+def _ease_skip(opts: BaselineOptions, n_items: int) -> str | None:
+    if n_items > opts.ease_max_items:
+        return (f"EASE skipped: {n_items} items > eval.ease_max_items={opts.ease_max_items} (its dense "
+                f"{n_items}x{n_items} float32 inverse would need {4 * n_items ** 2 / 2**30:.1f} GiB per copy)")
+    return None
+
+
+BASELINES: dict[str, Baseline] = {
+    "popularity": Baseline(_baseline_popularity),
+    "recent_popularity": Baseline(_baseline_recent_popularity, grid=lambda o: tuple(o.pop_windows_days)),
+    "itemknn": Baseline(_baseline_itemknn),
+    "ease": Baseline(_baseline_ease, grid=lambda o: tuple(o.ease_lambdas), skip=_ease_skip),
 }
 
 
-def baseline_per_user(users_uri: str, n_items: int, names: tuple[str, ...], ks: tuple[int, ...],
-                      k_neighbors: int, query_rows: np.ndarray | None = None
-                      ) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray]:
-    """Baselines fit on train+validation interactions of every user, ranked for the test item (seen
-    excluded) of the users at ``query_rows`` (rows of ``users_uri``; None: every user).
+def train_log(hist: list[np.ndarray], hist_ts: list[np.ndarray], n_items: int) -> TrainLog:
+    """Per-user event prefixes (items, ts) as a training log (user r = prefix r)."""
+    users = np.repeat(np.arange(len(hist)), [len(h) for h in hist]).astype(np.int64)
+    items = np.concatenate(hist).astype(np.int64) if hist else np.zeros(0, np.int64)
+    ts = np.concatenate(hist_ts).astype(np.int64) if hist_ts else np.zeros(0, np.int64)
+    return TrainLog(users, items, ts, len(hist), n_items)
 
-    Returns per-user metric values for each baseline and the test item of each scored user."""
-    t = storage.read_table(users_uri, columns=["items"])
-    hist, target = holdout(t["items"].to_pylist(), "test")
-    train_users = np.repeat(np.arange(len(hist)), [len(h) for h in hist])
-    train_items = np.concatenate(hist) if hist else np.zeros(0, np.int64)
-    n_train_users = len(hist)
-    if query_rows is not None:  # the holdout's sample of users (eval.max_users)
-        hist, target = [hist[i] for i in query_rows], target[query_rows]
-    out = {}
+
+def rank_baseline(name: str, log: TrainLog, hist: list[np.ndarray], k: int, opts: BaselineOptions,
+                  param: Any) -> np.ndarray:
+    """(Q, k) top-k item indices of baseline ``name`` for each query history (its items excluded)."""
+    ranked, done = [], 0
+    for block in BASELINES[name].score(log, hist, opts, param):
+        ranked.append(topk_from_scores(block, hist[done:done + len(block)], k))  # (q, K)
+        done += len(block)
+    return np.concatenate(ranked) if ranked else np.zeros((0, k), np.int64)
+
+
+def selection_metric(ks: tuple[int, ...]) -> str:
+    """The metric the grids are chosen on: NDCG@10 (NDCG at the smallest k when 10 is not evaluated)."""
+    return f"ndcg@{10 if 10 in ks else min(ks)}"
+
+
+def choose_on_validation(name: str, users: pa.Table, n_items: int, ks: tuple[int, ...],
+                         opts: BaselineOptions) -> tuple[Any, dict[str, float]]:
+    """The grid value of baseline ``name`` with the best mean validation ``selection_metric`` (the
+    first one on ties): fit on the validation split's fitting events, ranked for the validation
+    targets. The test targets are never read. Returns the value and the validation score of every
+    grid value."""
+    grid = BASELINES[name].grid(opts)
+    if len(grid) == 1:
+        return grid[0], {}
+    hist, target, _ = split_rows(users, "val")
+    log = train_log(fit_prefixes(users, "items", "val"), fit_prefixes(users, "ts", "val"), n_items)
+    metric = selection_metric(ks)
+    scores = {str(g): float(per_user_metrics(rank_baseline(name, log, hist, max(ks), opts, g), target, ks)[metric].mean())
+              for g in grid}
+    best = max(range(len(grid)), key=lambda i: (scores[str(grid[i])], -i))
+    return grid[best], scores
+
+
+def baseline_per_user(users_uri: str, n_items: int, names: tuple[str, ...], ks: tuple[int, ...],
+                      opts: BaselineOptions | int = BaselineOptions(), query_rows: np.ndarray | None = None
+                      ) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray, dict[str, dict[str, Any]]]:
+    """Baselines fit on the test split's fitting events (leave-one-out: train+validation; temporal: every
+    event before the cutoff), ranked for the test targets (seen excluded); a baseline with a grid has its value chosen on the validation split first (:func:`choose_on_validation`).
+
+    Returns per-user metric values for each baseline that ran, the test item of each user, and per
+    baseline what was chosen (``param``, ``validation`` scores) or why it was skipped (``skipped``).
+    ``query_rows``: rows of ``users_uri`` to score (the holdout's sample, ``eval.max_users``); the
+    baselines are still fit on every user."""
+    if isinstance(opts, int):  # the item-kNN neighbour count alone
+        opts = BaselineOptions(k_neighbors=opts)
+    t = storage.read_table(users_uri)
+    hist, target, rows = split_rows(t, "test")
+    log = train_log(fit_prefixes(t, "items", "test"), fit_prefixes(t, "ts", "test"), n_items)
+    if query_rows is not None:  # score the sampled users only
+        keep = np.isin(rows, np.asarray(query_rows, dtype=np.int64))
+        hist, target = [h for h, k in zip(hist, keep) if k], target[keep]
+    out: dict[str, dict[str, np.ndarray]] = {}
+    chosen: dict[str, dict[str, Any]] = {}
     for name in names:
         if name not in BASELINES:
             raise ValueError(f"eval.baselines: {name!r} unknown; choose from {sorted(BASELINES)}")
-        ranked, done = [], 0
-        for block in BASELINES[name](train_users, train_items, n_train_users, n_items, hist, k_neighbors=k_neighbors):
-            ranked.append(topk_from_scores(block, hist[done:done + len(block)], max(ks)))  # (q, K)
-            done += len(block)
-        top = np.concatenate(ranked) if ranked else np.zeros((0, max(ks)), np.int64)
-        out[name] = per_user_metrics(top, target, ks)
-    return out, target
+        why = BASELINES[name].skip(opts, n_items)
+        if why is not None:
+            _log.warning("%s", why)
+            chosen[name] = {"skipped": why}
+            continue
+        param, val_scores = choose_on_validation(name, t, n_items, ks, opts)
+        chosen[name] = {"param": param, "validation": val_scores, "metric": selection_metric(ks)}
+        if val_scores:
+            _log.info("baseline %s: %s on validation %s -> %s", name, selection_metric(ks), val_scores, param)
+        out[name] = per_user_metrics(rank_baseline(name, log, hist, max(ks), opts, param), target, ks)
+    return out, target, chosen

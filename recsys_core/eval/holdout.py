@@ -1,8 +1,9 @@
 """Evaluate stage: holdout metrics of the model (and, in :mod:`recsys_core.eval.baselines`, of reference
 baselines) on the same split, through one evaluator (:func:`rank_holdout`).
 
-For each user the last interaction is the test item; the rest (train + validation) is the model's
-input and is excluded from the candidates. Users missing from the output count as misses.
+The test users and their inputs follow the prepared split (:mod:`recsys_core.data.split`; leave-one-out:
+each user's last interaction is the test item, the rest is the model's input and is excluded from the
+candidates). Users missing from the output count as misses.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from recsys_core import storage
 from recsys_core.config import EvalConfig, InferConfig
 from recsys_core.data.prepare import catalog_ids
-from recsys_core.data.split import Which, holdout
+from recsys_core.data.split import SPLIT_COLUMNS, Which, split_rows
 from recsys_core.eval.metrics import per_user_metrics, summarize_values
 from recsys_core.model.towers import TwoTower, encode_items, user_vectors
 from recsys_core.serve.infer import UserScorer, embed_items, score_users
@@ -104,7 +105,13 @@ class HoldoutScorer(UserScorer):
         self.ks, self.which = ks, which
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        hist, target = holdout(batch["items"].to_pylist(), self.which)
+        hist, target, rows = split_rows(batch, self.which)  # only the users of this split
+        if len(rows) == 0:
+            return pa.table({"user_id": batch["user_id"].slice(0, 0), "item_ids": pa.array([], pa.list_(self.item_ids.type)),
+                             "scores": pa.array([], pa.list_(pa.float32())), "model_version": pa.array([], pa.string()),
+                             "target_item_idx": pa.array([], pa.int64()),
+                             **{m: pa.array([], pa.float64()) for m in metric_names(self.ks)}})
+        batch = batch.take(pa.array(rows))
         ranked, scores, per_user = rank_holdout(self.model, self.table, hist, target, self.max_seq_len, self.k,
                                                 self.ks)
         out = self.rows(batch, ranked, scores)
@@ -124,7 +131,8 @@ def evaluate_model(model_dir: str, model_version: str, items_uri: str, users_uri
     embed_items(model_dir, items_uri, emb_uri, inf.item_batch_size, inf.concurrency)
     scored = score_users(model_dir, emb_uri, users_uri, catalog_ids(items_uri), max(ev.ks), max_seq_len,
                          model_version, inf.batch_size, inf.concurrency, block_mib=inf.block_mib,
-                         scorer=HoldoutScorer, ks=tuple(ev.ks), which="test")
+                         scorer=HoldoutScorer, columns=("user_id", "items", *SPLIT_COLUMNS), ks=tuple(ev.ks),
+                         which="test")
     per_user, n_scored = model_holdout(scored, out_uri, metric_names(ev.ks))
     summary = summarize_values({k: v for k, v in per_user.items() if k != "target_item_idx"}, n_users, ev.n_boot)
     return per_user, summary, n_scored

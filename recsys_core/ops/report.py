@@ -56,10 +56,23 @@ def history_row(run_date: str, records: dict[str, dict[str, Any]]) -> dict[str, 
         "compared_version": prod.get("model_version"),
         "compared_ndcg@10": point_metrics(prod.get("metrics")).get("ndcg@10"),
     }
+    row["protocol"] = (metrics.get("protocol") or {}).get("protocol", "loo")  # of the holdout metrics below
+    row.update(online_columns(metrics.get("online")))
     row.update({f"model_{k}": v for k, v in point_metrics(metrics["model"]).items()})
     for name, m in metrics["baselines"].items():
         row.update({f"{name}_{k}": v for k, v in point_metrics(m).items() if k in HEADLINE})
     return row
+
+
+def online_columns(online: dict[str, Any] | None) -> dict[str, Any]:
+    """The online proxy as history columns: ``online_<metric>`` (point values), the date whose published
+    recommendations were scored and the active users; nothing on a date with no earlier publication."""
+    if not online:
+        return {}
+    cols = {f"online_{k}": v for k, v in point_metrics(online).items()
+            if k not in ("from_run_date", "model_version", "since_ts", "k")}
+    cols.update({"online_from_run_date": online.get("from_run_date"), "online_model_version": online.get("model_version")})
+    return cols
 
 
 def upsert(rows: list[dict[str, Any]], row: dict[str, Any]) -> list[dict[str, Any]]:
@@ -216,6 +229,7 @@ def render(run_date: str, records: dict[str, dict[str, Any]], history: list[dict
         + "<p>95% bootstrap interval of the new model's NDCG@10: "
         + html.escape(f"[{_fmt(metrics['model'].get('ndcg@10_ci_low'))}, {_fmt(metrics['model'].get('ndcg@10_ci_high'))}]")
         + "</p>" + _img(comparison_png(rows), "metrics vs baselines and production"))))
+    parts.append(online_section(metrics.get("online")))
     guard = trained.get("guard")
     if guard:
         gens = list(zip(guard.get("prompts") or [], guard.get("generations_before") or [],
@@ -249,6 +263,22 @@ def render(run_date: str, records: dict[str, dict[str, Any]], history: list[dict
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>recsys-core report {html.escape(run_date)}"
             f"</title><style>{style}</style></head><body><h1>Nightly run {html.escape(run_date)}</h1>"
             + "".join(parts) + "</body></html>")
+
+
+def online_section(online: dict[str, Any] | None) -> str:
+    """Yesterday's published recommendations vs the events since (the operator's number)."""
+    if not online:
+        return _section("online", "Online proxy", "<p>No earlier date published recommendations.</p>")
+    k = online.get("k", 10)
+    names = [f"hit_rate@{k}", f"recall@{k}", f"ndcg@{k}"]
+    return _section("online", "Online proxy: the previous publication vs the events since", (
+        f"<p>Recommendations published on {html.escape(str(online.get('from_run_date')))} by model "
+        f"{html.escape(str(online.get('model_version')))}, scored on the items each user interacted with after "
+        f"that run's newest event; {_fmt(online.get('n_users'))} of {_fmt(online.get('users_active'))} active "
+        "users had a list.</p>"
+        + _table(["metric", "value", "95% interval"],
+                 [[m, online.get(m), f"[{_fmt(online.get(m + '_ci_low'))}, {_fmt(online.get(m + '_ci_high'))}]"]
+                  for m in names])))
 
 
 def learning_curve_png(history: list[dict[str, Any]], baselines: dict[str, dict[str, float]]) -> bytes:

@@ -96,12 +96,13 @@ def embed_items(model_uri: str, items_uri: str, out_uri: str, batch_size: int, c
 
 def score_users(model_uri: str, item_emb_uri: str, users_uri: str, item_ids: pa.Array, k: int, max_seq_len: int,
                 model_version: str, batch_size: int, concurrency: int, block_mib: float = 8.0,
-                scorer: type[UserScorer] = UserScorer, **scorer_kwargs: Any) -> ray.data.Dataset:
+                scorer: type[UserScorer] = UserScorer, columns: tuple[str, ...] = ("user_id", "items"),
+                **scorer_kwargs: Any) -> ray.data.Dataset:
     """Lazy dataset of ``scorer`` rows per user (top-k recommendations by default). Users are read in
     blocks of at most ``block_mib`` MiB (this dataset's own DataContext), so every scorer actor gets
     work and output streams to the writer."""
     path, fs = storage.ray_location(users_uri)
-    users = ray.data.read_parquet(path, filesystem=fs, columns=["user_id", "items"])
+    users = ray.data.read_parquet(path, filesystem=fs, columns=list(columns))  # the columns ``scorer`` reads
     if block_mib > 0:
         users.context.target_max_block_size = max(1, int(block_mib * 2**20))
     return users.map_batches(
