@@ -12,7 +12,9 @@ Storage layout under ``storage.root``::
     models/<version>/, models/PRODUCTION       the registry (see recsys_core.registry)
     evaluation/run_date=D/                     holdout_recs.parquet, metrics.json, learning_curve.png,
                                                production_holdout_recs.parquet, promotion.json, report.html
-    recommendations/run_date=D/                part-*.parquet + _MANIFEST.json (written last)
+    recommendations/run_date=D/                recommendations.parquet (the current generation only) +
+                                               _MANIFEST.json + _generations/ (see recsys_core.serve.publish)
+    explanations/run_date=D/                   explanations.parquet (jobs.explain)
     history/metrics.parquet                    one row per run date (see recsys_core.report)
 """
 from __future__ import annotations
@@ -72,6 +74,10 @@ class Run:
     @property
     def recs_dir(self) -> str:
         return storage.join(self.root, "recommendations", f"run_date={self.run_date}")
+
+    @property
+    def explain_dir(self) -> str:
+        return storage.join(self.root, "explanations", f"run_date={self.run_date}")
 
     def model_dir(self, version: str) -> str:
         return storage.join(self.root, "models", version)
@@ -316,7 +322,8 @@ def manifest_metrics(src: dict[str, Any], baselines: dict[str, dict[str, float]]
 
 
 def explain_stage(run: Run) -> dict[str, Any]:
-    """One-line taste descriptions from the published model's protected LM, beside the recommendations."""
+    """One-line taste descriptions from the published model's protected LM, in their own folder (the
+    recommendations folder holds only recommendations, for readers that read whole folders)."""
 
     published = run.require("infer")
     if not published.get("published") or run.cfg.explain.n_users <= 0:
@@ -324,7 +331,7 @@ def explain_stage(run: Run) -> dict[str, Any]:
     version = published["manifest"]["model_version"]
     table = describe_users(run.model_dir(version), run.prepared.users, run.prepared.items, run.cfg.model.tokenizer,
                            run.cfg.explain, version)
-    uri = storage.join(run.recs_dir, "explanations.parquet")
+    uri = storage.join(run.explain_dir, "explanations.parquet")
     storage.write_table(table, uri)
     return {"explanations": uri, "users": table.num_rows, "model_version": version,
             "examples": [{"prompt": p, "description": d} for p, d in
