@@ -70,6 +70,8 @@ class DataConfig:
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     item_template: str = "{title}"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    ts_unit: str = "s"  # unit of numeric timestamps: s | ms | us | ns | auto (each value by its magnitude)
+    text_encoding: str = "utf-8"  # decodes binary-typed catalog text columns; undecodable bytes are an error
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,8 @@ class PrepareConfig:
     min_user_interactions: int = 3  # users with fewer are dropped (protocol, not quarantine)
     max_history: int = 1000  # most recent interactions kept per user
     max_reject_fraction: float = 0.05  # fail the run when more rows than this are quarantined
+    min_ts: str = "1990-01-01"  # earliest plausible event time (ISO, UTC); earlier: quarantined ts_out_of_range
+    max_ts: str | None = None  # latest plausible event time (ISO, UTC); None: now + 1 day
 
 
 @dataclass(frozen=True)

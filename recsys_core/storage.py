@@ -289,6 +289,12 @@ def ray_location(uri: str) -> tuple[str, pafs.FileSystem]:
     return path, fs
 
 
+def parquet_metadata(uri: str) -> pq.FileMetaData:
+    """One parquet file's footer: schema, row count, row-group statistics (no data pages read)."""
+    fs, path = filesystem(uri)
+    return _retry(uri, "parquet footer", lambda: pq.ParquetFile(path, filesystem=fs).metadata)
+
+
 def parquet_schema(uri: str) -> pa.Schema:
     """One parquet file's schema, from its footer only."""
     fs, path = filesystem(uri)
