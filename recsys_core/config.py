@@ -24,6 +24,8 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class StorageConfig:
     root: str = "outputs"  # local folder or s3://bucket/prefix; every output lives under it
+    lease_ttl_s: float = 600.0  # one run per (root, date): its lease expires this long after the last heartbeat
+    lease_wait_s: float = 0.0  # a second run of the same date waits this long for the lease, then exits 2
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ Storage layout under ``storage.root``::
     runs/run_date=D/production/                the production model re-indexed to today's catalog (when it
                                                changed) and its item embeddings, for warm start and the gate
     runs/run_date=D/stages/<stage>.json        completion markers (written last)
+    runs/run_date=D/_LEASE.json                held while a job runs for the date (recsys_core.ops.lease)
     models/<version>/, models/PRODUCTION       the registry (see recsys_core.registry)
     evaluation/run_date=D/                     holdout_recs.parquet, metrics.json, learning_curve.png,
                                                production_holdout_recs.parquet, promotion.json, report.html
@@ -24,7 +25,7 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import pyarrow as pa
@@ -37,7 +38,7 @@ from recsys_core.eval.baselines import baseline_per_user
 from recsys_core.eval.holdout import cold_start_metrics, evaluate_model
 from recsys_core.eval.metrics import summarize_values
 from recsys_core.model.checkpoint import CONFIG, copy_model_folder
-from recsys_core.ops import gate, registry, report
+from recsys_core.ops import gate, lease, registry, report
 from recsys_core.ops.explain import describe_users
 from recsys_core.ops.gate import ON_REJECT
 from recsys_core.ops.report import plot_learning_curve, point_metrics
@@ -54,6 +55,7 @@ class Run:
     cfg: NightlyConfig
     run_date: str
     force: bool = False
+    held: lease.Lease | None = field(default=None, compare=False)  # the date's lease, checked before each record
 
     @property
     def root(self) -> str:
@@ -62,6 +64,10 @@ class Run:
     @property
     def run_dir(self) -> str:
         return storage.join(self.root, "runs", f"run_date={self.run_date}")
+
+    @property
+    def lease_uri(self) -> str:
+        return storage.join(self.run_dir, "_LEASE.json")
 
     @property
     def prepared(self) -> PreparedPaths:
@@ -126,6 +132,8 @@ def _stage(name: str, fn: Callable[[Run], dict[str, Any]], run: Run) -> dict[str
             return rec
         t0 = time.time()
         out = fn(run)
+        if run.held is not None:
+            run.held.check()  # a run that lost its date to another writes no record
         inputs = {dep: run.require(dep)["finished_at"] for dep in DEPENDS[name]}
         finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
         out = {**out, "stage": name, "run_date": run.run_date, "wall_s": round(time.time() - t0, 2),
@@ -372,9 +380,16 @@ def run_job(job: str, cfg: NightlyConfig, run_date: str, force: bool = False) ->
     if not storage.is_s3(cfg.storage.root):  # Ray workers run in other folders: pin relative roots
         cfg = replace(cfg, **{"storage.root": os.path.abspath(cfg.storage.root)})
     _on_reject(cfg.registry.on_reject)  # a typo fails before hours of training
-    init_ray(cfg.ray)
-    run = Run(cfg, run_date, force)
-    t0 = time.time()
-    results = {name: _stage(name, fn, run) for name, fn in STAGES[job]}
-    log.info("job %s for %s finished in %.1fs; outputs under %s", job, run_date, time.time() - t0, run.root)
-    return results
+    # One run per (root, date), taken before Ray starts: a second run exits (LeaseHeldError, exit 2)
+    # naming the holder, or waits storage.lease_wait_s; a crashed holder's lease expires.
+    held = lease.acquire(Run(cfg, run_date).lease_uri, cfg.storage.lease_ttl_s, wait_s=cfg.storage.lease_wait_s,
+                         what=f"run_date={run_date} under {cfg.storage.root}").start_heartbeat()
+    try:
+        init_ray(cfg.ray)
+        run = Run(cfg, run_date, force, held=held)
+        t0 = time.time()
+        results = {name: _stage(name, fn, run) for name, fn in STAGES[job]}
+        log.info("job %s for %s finished in %.1fs; outputs under %s", job, run_date, time.time() - t0, run.root)
+        return results
+    finally:
+        held.release()

@@ -7,8 +7,8 @@ A lease is a small JSON object ``{holder, acquired_at, expires_at, ttl_s}``:
   starting together exactly one gets it;
 - renewed by a heartbeat thread every ``ttl_s / 3`` seconds with a compare-and-swap on the version it
   last wrote (S3 ``If-Match``), so a holder that lost its lease finds out (:meth:`Lease.check`);
-- taken over when expired (a crashed holder stops renewing), again with a compare-and-swap on the
-  expired version, so of two runs finding it expired one wins;
+- taken over when expired (a crashed holder stops renewing) or when its holder ran on this machine and
+  its process is gone, again with a compare-and-swap on that version, so of two runs one wins;
 - released (deleted) at the end, only while it is still the version this holder wrote.
 """
 from __future__ import annotations
@@ -53,6 +53,21 @@ def lease_body(holder: str, now: float, ttl_s: float, acquired_at: float | None 
 
 def is_expired(body: dict[str, Any], now: float) -> bool:
     return float(body.get("expires_at_epoch", 0.0)) <= now
+
+
+def holder_gone(holder: str, host: str | None = None) -> bool:
+    """True when the holder ran on this machine and its process no longer exists (a crash: no need to
+    wait for the expiry). Holders on other machines are judged by their expiry alone."""
+    parts = holder.split(":")
+    if len(parts) != 3 or parts[0] != (host or socket.gethostname()) or not parts[1].isdigit():
+        return False
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 @dataclass
@@ -127,9 +142,11 @@ def _try_take(uri: str, holder: str, ttl_s: float, now: float) -> tuple[Lease | 
         return None, None
     data, token = cur
     held = json.loads(data)
-    if not is_expired(held, now):
+    gone = holder_gone(str(held.get("holder", "")))
+    if not is_expired(held, now) and not gone:
         return None, held
-    log.warning("lease %s of %s expired at %s; taking it over", uri, held.get("holder"), held.get("expires_at"))
+    log.warning("lease %s of %s %s; taking it over", uri, held.get("holder"),
+                "is held by a process that no longer exists" if gone else f"expired at {held.get('expires_at')}")
     if storage.replace_if_match(uri, body, token):
         cur = storage.read_versioned(uri)
         if cur is not None and json.loads(cur[0]).get("holder") == holder:
