@@ -31,7 +31,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 from recsys_core import storage
-from recsys_core.config import NightlyConfig, replace
+from recsys_core.config import NightlyConfig, check_ranges, replace
 from recsys_core.data.prepare import PreparedPaths, catalog_ids, run_prepare
 from recsys_core.data.sources import resolve_source
 from recsys_core.eval.baselines import baseline_per_user
@@ -380,6 +380,7 @@ def run_job(job: str, cfg: NightlyConfig, run_date: str, force: bool = False) ->
     if not storage.is_s3(cfg.storage.root):  # Ray workers run in other folders: pin relative roots
         cfg = replace(cfg, **{"storage.root": os.path.abspath(cfg.storage.root)})
     _on_reject(cfg.registry.on_reject)  # a typo fails before hours of training
+    check_ranges(cfg)  # a config built in code is checked like a loaded one, before Ray and before any stage
     # One run per (root, date), taken before Ray starts: a second run exits (LeaseHeldError, exit 2)
     # naming the holder, or waits storage.lease_wait_s; a crashed holder's lease expires.
     held = lease.acquire(Run(cfg, run_date).lease_uri, cfg.storage.lease_ttl_s, wait_s=cfg.storage.lease_wait_s,
