@@ -154,7 +154,8 @@ def train_stage(run: Run) -> dict[str, Any]:
 
     stats = run.require("prepare")["stats"]
     for stale in registry.incomplete_versions(run.root, run.run_date):
-        log.info("removing models/%s: an earlier attempt of this date stopped before its _COMPLETE marker", stale)
+        log.info("removing models/%s: an earlier attempt of this date left it incomplete (no _COMPLETE marker, "
+                 "or files that do not match it)", stale)
         storage.delete(registry.version_dir(run.root, stale))
     ids = catalog_ids(run.prepared.items)
     catalog = {"n_items": len(ids), "sha256": registry.catalog_hash(ids)}
