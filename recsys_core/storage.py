@@ -155,6 +155,11 @@ def exists(uri: str) -> bool:
     return _retry(uri, "exists", lambda: fs.get_file_info(path).type != pafs.FileType.NotFound)
 
 
+def is_file(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return _retry(uri, "is_file", lambda: fs.get_file_info(path).type == pafs.FileType.File)
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
 

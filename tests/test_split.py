@@ -184,3 +184,16 @@ def test_validate_batch_range_units_and_no_overflow():
     # without a range, a value beyond int64 seconds is still refused, not wrapped
     plain = validate_batch(batch, COLUMNS, catalog_ids=CATALOG)
     assert plain["reason"].to_pylist()[2:4] == ["bad_timestamp", "bad_timestamp"]
+
+
+@pytest.mark.unit
+def test_interaction_files_a_single_file_or_a_folder_without_hidden_names(tmp_path):
+    import pyarrow.parquet as pq  # noqa: PLC0415 - only this test writes files
+
+    from recsys_core.data.prepare import interaction_files  # noqa: PLC0415
+    for rel in ("a.parquet", "dt=1/b.parquet", "_tmp/c.parquet", ".d.parquet", "dt=1/_e.parquet"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"x": [1]}), tmp_path / rel)
+    assert interaction_files(str(tmp_path)) == [str(tmp_path / "a.parquet"), str(tmp_path / "dt=1" / "b.parquet")]
+    assert interaction_files(str(tmp_path / "a.parquet")) == [str(tmp_path / "a.parquet")]
+    assert interaction_files(str(tmp_path / "missing")) == []

@@ -322,8 +322,8 @@ def type_family(t: pa.DataType) -> str:
 
 def interaction_files(uri: str) -> list[str]:
     """The parquet files of an interactions dataset (a file, or a folder/prefix: hidden ``_``/``.`` names skipped)."""
-    if uri.endswith(".parquet") and not storage.list_files(uri):
-        return [uri] if storage.exists(uri) else []
+    if storage.is_file(uri):
+        return [uri]
     return [f for f in storage.list_files(uri, ".parquet")
             if not any(p.startswith(("_", ".")) for p in posixpath.relpath(f, uri).split("/"))]
 
