@@ -329,7 +329,7 @@ RANGES: dict[str, str] = {
     "model.item_tower.dropout": "fraction", "model.user_tower.dropout": "fraction", "model.embed_dim": "positive",
     "model.max_text_tokens": "at_least_2", "model.max_seq_len": "positive",
     "train.num_workers": "positive", "train.threads_per_worker": "positive", "train.epochs": "positive",
-    "train.batch_size": "positive", "train.lr": "positive", "train.item_backbone_lr": "positive",
+    "train.batch_size": "positive", "train.lr": "non_negative", "train.item_backbone_lr": "non_negative",
     "train.weight_decay": "non_negative", "train.warmup_steps": "non_negative", "train.grad_clip": "positive",
     "train.num_negatives": "positive", "train.temperature": "positive", "train.text_items_per_step": "positive",
     "train.patience": "positive", "train.val_users": "positive", "train.max_failures": "non_negative",
