@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from recsys_core.config import NightlyConfig, load_config, parse_run_date
+from recsys_core.config import ConfigError, NightlyConfig, load_config, parse_run_date
 from recsys_core.pipeline import run_job
 from recsys_core.runtime import setup_logging
 
@@ -32,8 +33,13 @@ def job_main(job: str, argv: Sequence[str] | None = None, *, cfg: NightlyConfig 
              run_date: str | None = None, force: bool = False) -> dict[str, Any]:
     """Entry point shared by ``jobs/*.py``: parse the CLI (or take a config object), then run the job."""
 
-    if cfg is None:
-        args = parse_cli(argv, description=f"recsys-core: the {job} job")
-        cfg, run_date, force = args.config, args.run_date, args.force or force
+    if cfg is not None:
+        setup_logging()
+        return run_job(job, cfg, parse_run_date(run_date), force)
     setup_logging()
-    return run_job(job, cfg, parse_run_date(run_date), force)
+    try:  # from the command line: a config problem or a date held by another run is one line, exit 2
+        args = parse_cli(argv, description=f"recsys-core: the {job} job")
+        return run_job(job, args.config, args.run_date, args.force or force)
+    except ConfigError as e:
+        logging.getLogger("recsys_core").error("%s", e)
+        raise SystemExit(2) from None

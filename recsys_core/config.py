@@ -5,6 +5,7 @@ Every job (``jobs.nightly``, ``jobs.prepare``, ``jobs.train``, ``jobs.infer``) r
 """
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import datetime as dt
 import re
@@ -12,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import yaml
 
@@ -24,6 +25,8 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class StorageConfig:
     root: str = "outputs"  # local folder or s3://bucket/prefix; every output lives under it
+    lease_ttl_s: float = 600.0  # one run per (root, date): its lease expires this long after the last heartbeat
+    lease_wait_s: float = 0.0  # a second run of the same date waits this long for the lease, then exits 2
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,8 @@ class DataConfig:
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     item_template: str = "{title}"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    ts_unit: str = "s"  # unit of numeric timestamps: s | ms | us | ns | auto (each value by its magnitude)
+    text_encoding: str = "utf-8"  # decodes binary-typed catalog text columns; undecodable bytes are an error
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,8 @@ class PrepareConfig:
     max_history: int = 1000  # most recent interactions kept per user
     max_reject_fraction: float = 0.05  # fail the run when more rows than this are quarantined
     bucket_rows: int = 1_000_000  # rows per user-hash bucket of the history build (one Python call per bucket)
+    min_ts: str = "1990-01-01"  # earliest plausible event time (ISO, UTC); earlier: quarantined ts_out_of_range
+    max_ts: str | None = None  # latest plausible event time (ISO, UTC); None: now + 1 day
 
 
 @dataclass(frozen=True)
@@ -299,6 +306,72 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     node[parts[-1]] = _Override(raw)
 
 
+def _iso_time(v: Any) -> bool:
+    try:
+        dt.datetime.fromisoformat(str(v))
+        return True
+    except ValueError:
+        return False
+
+
+def _codec(v: Any) -> bool:
+    try:
+        codecs.lookup(str(v))
+        return True
+    except LookupError:
+        return False
+
+
+# Value rules by name (a registry: one predicate and its wording each), and the keys they apply to.
+# Checked when a config is loaded or replaced, so a bad value fails before Ray starts, never after a
+# stage has changed anything (e.g. registry.keep_versions=0 used to fail after PRODUCTION switched).
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "positive": (lambda v: v > 0, "> 0"),
+    "non_negative": (lambda v: v >= 0, ">= 0"),
+    "fraction": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    "at_least_2": (lambda v: v >= 2, ">= 2"),
+    "ts_unit": (lambda v: v in ("s", "ms", "us", "ns", "auto"), "one of s, ms, us, ns, auto"),
+    "iso_time": (_iso_time, "an ISO date or date-time (YYYY-MM-DD[THH:MM:SS])"),
+    "codec": (_codec, "a Python text encoding (e.g. utf-8, latin-1)"),
+}
+RANGES: dict[str, str] = {
+    "ray.shuffle_parallelism": "positive",
+    "data.synthetic.n_users": "positive", "data.synthetic.n_items": "positive", "data.synthetic.n_topics": "positive",
+    "data.synthetic.events_per_user": "positive", "data.ts_unit": "ts_unit", "data.text_encoding": "codec",
+    "prepare.min_user_interactions": "positive", "prepare.max_history": "positive",
+    "prepare.max_reject_fraction": "fraction", "prepare.min_ts": "iso_time", "prepare.max_ts": "iso_time",
+    "model.item_tower.dropout": "fraction", "model.user_tower.dropout": "fraction", "model.embed_dim": "positive",
+    "model.max_text_tokens": "at_least_2", "model.max_seq_len": "positive",
+    "train.num_workers": "positive", "train.threads_per_worker": "positive", "train.epochs": "positive",
+    "train.batch_size": "positive", "train.lr": "non_negative", "train.item_backbone_lr": "non_negative",
+    "train.weight_decay": "non_negative", "train.warmup_steps": "non_negative", "train.grad_clip": "positive",
+    "train.num_negatives": "positive", "train.temperature": "positive", "train.text_items_per_step": "positive",
+    "train.patience": "positive", "train.val_users": "positive", "train.max_failures": "non_negative",
+    "train.materialize_mib": "non_negative",
+    "infer.k": "positive", "infer.batch_size": "positive", "infer.concurrency": "positive",
+    "infer.item_batch_size": "positive", "infer.block_mib": "positive",
+    "eval.ks": "positive", "eval.n_boot": "positive", "eval.itemknn_neighbors": "positive",
+    "guard.lora.r": "positive", "guard.lora.alpha": "positive", "guard.lora.dropout": "fraction",
+    "guard.lm_weight": "non_negative", "guard.item_lm_weight": "non_negative", "guard.kl_weight": "non_negative",
+    "guard.replay_batch_size": "positive", "guard.replay_seq_len": "positive", "guard.max_ppl_increase": "non_negative",
+    "registry.keep_versions": "positive", "registry.ndcg_tolerance": "fraction",
+    "explain.n_users": "non_negative", "explain.max_history": "positive", "explain.max_new_tokens": "positive",
+    "storage.lease_ttl_s": "positive", "storage.lease_wait_s": "non_negative",
+}
+
+
+def check_ranges(cfg: Any, ranges: dict[str, str] = RANGES) -> None:
+    """Raise :class:`ConfigError` naming the first key whose value breaks its rule (None: not set, allowed)."""
+    for key, rule in ranges.items():
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part, None)
+        test, words = RULES[rule]
+        for v in node if isinstance(node, tuple) else (node,):
+            if v is not None and not test(v):
+                raise ConfigError(f"config key '{key}' must be {words}, got {v!r}")
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> NightlyConfig:
     data: dict[str, Any] = {}
     if path is not None:
@@ -311,7 +384,9 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Night
     for o in overrides:
         apply_override(data, o)
     try:
-        return from_dict(NightlyConfig, data)
+        cfg = from_dict(NightlyConfig, data)
+        check_ranges(cfg)
+        return cfg
     except ConfigError as e:
         raise ConfigError(f"{path or '<defaults>'}: {e}") from None
 
@@ -325,7 +400,10 @@ def replace(cfg: Any, **dotted: Any) -> Any:
         for p in head:
             node = node[p]
         node[last] = v
-    return from_dict(type(cfg), data)
+    out = from_dict(type(cfg), data)
+    if isinstance(out, NightlyConfig):
+        check_ranges(out)
+    return out
 
 
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")

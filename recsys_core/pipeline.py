@@ -9,11 +9,14 @@ Storage layout under ``storage.root``::
     runs/run_date=D/production/                the production model re-indexed to today's catalog (when it
                                                changed) and its item embeddings, for warm start and the gate
     runs/run_date=D/stages/<stage>.json        completion markers (written last)
+    runs/run_date=D/_LEASE.json                held while a job runs for the date (recsys_core.ops.lease)
     models/<version>/, models/PRODUCTION       the registry (see recsys_core.registry)
     evaluation/run_date=D/                     holdout_recs.parquet, metrics.json (with "online": the previous
                                                date's published recs vs the events since), learning_curve.png,
                                                production_holdout_recs.parquet, promotion.json, report.html
-    recommendations/run_date=D/                part-*.parquet + _MANIFEST.json (written last)
+    recommendations/run_date=D/                recommendations.parquet (the current generation only) +
+                                               _MANIFEST.json + _generations/ (see recsys_core.serve.publish)
+    explanations/run_date=D/                   explanations.parquet (jobs.explain)
     history/metrics.parquet                    one row per run date (see recsys_core.report)
 """
 from __future__ import annotations
@@ -23,13 +26,13 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import pyarrow as pa
 
 from recsys_core import storage
-from recsys_core.config import NightlyConfig, replace
+from recsys_core.config import NightlyConfig, check_ranges, replace
 from recsys_core.data.prepare import PreparedPaths, catalog_ids, run_prepare
 from recsys_core.data.sources import resolve_source
 from recsys_core.eval.baselines import baseline_options, baseline_per_user
@@ -37,7 +40,7 @@ from recsys_core.eval.holdout import cold_start_metrics, evaluate_model, holdout
 from recsys_core.eval.metrics import summarize_values
 from recsys_core.eval.online import newest_event_ts, online_proxy
 from recsys_core.model.checkpoint import CONFIG
-from recsys_core.ops import gate, registry, report
+from recsys_core.ops import gate, lease, registry, report
 from recsys_core.ops.explain import describe_users
 from recsys_core.ops.gate import ON_REJECT
 from recsys_core.ops.report import plot_learning_curve, point_metrics
@@ -67,6 +70,7 @@ class Run:
     cfg: NightlyConfig
     run_date: str
     force: bool = False
+    held: lease.Lease | None = field(default=None, compare=False)  # the date's lease, checked before each record
 
     @property
     def root(self) -> str:
@@ -75,6 +79,10 @@ class Run:
     @property
     def run_dir(self) -> str:
         return storage.join(self.root, "runs", f"run_date={self.run_date}")
+
+    @property
+    def lease_uri(self) -> str:
+        return storage.join(self.run_dir, "_LEASE.json")
 
     @property
     def prepared(self) -> PreparedPaths:
@@ -87,6 +95,10 @@ class Run:
     @property
     def recs_dir(self) -> str:
         return storage.join(self.root, "recommendations", f"run_date={self.run_date}")
+
+    @property
+    def explain_dir(self) -> str:
+        return storage.join(self.root, "explanations", f"run_date={self.run_date}")
 
     def model_dir(self, version: str) -> str:
         return storage.join(self.root, "models", version)
@@ -139,6 +151,8 @@ def _stage(name: str, fn: Callable[[Run], Record], run: Run) -> dict[str, Any]:
             return rec
         t0 = time.time()
         out = fn(run).to_json()
+        if run.held is not None:
+            run.held.check()  # a run that lost its date to another writes no record
         inputs = {dep: run.require(dep)["finished_at"] for dep in DEPENDS[name]}
         finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
         out = {**out, "stage": name, "run_date": run.run_date, "wall_s": round(time.time() - t0, 2),
@@ -157,7 +171,8 @@ def prepare_stage(run: Run) -> PrepareRecord:
 def train_stage(run: Run) -> TrainRecord:
     stats = run.record("prepare").stats
     for stale in registry.incomplete_versions(run.root, run.run_date):
-        log.info("removing models/%s: an earlier attempt of this date stopped before its _COMPLETE marker", stale)
+        log.info("removing models/%s: an earlier attempt of this date left it incomplete (no _COMPLETE marker, "
+                 "or files that do not match it)", stale)
         storage.delete(registry.version_dir(run.root, stale))
     ids = catalog_ids(run.prepared.items)
     catalog = {"n_items": len(ids), "sha256": registry.catalog_hash(ids)}
@@ -343,14 +358,15 @@ def manifest_metrics(src: ModelSource, baselines: dict[str, dict[str, float]],
 
 
 def explain_stage(run: Run) -> ExplainRecord:
-    """One-line taste descriptions from the published model's protected LM, beside the recommendations."""
+    """One-line taste descriptions from the published model's protected LM, in their own folder (the
+    recommendations folder holds only recommendations, for readers that read whole folders)."""
     published = run.record("infer")
     if not published.published or run.cfg.explain.n_users <= 0:
         return ExplainRecord(explanations=None, reason=published.reason or "explain.n_users is 0")
     version = published.manifest["model_version"]
     table = describe_users(run.model_dir(version), run.prepared.users, run.prepared.items, run.cfg.model.tokenizer,
                            run.cfg.explain, version)
-    uri = storage.join(run.recs_dir, "explanations.parquet")
+    uri = storage.join(run.explain_dir, "explanations.parquet")
     storage.write_table(table, uri)
     return ExplainRecord(explanations=uri, users=table.num_rows, model_version=version,
                          examples=[{"prompt": p, "description": d} for p, d in
@@ -389,9 +405,17 @@ def run_job(job: str, cfg: NightlyConfig, run_date: str, force: bool = False) ->
     """Run a job's stages in order; returns each stage's completion record."""
     if not storage.is_s3(cfg.storage.root):  # Ray workers run in other folders: pin relative roots
         cfg = replace(cfg, **{"storage.root": os.path.abspath(cfg.storage.root)})
-    init_ray(cfg.ray)
-    run = Run(cfg, run_date, force)
-    t0 = time.time()
-    results = {name: _stage(name, fn, run) for name, fn in STAGES[job]}
-    log.info("job %s for %s finished in %.1fs; outputs under %s", job, run_date, time.time() - t0, run.root)
-    return results
+    check_ranges(cfg)  # a config built in code is checked like a loaded one, before Ray and before any stage
+    # One run per (root, date), taken before Ray starts: a second run exits (LeaseHeldError, exit 2)
+    # naming the holder, or waits storage.lease_wait_s; a crashed holder's lease expires.
+    held = lease.acquire(Run(cfg, run_date).lease_uri, cfg.storage.lease_ttl_s, wait_s=cfg.storage.lease_wait_s,
+                         what=f"run_date={run_date} under {cfg.storage.root}").start_heartbeat()
+    try:
+        init_ray(cfg.ray)
+        run = Run(cfg, run_date, force, held=held)
+        t0 = time.time()
+        results = {name: _stage(name, fn, run) for name, fn in STAGES[job]}
+        log.info("job %s for %s finished in %.1fs; outputs under %s", job, run_date, time.time() - t0, run.root)
+        return results
+    finally:
+        held.release()

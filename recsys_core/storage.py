@@ -15,11 +15,15 @@ Transient S3 errors are retried at two levels:
    reports a non-retryable ``INTERNAL_FAILURE ... Failed to flush response stream``. Every call
    here is idempotent (a write rewrites the whole object), so it is simply repeated.
 
-The project makes no boto3 calls of its own; ``AWS_RETRY_MODE``/``AWS_MAX_ATTEMPTS`` in
-``cluster/`` configure the boto3 clients Ray itself uses (e.g. to fetch an s3:// working_dir).
+Conditional writes (:func:`create_if_absent`, :func:`replace_if_match`: leases and the publish
+switch) are the only boto3 calls of the project: pyarrow has no ``If-None-Match``/``If-Match``. On a
+local root they are made atomic with a hard link (create) and an ``flock`` on a hidden sidecar file
+(compare-and-swap), which holds for every process of one machine. ``AWS_RETRY_MODE``/``AWS_MAX_ATTEMPTS``
+in ``cluster/`` configure the boto3 clients Ray itself uses (e.g. to fetch an s3:// working_dir).
 """
 from __future__ import annotations
 
+import fcntl
 import functools
 import io
 import json
@@ -32,6 +36,9 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+import boto3
+import botocore.config
+import botocore.exceptions
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -146,6 +153,11 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     return _retry(uri, "exists", lambda: fs.get_file_info(path).type != pafs.FileType.NotFound)
+
+
+def is_file(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return _retry(uri, "is_file", lambda: fs.get_file_info(path).type == pafs.FileType.File)
 
 
 def read_bytes(uri: str) -> bytes:
@@ -280,3 +292,170 @@ def ray_location(uri: str) -> tuple[str, pafs.FileSystem]:
     """(path, filesystem) as Ray Data / Ray Train want them (S3 paths without the scheme)."""
     fs, path = filesystem(uri)
     return path, fs
+
+
+def parquet_metadata(uri: str) -> pq.FileMetaData:
+    """One parquet file's footer: schema, row count, row-group statistics (no data pages read)."""
+    fs, path = filesystem(uri)
+    return _retry(uri, "parquet footer", lambda: pq.ParquetFile(path, filesystem=fs).metadata)
+
+
+def parquet_schema(uri: str) -> pa.Schema:
+    """One parquet file's schema, from its footer only."""
+    fs, path = filesystem(uri)
+    return _retry(uri, "parquet_schema", lambda: pq.read_schema(path, filesystem=fs))
+
+
+def upload_file(local_path: str | Path, uri: str) -> None:
+    """Copy a local file to ``uri`` so that readers see the old object or the whole new one: a local
+    destination is written beside it under a hidden name, then renamed over; an S3 upload (multipart
+    for large files) only becomes visible when it completes."""
+    fs, path = filesystem(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            pafs.copy_files(os.path.abspath(str(local_path)), tmp, destination_filesystem=fs)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return
+    _retry(uri, "upload", lambda: pafs.copy_files(os.path.abspath(str(local_path)), path,
+                                                  source_filesystem=pafs.LocalFileSystem(),
+                                                  destination_filesystem=fs))
+
+
+def copy_file(src: str, dest: str) -> None:
+    """Copy one object within a store, atomically for readers of ``dest`` (S3: a server-side copy; local:
+    a hidden copy renamed over)."""
+    fs, spath = filesystem(src)
+    dpath = filesystem(dest)[1]
+    if isinstance(fs, pafs.LocalFileSystem):
+        upload_file(spath, dest)
+        return
+    _retry(dest, "copy", lambda: fs.copy_file(spath, dpath))
+
+
+# --- conditional writes ---------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=4)
+def _boto_s3(endpoint: str | None, region: str) -> Any:
+    return boto3.client("s3", endpoint_url=endpoint, region_name=region,
+                        config=botocore.config.Config(retries={"max_attempts": S3_RETRY_ATTEMPTS, "mode": "standard"}))
+
+
+def _s3_client_and_key(uri: str) -> tuple[Any, str, str]:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    return _boto_s3(endpoint, region), bucket, key
+
+
+def _precondition_failed(err: botocore.exceptions.ClientError) -> bool:
+    """412 (the condition did not hold) or 409 (a concurrent conditional write won)."""
+    code = err.response.get("Error", {}).get("Code", "")
+    status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412)
+
+
+def _local_token(path: str) -> str:
+    st = os.stat(path)
+    return f"{st.st_ino}-{st.st_mtime_ns}-{st.st_size}"
+
+
+def read_versioned(uri: str) -> tuple[bytes, str] | None:
+    """(content, version token) of an object, or None when it does not exist. The token is what
+    :func:`replace_if_match` compares: the S3 ETag, or a local file's inode/mtime/size (every local
+    write is a rename, so a new inode)."""
+    if is_s3(uri):
+        client, bucket, key = _s3_client_and_key(uri)
+        try:
+            obj = client.get_object(Bucket=bucket, Key=key)
+        except botocore.exceptions.ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise
+        return obj["Body"].read(), obj["ETag"]
+    path = filesystem(uri)[1]
+    with _local_lock(path):
+        if not os.path.exists(path):
+            return None
+        with open(path, "rb") as f:
+            return f.read(), _local_token(path)
+
+
+class _local_lock:
+    """``flock`` on a hidden sidecar (``.<name>.lock``) for a local compare-and-swap."""
+
+    def __init__(self, path: str):
+        self.lock_path = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")
+
+    def __enter__(self) -> "_local_lock":
+        Path(self.lock_path).parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+def create_if_absent(uri: str, data: bytes) -> bool:
+    """Write ``data`` only when nothing exists at ``uri`` (S3 ``If-None-Match: *``); False when it does."""
+    if is_s3(uri):
+        client, bucket, key = _s3_client_and_key(uri)
+        try:
+            client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            return True
+        except botocore.exceptions.ClientError as e:
+            if _precondition_failed(e):
+                return False
+            raise
+    path = filesystem(uri)[1]
+    with _local_lock(path):
+        if os.path.exists(path):
+            return False
+        write_bytes(path, data)
+        return True
+
+
+def replace_if_match(uri: str, data: bytes, token: str | None) -> bool:
+    """Replace the object only while it is still the version ``token`` names (S3 ``If-Match``; None:
+    only while it does not exist). False when another writer changed it first."""
+    if token is None:
+        return create_if_absent(uri, data)
+    if is_s3(uri):
+        client, bucket, key = _s3_client_and_key(uri)
+        try:
+            client.put_object(Bucket=bucket, Key=key, Body=data, IfMatch=token)
+            return True
+        except botocore.exceptions.ClientError as e:
+            if _precondition_failed(e) or e.response.get("Error", {}).get("Code") == "NoSuchKey":
+                return False
+            raise
+    path = filesystem(uri)[1]
+    with _local_lock(path):
+        if not os.path.exists(path) or _local_token(path) != token:
+            return False
+        write_bytes(path, data)
+        return True
+
+
+def delete_if_match(uri: str, token: str) -> bool:
+    """Delete the object only while it is the version ``token`` names (locally under the lock; on S3 a
+    read-compare-delete: a writer slipping in between loses its object, the lease module's only use
+    is releasing its own lease)."""
+    if is_s3(uri):
+        cur = read_versioned(uri)
+        if cur is None or cur[1] != token:
+            return False
+        delete(uri)
+        return True
+    path = filesystem(uri)[1]
+    with _local_lock(path):
+        if not os.path.exists(path) or _local_token(path) != token:
+            return False
+        os.unlink(path)
+        return True

@@ -35,11 +35,11 @@ def reference_duplicates(histories: pa.Table, catalog_ids: pa.Array) -> pa.Table
     for u, di, dt_ in zip(histories["user_id"].to_pylist(), histories["dup_items"].to_pylist(),
                           histories["dup_ts"].to_pylist()):
         for i, t in zip(di, dt_):
-            users.append(u)
-            items.append(catalog_ids[i].as_py())
+            users.append(None if u is None else str(u))
+            items.append(str(catalog_ids[i].as_py()))
             ts.append(str(t))
-    return pa.table({"user_id": users, "item_id": items, "ts": ts,
-                     "reason": ["duplicate"] * len(users)}, schema=QUARANTINE_SCHEMA)
+    return pa.table({"user_id": users, "item_id": items, "ts": ts, "reason": ["duplicate"] * len(users),
+                     "file": [None] * len(users)}, schema=QUARANTINE_SCHEMA)
 
 
 def reference_train_counts(histories: pa.Table, n_items: int) -> np.ndarray:

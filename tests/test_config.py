@@ -9,6 +9,7 @@ import yaml
 
 from recsys_core.config import (
     ConfigError,
+    check_ranges,
     NightlyConfig,
     RayConfig,
     load_config,
@@ -221,3 +222,42 @@ def test_enum_values_load_from_yaml_and_overrides(tmp_path):
     cfg = load_config(p, ["train.loss=sampled_softmax", "eval.baselines=[itemknn]"])
     assert (cfg.model.similarity, cfg.model.pooling, cfg.train.loss, cfg.eval.baselines) == (
         "cosine", "last", "sampled_softmax", ("itemknn",))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("override, key, words", [
+    ("registry.keep_versions=0", "registry.keep_versions", "> 0"),
+    ("prepare.max_reject_fraction=1.5", "prepare.max_reject_fraction", "in [0, 1]"),
+    ("train.epochs=0", "train.epochs", "> 0"),
+    ("eval.ks=[10,0]", "eval.ks", "> 0"),
+    ("data.ts_unit=minutes", "data.ts_unit", "one of s, ms, us, ns, auto"),
+    ("data.text_encoding=klingon", "data.text_encoding", "a Python text encoding"),
+    ("prepare.min_ts=yesterday", "prepare.min_ts", "an ISO date"),
+])
+def test_out_of_range_values_refused_at_load_naming_the_key(override, key, words):
+    with pytest.raises(ConfigError, match=re.escape(f"config key '{key}' must be {words}")):
+        load_config(None, [override])
+
+
+@pytest.mark.unit
+def test_ranges_checked_on_replace_and_every_shipped_config_passes():
+    cfg = load_config(None)
+    with pytest.raises(ConfigError, match=r"config key 'registry.keep_versions' must be > 0, got 0"):
+        replace(cfg, **{"registry.keep_versions": 0})
+    for path in CONFIGS:
+        check_ranges(load_config(path))
+    assert load_config(None, ["train.item_backbone_lr=null", "prepare.max_ts=2030-01-01"]).prepare.max_ts == "2030-01-01"
+
+
+@pytest.mark.integration
+def test_cli_refuses_keep_versions_zero_with_exit_2_and_one_line(tmp_path):
+    import subprocess  # noqa: PLC0415 - only this test starts a job process
+    import sys  # noqa: PLC0415
+
+    root = tmp_path / "store"
+    p = subprocess.run([sys.executable, "-m", "jobs.nightly", "--config", str(SYNTHETIC), "--set",
+                        f"storage.root={root}", "--set", "registry.keep_versions=0"],
+                       cwd=SYNTHETIC.parents[2], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "config key 'registry.keep_versions' must be > 0, got 0" in p.stderr and "Traceback" not in p.stderr
+    assert not root.exists()  # nothing ran, nothing was written

@@ -68,6 +68,7 @@ def test_each_bad_case_is_quarantined_by_reason_and_good_rows_survive(ray_local,
     stats = run_prepare(_cfg(tmp_path, "prepare.max_reject_fraction=0.9"), src, out)
     assert stats["rows_read"] == n_rows
     assert stats["rejected_by_reason"] == {"null_user_id": 2, "null_item_id": 1, "bad_timestamp": 2,
+                                           "ts_out_of_range": 0, "ts_unit_mismatch": 0,
                                            "unknown_item": 3, "duplicate": 2}
     q = storage.read_table(out.quarantine)
     assert q.num_rows == 10
@@ -129,3 +130,142 @@ def test_timestamp_columns_and_tie_rule(ray_local, tmp_path):
     assert users["items"].to_pylist() == [[1, 2, 3, 0]]
     ex = storage.read_table(out.train_examples)
     assert ex["input"].to_pylist() == [[1]] and ex["target"].to_pylist() == [[2]]
+
+
+# ----------------------------------------------------------------------------- issue 15: timestamps, files, text
+
+
+def _flat(folder, name, users, items, ts, ts_type=pa.int64(), item_type=pa.int64()):
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"uid": pa.array(users, pa.string()), "movie": pa.array(items, item_type),
+                             "when": pa.array(ts, ts_type)}), folder / name)
+
+
+def _src(tmp_path, items=None):
+    if items is None:
+        _items(tmp_path / "items.parquet")
+    return SourceData(str(tmp_path / "inter"), str(items or tmp_path / "items.parquet"), "test")
+
+
+def _mixed_unit_files(tmp_path):
+    """Users u0-u3 with events 100 s apart in seconds (a.parquet) and their later events in milliseconds
+    (b.parquet): in true time order each user's items are 10, 11, 12, 13."""
+    users = [f"u{u}" for u in range(4)]
+    _flat(tmp_path / "inter", "a.parquet", users * 2, [10] * 4 + [11] * 4, [T0] * 4 + [T0 + 100] * 4)
+    _flat(tmp_path / "inter", "b.parquet", users * 2, [12] * 4 + [13] * 4,
+          [(T0 + 200) * 1000] * 4 + [(T0 + 300) * 1000] * 4)
+
+
+def test_milliseconds_file_refused_naming_it_when_unit_is_seconds(ray_local, tmp_path):
+    _mixed_unit_files(tmp_path)
+    with pytest.raises(DataValidationError, match=r"b\.parquet: timestamps look like milliseconds .* "
+                                                  r"data\.ts_unit=s; set data\.ts_unit=ms"):
+        run_prepare(_cfg(tmp_path), _src(tmp_path), PreparedPaths(str(tmp_path / "p")))
+
+
+def test_mixed_units_within_one_text_column_refused_naming_the_file(ray_local, tmp_path):
+    """Strings carry no footer statistics: the rows are checked one by one, then the file is named."""
+    users = [f"u{u}" for u in range(4)]
+    ts = [str(T0)] * 4 + [str(T0 + 100)] * 4 + [str((T0 + 200) * 1000)] * 4
+    _flat(tmp_path / "inter", "mixed.parquet", users * 3, [10] * 4 + [11] * 4 + [12] * 4, ts, ts_type=pa.string())
+    out = PreparedPaths(str(tmp_path / "p"))
+    with pytest.raises(DataValidationError, match=r"mixed\.parquet: 4 timestamps are plausible only in another "
+                                                  r"unit than data\.ts_unit=s"):
+        run_prepare(_cfg(tmp_path, "prepare.max_reject_fraction=0.9"), _src(tmp_path), out)
+    q = storage.read_table(out.quarantine)
+    assert q["reason"].to_pylist() == ["ts_unit_mismatch"] * 4 and all(f.endswith("mixed.parquet")
+                                                                       for f in q["file"].to_pylist())
+
+
+def test_auto_unit_converts_mixed_files_into_the_true_order(ray_local, tmp_path):
+    _mixed_unit_files(tmp_path)
+    out = PreparedPaths(str(tmp_path / "p"))
+    stats = run_prepare(_cfg(tmp_path, "data.ts_unit=auto"), _src(tmp_path), out)
+    users = storage.read_table(out.users)
+    assert stats["rows_rejected"] == 0
+    assert users["items"].to_pylist() == [[0, 1, 2, 3]] * 4  # item_idx of 10, 11, 12, 13
+    assert users["ts"].to_pylist() == [[T0, T0 + 100, T0 + 200, T0 + 300]] * 4
+
+
+def test_out_of_range_timestamps_quarantined_with_their_own_reason(ray_local, tmp_path):
+    """1e30 and 9.3e18 (beyond int64 as seconds) and year 10000 are quarantined, never cast to int64 min
+    (which made them each user's first event) or kept as a user's latest (test) item."""
+    users = [f"u{u}" for u in range(4)]
+    year_10000 = float(dt.datetime(9999, 12, 31, tzinfo=dt.timezone.utc).timestamp() + 86400)
+    _flat(tmp_path / "inter", "a.parquet", users * 3 + ["u0", "u1", "u2", "u3"],
+          [10] * 4 + [11] * 4 + [12] * 4 + [13] * 4,
+          [T0] * 4 + [T0 + 100] * 4 + [T0 + 200] * 4 + [1e30, 9.3e18, year_10000, 631_000_000.0],
+          ts_type=pa.float64())  # the last: 1989-12-30, before prepare.min_ts
+    out = PreparedPaths(str(tmp_path / "p"))
+    stats = run_prepare(_cfg(tmp_path, "prepare.max_reject_fraction=0.5"), _src(tmp_path), out)
+    assert stats["rejected_by_reason"]["ts_out_of_range"] == 4
+    users = storage.read_table(out.users)
+    assert users["items"].to_pylist() == [[0, 1, 2]] * 4  # item 13's implausible events are not in any history
+    assert min(min(t) for t in users["ts"].to_pylist()) == T0
+    q = storage.read_table(out.quarantine)
+    assert sorted(q["ts"].to_pylist()) == sorted(str(v) for v in [1e30, 9.3e18, year_10000, 631_000_000.0])
+
+
+def test_corrupt_file_among_good_ones_is_named(ray_local, tmp_path):
+    _flat(tmp_path / "inter", "a.parquet", ["u0"] * 3, [10, 11, 12], [T0, T0 + 1, T0 + 2])
+    (tmp_path / "inter" / "b.parquet").write_bytes(b"PAR1 this is not a parquet file PAR1")
+    with pytest.raises(DataValidationError, match=r"b\.parquet: not a readable parquet file"):
+        run_prepare(_cfg(tmp_path), _src(tmp_path), PreparedPaths(str(tmp_path / "p")))
+
+
+def test_empty_interactions_folder_is_named(ray_local, tmp_path):
+    (tmp_path / "inter").mkdir()
+    with pytest.raises(DataValidationError, match=r"inter: no parquet files \(an empty interactions folder\?\)"):
+        run_prepare(_cfg(tmp_path), _src(tmp_path), PreparedPaths(str(tmp_path / "p")))
+
+
+@pytest.mark.parametrize("name", ["0-empty.parquet", "z-empty.parquet"])
+def test_zero_row_null_typed_file_is_skipped_wherever_it_sorts(ray_local, tmp_path, name):
+    users = [f"u{u}" for u in range(4)]
+    _flat(tmp_path / "inter", "m.parquet", users * 3, [10] * 4 + [11] * 4 + [12] * 4,
+          [T0] * 4 + [T0 + 1] * 4 + [T0 + 2] * 4)
+    pq.write_table(pa.table({"uid": pa.array([], pa.null()), "movie": pa.array([], pa.null()),
+                             "when": pa.array([], pa.null())}), tmp_path / "inter" / name)
+    stats = run_prepare(_cfg(tmp_path), _src(tmp_path), PreparedPaths(str(tmp_path / "p")))
+    assert stats["rows_read"] == 12 and stats["rows_rejected"] == 0 and stats["users_kept"] == 4
+
+
+def test_float_item_ids_refused_in_a_later_file(ray_local, tmp_path):
+    _flat(tmp_path / "inter", "a.parquet", ["u0"] * 3, [10, 11, 12], [T0, T0 + 1, T0 + 2])
+    _flat(tmp_path / "inter", "b.parquet", ["u1"] * 3, [10.0, 11.0, 12.0], [T0, T0 + 1, T0 + 2],
+          item_type=pa.float64())
+    with pytest.raises(DataValidationError, match=r"b\.parquet: column 'movie' \(config data.columns.item_id\) "
+                                                  r"has type double"):
+        run_prepare(_cfg(tmp_path), _src(tmp_path), PreparedPaths(str(tmp_path / "p")))
+
+
+def test_type_conflict_across_files_names_both(ray_local, tmp_path):
+    _flat(tmp_path / "inter", "a.parquet", ["u0"] * 3, [10, 11, 12], [T0, T0 + 1, T0 + 2])
+    _flat(tmp_path / "inter", "b.parquet", ["u1"] * 3, ["10", "11", "12"], [T0, T0 + 1, T0 + 2],
+          item_type=pa.string())
+    with pytest.raises(DataValidationError, match=r"b\.parquet: column 'movie' .* has type string, but "
+                                                  r".*a\.parquet has int64"):
+        run_prepare(_cfg(tmp_path), _src(tmp_path), PreparedPaths(str(tmp_path / "p")))
+
+
+def _binary_catalog(path, titles):
+    pq.write_table(pa.table({"movie": pa.array([10, 11, 12, 13], pa.int64()),
+                             "title": pa.array(titles, pa.binary())}), path)
+
+
+def test_binary_titles_not_valid_utf8_are_named_never_fed_as_repr(ray_local, tmp_path):
+    _flat(tmp_path / "inter", "a.parquet", ["u0"] * 3, [10, 11, 12], [T0, T0 + 1, T0 + 2])
+    _binary_catalog(tmp_path / "bin_items.parquet", [b"Alpha", b"\xff\xfeBeta", b"Gamma", b"Caf\xe9"])
+    with pytest.raises(DataValidationError, match=r"bin_items\.parquet: column 'title' holds bytes that are not "
+                                                  r"valid utf-8 in 2 of 4 rows \(first: row 1\)"):
+        run_prepare(_cfg(tmp_path), _src(tmp_path, tmp_path / "bin_items.parquet"), PreparedPaths(str(tmp_path / "p")))
+
+
+def test_binary_titles_decoded_with_the_declared_encoding(ray_local, tmp_path):
+    users = [f"u{u}" for u in range(4)]
+    _flat(tmp_path / "inter", "m.parquet", users * 3, [10] * 4 + [11] * 4 + [12] * 4,
+          [T0] * 4 + [T0 + 1] * 4 + [T0 + 2] * 4)
+    _binary_catalog(tmp_path / "bin_items.parquet", [b"Alpha", b"Beta", b"Gamma", b"Caf\xe9"])
+    out = PreparedPaths(str(tmp_path / "p"))
+    run_prepare(_cfg(tmp_path, "data.text_encoding=latin-1"), _src(tmp_path, tmp_path / "bin_items.parquet"), out)
+    assert storage.read_table(out.items)["text"].to_pylist() == ["Alpha", "Beta", "Gamma", "Café"]

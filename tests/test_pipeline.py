@@ -120,10 +120,11 @@ def test_first_model_is_registered_promoted_and_reported(nightly):
     assert storage.read_table(out["report"]["history"])["run_date"].to_pylist() == [RUN_DATE]
 
 
-def test_explanations_written_beside_recommendations(nightly):
+def test_explanations_written_in_their_own_folder(nightly):
     cfg, out = nightly
     ex = out["explain"]
-    assert ex["explanations"] == storage.join(out["infer"]["recommendations"], "explanations.parquet")
+    assert ex["explanations"] == storage.join(cfg.storage.root, "explanations", f"run_date={RUN_DATE}",
+                                              "explanations.parquet")
     table = storage.read_table(ex["explanations"])
     users = set(storage.read_table(storage.join(out["prepare"]["prepared"], "users"))["user_id"].to_pylist())
     assert table.num_rows == ex["users"] == min(cfg.explain.n_users, len(users))
@@ -146,7 +147,8 @@ def test_rerun_same_date_skips_completed_stages(nightly):
 
 
 def test_forced_republish_switches_manifest_and_retires_old_generations(nightly):
-    """Each publish adds a generation; the manifest switches to it; the one before last is deleted."""
+    """Each publish adds a generation; the manifest switches to it; the one before last is deleted;
+    the folder holds one data file (the current generation) and no staging is left."""
 
     cfg, out = nightly
     folder = out["infer"]["recommendations"]
@@ -156,10 +158,10 @@ def test_forced_republish_switches_manifest_and_retires_old_generations(nightly)
     second = publish(ds, folder, {"run_date": RUN_DATE})
     third = publish(ds, folder, {"run_date": RUN_DATE})
     assert len({first["attempt"], second["attempt"], third["attempt"]}) == 3
-    names = sorted(n for n in (f.rsplit("/", 1)[-1] for f in storage.list_files(folder, ".parquet"))
-                   if n.startswith("part-"))  # explanations.parquet sits beside the parts
-    assert names == sorted(third["files"] + second["files"])  # first generation gone, previous kept
-    assert third["previous_files"] == second["files"]
+    rel = sorted(f[len(folder) + 1:] for f in storage.list_files(folder, ".parquet"))
+    assert rel == sorted(["recommendations.parquet"] + third["files"] + second["files"])  # first generation gone
+    assert third["previous_attempt"] == second["attempt"]
+    assert not storage.list_files(storage.join(cfg.storage.root, "recommendations", "_staging"))
     again, manifest = read_recommendations(folder)
     assert again.num_rows == first["rows"] and manifest["attempt"] == third["attempt"]
 

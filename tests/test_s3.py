@@ -68,7 +68,11 @@ def test_nightly_pipeline_on_s3(ray_local, moto_s3, capfd):
     # The real boto3 client sees what pyarrow wrote: manifest, parts, model registry, Ray Train checkpoints.
     keys = bucket_keys(s3, "nightly/")
     assert "nightly/recommendations/run_date=2026-11-27/_MANIFEST.json" in keys
-    assert sum(k.startswith("nightly/recommendations/run_date=2026-11-27/part-") for k in keys) == len(manifest["files"])
+    published = "nightly/recommendations/run_date=2026-11-27/"
+    assert published + "recommendations.parquet" in keys and all(published + f in keys for f in manifest["files"])
+    # staging removed (pyarrow may leave an empty folder marker, a key ending in "/")
+    assert not [k for k in keys if k.startswith("nightly/recommendations/_staging/") and not k.endswith("/")]
+    assert not any(k.endswith("_LEASE.json") for k in keys)  # the date's and the publish lease released
     version = out["train"]["model_version"]
     for name in ("model.safetensors", "model_config.json", "_COMPLETE", "metrics.json"):
         assert f"nightly/models/{version}/{name}" in keys

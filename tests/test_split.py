@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from recsys_core.data.prepare import build_user, validate_batch
+from recsys_core.data.prepare import build_user, likely_unit, plausible_range, unit_divisors, validate_batch
 from recsys_core.data.split import training_windows
 
 COLUMNS = {"user_id": "user_id", "item_id": "item_id", "ts": "ts"}
@@ -235,3 +235,48 @@ def test_leave_one_out_columns_match_the_leave_one_out_functions():
             np.testing.assert_array_equal(np.asarray(a, dtype=object), np.asarray(b, dtype=object))
         assert [p.tolist() for p in fit_prefixes(t, "items", which)] == [
             p.tolist() for p in fit_prefixes(bare, "items", which)]
+
+
+# ----------------------------------------------------------------------------- timestamp units and range
+
+
+@pytest.mark.unit
+def test_unit_divisors_and_likely_unit_by_hand():
+    v = np.array([1.7e9, 1.7e12, 1.7e15, 1.7e18, np.nan])
+    assert unit_divisors(v, "auto").tolist() == [1.0, 1e3, 1e6, 1e9, 1.0]
+    assert unit_divisors(v, "ms").tolist() == [1e3] * 5
+    lo, hi = plausible_range("1990-01-01", "2030-01-01")
+    assert (lo, hi) == (631152000.0, 1893456000.0)
+    assert plausible_range("1990-01-01", None, now=1e9)[1] == 1e9 + 86400
+    assert [likely_unit(x, lo, hi) for x in (1.7e9, 1.7e12, 1.7e15, 1.7e18, 1e30, 5.0)] == \
+        ["s", "ms", "us", "ns", None, None]
+
+
+@pytest.mark.unit
+def test_validate_batch_range_units_and_no_overflow():
+    rng = plausible_range("1990-01-01", "2030-01-01")
+    batch = pa.table({"user_id": ["a"] * 7, "item_id": ["1"] * 7,
+                      "ts": pa.array([1.7e9, 1.7e12, 1e30, 9.3e18, 5.0, float("nan"), -3.0])})
+    out = validate_batch(batch, COLUMNS, catalog_ids=CATALOG, ts_unit="s", ts_range=rng)
+    assert out["reason"].to_pylist() == [None, "ts_unit_mismatch", "ts_out_of_range", "ts_out_of_range",
+                                         "ts_out_of_range", "bad_timestamp", "bad_timestamp"]
+    assert out["ts"].to_pylist() == [1_700_000_000] + [-1] * 6  # never int64 min
+    auto = validate_batch(batch, COLUMNS, catalog_ids=CATALOG, ts_unit="auto", ts_range=rng)
+    assert auto["ts"].to_pylist()[:2] == [1_700_000_000, 1_700_000_000]
+    assert auto["reason"].to_pylist()[:2] == [None, None]
+    # without a range, a value beyond int64 seconds is still refused, not wrapped
+    plain = validate_batch(batch, COLUMNS, catalog_ids=CATALOG)
+    assert plain["reason"].to_pylist()[2:4] == ["bad_timestamp", "bad_timestamp"]
+
+
+@pytest.mark.unit
+def test_interaction_files_a_single_file_or_a_folder_without_hidden_names(tmp_path):
+    import pyarrow.parquet as pq  # noqa: PLC0415 - only this test writes files
+
+    from recsys_core.data.prepare import interaction_files  # noqa: PLC0415
+    for rel in ("a.parquet", "dt=1/b.parquet", "_tmp/c.parquet", ".d.parquet", "dt=1/_e.parquet"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"x": [1]}), tmp_path / rel)
+    assert interaction_files(str(tmp_path)) == [str(tmp_path / "a.parquet"), str(tmp_path / "dt=1" / "b.parquet")]
+    assert interaction_files(str(tmp_path / "a.parquet")) == [str(tmp_path / "a.parquet")]
+    assert interaction_files(str(tmp_path / "missing")) == []

@@ -4,17 +4,28 @@ Outputs, under ``{root}/runs/run_date=D/prepared/``:
 - ``items.parquet``: item_idx, item_id, text, input_ids (tokenised once per run), train_count
 - ``users/``: one row per kept user: user_id, items (list<int32> item_idx, chronological), ts
 - ``train_examples/``: next-item windows over each user's training part: input, target (list<int32>)
-- ``quarantine/``: rejected rows (user_id, item_id, ts as text, reason), never silently dropped
+- ``quarantine/``: rejected rows (user_id, item_id, ts as text, reason, file), never silently dropped
 - ``stats.json``: row counts, reject counts per reason, user and example counts
 
 Protocol (``eval.protocol``, rules in recsys_core.data.split): per user, sort by (ts, item_id); leave-one-out:
 last = test, second-to-last = validation, rest = train; temporal: a global cutoff. ``users/`` carries
 the rule as per-user columns (train_len, val_pos, test_pos, test_fit_len).
+
+Inputs are checked before any Ray work, from the parquet footers only: every file's schema (a corrupt
+file, a missing column, an unsupported type such as float item ids, or a type family that differs
+between files is an error naming the file), zero-row files are skipped wherever they sort, and numeric
+timestamp columns whose footer statistics look like a finer unit than ``data.ts_unit`` are refused.
+Row by row, timestamps are converted to epoch seconds without any overflowing cast; unparseable ones
+are quarantined as ``bad_timestamp``, implausible ones (outside ``prepare.min_ts`` .. ``max_ts``) as
+``ts_out_of_range``, and numbers that are plausible only in another unit as ``ts_unit_mismatch``,
+which fails the run naming the files.
 """
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import math
+import posixpath
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +34,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray
 from ray.data.context import ShuffleStrategy
 
@@ -31,12 +43,17 @@ from recsys_core.config import NightlyConfig, TrainConfig
 from recsys_core.data.sources import SourceData
 from recsys_core.data.split import (MIN_EVENTS, NEVER, cold_targets, split_columns, temporal_cutoff, train_lengths,
                                    training_window_bounds)
-from recsys_core.data.text import load_tokenizer, render_texts, tokenize_texts
+from recsys_core.data.text import load_tokenizer, render_texts, template_fields, tokenize_texts
 
 log = logging.getLogger(__name__)
-REASONS = ("null_user_id", "null_item_id", "bad_timestamp", "unknown_item", "duplicate")
+REASONS = ("null_user_id", "null_item_id", "bad_timestamp", "ts_out_of_range", "ts_unit_mismatch", "unknown_item",
+           "duplicate")
 QUARANTINE_SCHEMA = pa.schema([("user_id", pa.string()), ("item_id", pa.string()),
-                               ("ts", pa.string()), ("reason", pa.string())])
+                               ("ts", pa.string()), ("reason", pa.string()), ("file", pa.string())])
+TS_UNITS = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+UNIT_NAMES = {"s": "seconds", "ms": "milliseconds", "us": "microseconds", "ns": "nanoseconds"}
+INT64_SAFE_S = 2.0 ** 62  # seconds beyond this cannot be held as int64 (and are never plausible)
+PATH_COLUMN = "path"  # Ray Data's include_paths column: the file each row came from
 
 
 class DataValidationError(ValueError):
@@ -80,7 +97,12 @@ def _user_ids(col: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
 
 def load_catalog(items_uri: str, cfg: NightlyConfig) -> pa.Table:
     """Item catalog with a dense ``item_idx`` ordered by item_id (numeric when ids are numeric)."""
-    items = storage.read_table(items_uri)
+    try:
+        items = storage.read_table(items_uri)
+    except (pa.ArrowInvalid, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise DataValidationError(f"{items_uri}: item catalog is not readable parquet: {e}") from None
     id_col = cfg.data.columns.item_id
     if id_col not in items.column_names:
         raise DataValidationError(f"{items_uri}: item catalog has no column {id_col!r} "
@@ -98,6 +120,7 @@ def load_catalog(items_uri: str, cfg: NightlyConfig) -> pa.Table:
     if pc.count_distinct(ids).as_py() != items.num_rows:
         raise DataValidationError(f"{items_uri}: item_id is not unique "
                                   f"({items.num_rows - pc.count_distinct(ids).as_py()} repeated ids)")
+    items = decode_text_columns(items, template_fields(cfg.data.item_template), cfg.data.text_encoding, items_uri)
     texts = render_texts(items, cfg.data.item_template, source=items_uri)
     tok = load_tokenizer(cfg.model.tokenizer)
     input_ids = tokenize_texts(tok, texts, cfg.model.max_text_tokens)
@@ -109,50 +132,147 @@ def load_catalog(items_uri: str, cfg: NightlyConfig) -> pa.Table:
     })
 
 
-def _parse_ts(col: pa.ChunkedArray) -> np.ndarray:
-    """Epoch seconds as float (NaN where unparseable) from timestamps, numbers or strings."""
+def decode_text_columns(items: pa.Table, fields: list[str], encoding: str, source: str) -> pa.Table:
+    """Binary-typed text columns decoded with ``encoding``; invalid text (bytes that do not decode, or a
+    string column holding invalid UTF-8) is an error naming the file, the column and the rows."""
+    for f in fields:
+        if f not in items.column_names:
+            continue  # render_texts names the missing field
+        col = items[f]
+        if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
+            values, bad = [], []
+            for i, v in enumerate(col.to_pylist()):
+                try:
+                    values.append(None if v is None else v.decode(encoding))
+                except UnicodeDecodeError:
+                    values.append(None)
+                    bad.append(i)
+            if bad:
+                raise DataValidationError(f"{source}: column {f!r} holds bytes that are not valid {encoding} in "
+                                          f"{len(bad)} of {items.num_rows} rows (first: row {bad[0]}); set "
+                                          f"data.text_encoding to the catalog's encoding or fix the file")
+            items = items.set_column(items.column_names.index(f), f, pa.array(values, pa.string()))
+        elif pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            try:
+                col.validate(full=True)
+            except pa.ArrowInvalid as e:
+                raise DataValidationError(f"{source}: column {f!r} is typed as text but holds invalid UTF-8 "
+                                          f"({e}); rewrite it as binary and set data.text_encoding") from None
+    return items
+
+
+def plausible_range(min_ts: str, max_ts: str | None, now: float | None = None) -> tuple[float, float]:
+    """(earliest, latest) plausible event time as epoch seconds; ``max_ts`` None: now + 1 day."""
+    def parse(v: str) -> float:
+        t = dt.datetime.fromisoformat(v)
+        return (t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)).timestamp()
+    hi = parse(max_ts) if max_ts else (dt.datetime.now(dt.timezone.utc).timestamp() if now is None else now) + 86400
+    return parse(min_ts), hi
+
+
+def unit_divisors(values: np.ndarray, unit: str) -> np.ndarray:
+    """Per value, what divides it into seconds: the declared unit, or under ``auto`` the unit its
+    magnitude says (below 1e11 seconds, 1e14 ms, 1e17 us, else ns: 1e11 s is year 5138)."""
+    if unit == "auto":
+        a = np.abs(np.nan_to_num(values, nan=0.0))
+        return np.select([a < 1e11, a < 1e14, a < 1e17], [1.0, 1e3, 1e6], 1e9)
+    return np.full(values.shape, float(TS_UNITS[unit]))
+
+
+def likely_unit(value: float, lo: float, hi: float) -> str | None:
+    """The unit (s/ms/us/ns) under which a plain number is a plausible time, or None."""
+    for unit, div in TS_UNITS.items():
+        if lo <= np.floor(value / div) <= hi:
+            return unit
+    return None
+
+
+def _parse_ts(col: pa.ChunkedArray | pa.Array, unit: str = "s") -> tuple[np.ndarray, np.ndarray]:
+    """(epoch seconds, floored, NaN where unparseable; mask of the values that were plain numbers).
+
+    Typed timestamps and dates carry their unit; plain numbers (numeric columns or numeric strings)
+    are in ``unit``. Integer arithmetic on the stored values: no cast can overflow."""
+    n = len(col)
     if pa.types.is_timestamp(col.type) or pa.types.is_date(col.type):
-        secs = pc.cast(pc.cast(col, pa.timestamp("s"), safe=False), pa.int64())  # sub-second part dropped
-        return secs.to_numpy(zero_copy_only=False).astype("float64")
+        if pa.types.is_date32(col.type):
+            raw, div, mul = pc.cast(col, pa.int32()), 1, 86400
+        elif pa.types.is_date64(col.type):
+            raw, div, mul = pc.cast(col, pa.int64()), 1000, 1
+        else:
+            raw, div, mul = pc.cast(col, pa.int64()), TS_UNITS[col.type.unit], 1
+        valid = pc.is_valid(raw).to_numpy(zero_copy_only=False)
+        ints = pc.fill_null(raw, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        secs = np.floor_divide(ints, div).astype(np.float64) * mul  # sub-second part dropped
+        return np.where(valid, secs, np.nan), np.zeros(n, dtype=bool)
     if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
-        return pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
-    s = pd.Series(col.to_pylist(), dtype="object")
-    num = pd.to_numeric(s, errors="coerce")
-    need = num.isna() & s.notna()
-    if need.any():
-        parsed = pd.to_datetime(s[need], errors="coerce", utc=True, format="mixed")
-        num[need] = (parsed - pd.Timestamp(0, tz="UTC")).dt.total_seconds()
-    return num.to_numpy(dtype="float64")
+        num = pc.cast(col, pa.float64(), safe=False).to_numpy(zero_copy_only=False)
+        numeric = np.isfinite(num)
+    else:
+        s = pd.Series(pc.cast(col, pa.string()).to_pylist() if not pa.types.is_null(col.type) else [None] * n,
+                      dtype="object")
+        num = pd.to_numeric(s, errors="coerce").to_numpy(dtype="float64", copy=True)
+        numeric = np.isfinite(num)
+        need = ~numeric & s.notna().to_numpy()
+        if need.any():
+            parsed = pd.to_datetime(s[need], errors="coerce", utc=True, format="mixed")
+            num[need] = np.floor((parsed - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy(dtype="float64"))
+    with np.errstate(invalid="ignore", over="ignore"):
+        secs = np.where(numeric, np.floor(num / unit_divisors(num, unit)), num)
+    return secs, numeric
 
 
-def validate_batch(batch: pa.Table, columns: dict[str, str], catalog_ids: pa.Array) -> pa.Table:
-    """Normalise one batch to (user_id, item_idx, ts, raw_item_id, raw_ts, reason); reason is null for good rows."""
+def validate_batch(batch: pa.Table, columns: dict[str, str], catalog_ids: pa.Array, ts_unit: str = "s",
+                   ts_range: tuple[float, float] | None = None) -> pa.Table:
+    """Normalise one batch to (user_id, item_idx, ts, raw_item_id, raw_ts, reason[, file]); reason is null
+    for good rows. ``ts_range`` (epoch seconds): plausible times; None checks only that a time is one."""
     user = batch[columns["user_id"]]
     item = batch[columns["item_id"]]
-    ts = _parse_ts(batch[columns["ts"]])  # (R,)
+    ts, numeric = _parse_ts(batch[columns["ts"]], ts_unit)  # (R,)
     item_idx = pc.index_in(_canonical_ids(item), value_set=catalog_ids)  # null when unknown
     reason = np.full(batch.num_rows, None, dtype=object)
+    bad_ts = ~np.isfinite(ts) | (np.nan_to_num(ts, nan=-1) < 0)
+    out_of_range = np.zeros(batch.num_rows, dtype=bool)
+    mismatch = np.zeros(batch.num_rows, dtype=bool)
+    if ts_range is not None:
+        lo, hi = ts_range
+        out_of_range = ~bad_ts & ((ts < lo) | (ts > hi))
+        if ts_unit != "auto":  # the number as given: seconds back in the declared unit
+            for i in np.flatnonzero(out_of_range & numeric):
+                mismatch[i] = likely_unit(ts[i] * TS_UNITS[ts_unit], lo, hi) not in (None, ts_unit)
+    else:
+        bad_ts |= np.abs(np.nan_to_num(ts, nan=0.0)) >= INT64_SAFE_S
     # Later checks do not overwrite earlier reasons: the first failing rule names the row.
     checks = [
-        ("bad_timestamp", ~np.isfinite(ts) | (np.nan_to_num(ts, nan=-1) < 0)),
+        ("ts_out_of_range", out_of_range),
+        ("ts_unit_mismatch", mismatch),
+        ("bad_timestamp", bad_ts),
         ("unknown_item", pc.is_null(item_idx).to_numpy(zero_copy_only=False)),
         ("null_item_id", pc.is_null(item).to_numpy(zero_copy_only=False)),
         ("null_user_id", pc.is_null(user).to_numpy(zero_copy_only=False)),
     ]
     for name, bad in checks:  # reverse priority: the last assignment wins
         reason[bad] = name
-    return pa.table({
+    keep = ~bad_ts & ~out_of_range  # a time that fits int64 seconds (others are -1: no cast overflows)
+    out = {
         "user_id": _user_ids(user),
         "item_idx": pc.cast(item_idx, pa.int32()),
-        "ts": pa.array(np.nan_to_num(ts, nan=-1).astype(np.int64)),
+        "ts": pa.array(np.where(keep, np.nan_to_num(ts, nan=-1.0), -1.0).astype(np.int64)),  # never overflows
         "raw_item_id": _canonical_ids(item),
         "raw_ts": pa.array([None if v is None else str(v) for v in batch[columns["ts"]].to_pylist()], pa.string()),
         "reason": pa.array(reason.tolist(), pa.string()),
-    })
+    }
+    if PATH_COLUMN in batch.column_names and PATH_COLUMN not in columns.values():
+        out["file"] = pc.cast(batch[PATH_COLUMN], pa.string())
+    return pa.table(out)
 
 
-HISTORY_SCHEMA = pa.schema([("user_id", pa.string()), ("items", pa.list_(pa.int32())), ("ts", pa.list_(pa.int64())),
-                            ("dup_items", pa.list_(pa.int32())), ("dup_ts", pa.list_(pa.int64()))])
+def history_schema(user_type: pa.DataType = pa.string()) -> pa.Schema:
+    """The history build's rows; user ids keep their type (integers stay integers)."""
+    return pa.schema([("user_id", user_type), ("items", pa.list_(pa.int32())), ("ts", pa.list_(pa.int64())),
+                      ("dup_items", pa.list_(pa.int32())), ("dup_ts", pa.list_(pa.int64()))])
+
+
+HISTORY_SCHEMA = history_schema()
 EXAMPLES_SCHEMA = pa.schema([("input", pa.list_(pa.int32())), ("target", pa.list_(pa.int32()))])
 
 
@@ -193,13 +313,14 @@ def user_bucket(user_id: pa.Array | pa.ChunkedArray, n_buckets: int) -> np.ndarr
 def _good(batch: pa.Table, n_buckets: int) -> pa.Table:
     """Valid rows (user_id, item_idx, ts) and the hash ``bucket`` of their user (the history build's group key)."""
     good = batch.filter(pc.is_null(batch["reason"])).select(["user_id", "item_idx", "ts"])
-    return good.append_column("bucket", pa.array(user_bucket(good["user_id"], n_buckets)))
+    return good.append_column("bucket", pa.array(user_bucket(_canonical_ids(good["user_id"]), n_buckets)))
 
 
 def _bad(batch: pa.Table) -> pa.Table:
     bad = batch.filter(pc.is_valid(batch["reason"]))
+    file = bad["file"] if "file" in bad.column_names else pa.nulls(bad.num_rows, pa.string())
     return pa.table({"user_id": pc.cast(bad["user_id"], pa.string()), "item_id": bad["raw_item_id"], "ts": bad["raw_ts"],
-                     "reason": bad["reason"]}, schema=QUARANTINE_SCHEMA)
+                     "reason": bad["reason"], "file": file}, schema=QUARANTINE_SCHEMA)
 
 
 def build_user(group: pa.Table, max_history: int) -> pa.Table:
@@ -242,8 +363,9 @@ def build_histories(events: pa.Table, max_history: int) -> pa.Table:
     duplicates (same user, ts and item) set aside in ``dup_items``/``dup_ts``. One pyarrow sort and numpy
     over the whole block (the ids, never null, are sorted once per distinct user); rows ordered by user_id."""
     n = events.num_rows
+    schema = history_schema(events.schema.field("user_id").type)
     if n == 0:
-        return HISTORY_SCHEMA.empty_table()
+        return schema.empty_table()
     enc = pc.dictionary_encode(events["user_id"].combine_chunks())  # (R,) indices into the distinct ids
     by_id = pc.array_sort_indices(enc.dictionary).to_numpy()  # (U,) distinct ids in id order
     rank = np.empty(by_id.shape[0], dtype=np.int64)
@@ -271,7 +393,7 @@ def build_histories(events: pa.Table, max_history: int) -> pa.Table:
         "ts": _list_array(hist_len, ts[keep][recent], pa.int64()),
         "dup_items": _list_array(dup_len, items[dup], pa.int32()),
         "dup_ts": _list_array(dup_len, ts[dup], pa.int64()),
-    }, schema=HISTORY_SCHEMA)
+    }, schema=schema)
 
 
 def _list_parts(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -340,29 +462,108 @@ def _duplicates(batch: pa.Table, catalog_ids: pa.Array) -> pa.Table:
     return pa.table({"user_id": pc.cast(batch["user_id"].combine_chunks().take(parent), pa.string()),
                      "item_id": pc.cast(catalog_ids.take(item), pa.string()),
                      "ts": pc.cast(pc.list_flatten(batch["dup_ts"].combine_chunks()), pa.string()),
-                     "reason": pa.repeat(pa.scalar("duplicate", pa.string()), n)},
+                     "reason": pa.repeat(pa.scalar("duplicate", pa.string()), n),
+                     "file": pa.nulls(n, pa.string())},
                     schema=QUARANTINE_SCHEMA)
 
 
-def _read_interactions(src: SourceData, cfg: NightlyConfig) -> ray.data.Dataset:
-    path, fs = storage.ray_location(src.interactions)
+ALLOWED_FAMILIES = {"user_id": ("integer", "string"), "item_id": ("integer", "string"),
+                    "ts": ("integer", "string", "timestamp", "date", "float")}
+
+
+def type_family(t: pa.DataType) -> str:
+    """The kind of a column type, as compared across files (int32 and int64 read alike, string and int do not)."""
+    for name, test in (("integer", pa.types.is_integer), ("float", pa.types.is_floating),
+                       ("timestamp", pa.types.is_timestamp), ("date", pa.types.is_date), ("null", pa.types.is_null)):
+        if test(t):
+            return name
+    return "string" if (pa.types.is_string(t) or pa.types.is_large_string(t)) else str(t)
+
+
+def interaction_files(uri: str) -> list[str]:
+    """The parquet files of an interactions dataset (a file, or a folder/prefix: hidden ``_``/``.`` names skipped)."""
+    if storage.is_file(uri):
+        return [uri]
+    return [f for f in storage.list_files(uri, ".parquet")
+            if not any(p.startswith(("_", ".")) for p in posixpath.relpath(f, uri).split("/"))]
+
+
+def _footer_ts_unit_check(f: str, meta: pq.FileMetaData, col_index: int, unit: str, lo: float, hi: float) -> None:
+    """Refuse a numeric timestamp column whose footer statistics are plausible only in another unit."""
+    highs = []
+    for g in range(meta.num_row_groups):
+        st = meta.row_group(g).column(col_index).statistics
+        if st is not None and st.has_min_max and st.max is not None:
+            highs.append(float(st.max))
+    if not highs or unit == "auto":
+        return
+    top = max(highs)
+    if lo <= np.floor(top / TS_UNITS[unit]) <= hi:
+        return
+    guess = likely_unit(top, lo, hi)
+    if guess is not None and guess != unit:
+        raise DataValidationError(
+            f"{f}: timestamps look like {UNIT_NAMES[guess]} (max {top:.0f}) but data.ts_unit={unit}; "
+            f"set data.ts_unit={guess} (or auto) for this data")
+
+
+def check_footers(files: list[str], columns: dict[str, str], ts_unit: str, ts_range: tuple[float, float],
+                  where: str) -> list[str]:
+    """Read every file's footer; return the files with rows. Errors name the file (and the other file of a
+    type conflict)."""
+    if not files:
+        raise DataValidationError(f"{where}: no parquet files (an empty interactions folder?)")
+    seen: dict[str, tuple[str, str, str]] = {}  # contract key -> (family, type, first file)
+    keep = []
+    for f in files:
+        try:
+            meta = storage.parquet_metadata(f)
+            schema = meta.schema.to_arrow_schema()
+        except FileNotFoundError:
+            raise
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataValidationError(f"{f}: not a readable parquet file ({e})") from None
+        if meta.num_rows == 0:
+            log.info("%s: zero rows; skipped", f)
+            continue
+        keep.append(f)
+        for key, col in columns.items():
+            if col not in schema.names:
+                if f"/{col}=" in f:  # a hive partition column
+                    continue
+                raise DataValidationError(f"{f}: interactions have no column {col!r} (config data.columns.{key}); "
+                                          f"columns are {schema.names}")
+            t = schema.field(col).type
+            fam = type_family(t)
+            if fam == "null":  # all values null in this file: quarantined row by row
+                continue
+            if fam not in ALLOWED_FAMILIES[key]:
+                raise DataValidationError(f"{f}: column {col!r} (config data.columns.{key}) has type {t}; expected "
+                                          + ("integer or string" if key != "ts" else
+                                             "integer or string, timestamp or float"))
+            first = seen.setdefault(key, (fam, str(t), f))
+            if first[0] != fam:
+                raise DataValidationError(f"{f}: column {col!r} (config data.columns.{key}) has type {t}, but "
+                                          f"{first[2]} has {first[1]}: one column must have one kind of type "
+                                          f"in every file")
+            if key == "ts" and fam in ("integer", "float"):
+                _footer_ts_unit_check(f, meta, schema.get_field_index(col), ts_unit, *ts_range)
+    if not keep:
+        raise DataValidationError(f"{where}: all {len(files)} parquet files have zero rows")
+    return keep
+
+
+def _read_interactions(src: SourceData, cfg: NightlyConfig, ts_range: tuple[float, float]) -> ray.data.Dataset:
+    """The interactions as Ray Data, after :func:`check_footers`: only the files with rows and the
+    contract columns, each row tagged with its file."""
     if not storage.exists(src.interactions):
         raise DataValidationError(f"{src.interactions}: interactions not found")
-    ds = ray.data.read_parquet(path, filesystem=fs)
-    schema = ds.schema()
-    types_ = dict(zip(schema.names, schema.types))
-    for key, col in vars(cfg.data.columns).items():
-        if col not in types_:
-            raise DataValidationError(f"{src.interactions}: interactions have no column {col!r} "
-                                      f"(config data.columns.{key}); columns are {schema.names}")
-        t = types_[col]
-        ok = (pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
-              or (key == "ts" and (pa.types.is_timestamp(t) or pa.types.is_date(t) or pa.types.is_floating(t))))
-        if not ok:
-            raise DataValidationError(f"{src.interactions}: column {col!r} (config data.columns.{key}) has "
-                                      f"type {t}; expected integer or string" + (", timestamp or float"
-                                                                                  if key == "ts" else ""))
-    return ds
+    columns = vars(cfg.data.columns)
+    files = check_footers(interaction_files(src.interactions), columns, cfg.data.ts_unit, ts_range,
+                          src.interactions)
+    fs = storage.filesystem(files[0])[0]
+    return ray.data.read_parquet([storage.filesystem(f)[1] for f in files], filesystem=fs,
+                                 include_paths=True)
 
 
 def shuffle_strategy(name: str) -> "ray.data.context.ShuffleStrategy":
@@ -400,8 +601,10 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
         catalog_ids = catalog_ids.combine_chunks()
     columns = vars(cfg.data.columns)
 
-    validated = _read_interactions(src, cfg).map_batches(
-        validate_batch, batch_format="pyarrow", fn_kwargs={"columns": columns, "catalog_ids": catalog_ids},
+    ts_range = plausible_range(cfg.prepare.min_ts, cfg.prepare.max_ts)
+    validated = _read_interactions(src, cfg, ts_range).map_batches(
+        validate_batch, batch_format="pyarrow", batch_size=None,  # one block (one file's rows) per batch
+        fn_kwargs={"columns": columns, "catalog_ids": catalog_ids, "ts_unit": cfg.data.ts_unit, "ts_range": ts_range},
     ).materialize()
     rows_read = validated.count()
     lap("validate")
@@ -423,9 +626,13 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
     dups = users.map_batches(_duplicates, batch_format="pyarrow", fn_kwargs={"catalog_ids": catalog_ids})
 
     reasons: dict[str, int] = dict.fromkeys(REASONS, 0)
+    mismatched: dict[str, int] = {}
     for t in bad.iter_batches(batch_format="pyarrow", batch_size=None):
         for r, n in zip(*np.unique(t["reason"].to_numpy(zero_copy_only=False), return_counts=True)):
             reasons[str(r)] += int(n)
+        wrong = t.filter(pc.equal(t["reason"], "ts_unit_mismatch"))["file"].to_pylist()
+        for f in wrong:
+            mismatched[str(f)] = mismatched.get(str(f), 0) + 1
     for t in dups.iter_batches(batch_format="pyarrow", batch_size=None):
         reasons["duplicate"] += t.num_rows
     rejected = sum(reasons.values())
@@ -437,6 +644,11 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
         bad.union(dups).repartition(1).write_parquet(qpath, filesystem=qfs)
     lap("write_quarantine")
 
+    if mismatched:
+        raise DataValidationError(
+            f"{', '.join(sorted(mismatched))}: {sum(mismatched.values())} timestamps are plausible only in another "
+            f"unit than data.ts_unit={cfg.data.ts_unit} (per file {mismatched}); set data.ts_unit (or auto); "
+            f"rows kept in {out.quarantine}")
     if rejected / rows_read > cfg.prepare.max_reject_fraction:  # before any other output is written
         raise DataValidationError(
             f"{src.interactions}: {rejected} of {rows_read} rows rejected ({rejected / rows_read:.1%} > "

@@ -1,8 +1,16 @@
-"""Checkpoints: a folder of safetensors weights, a config JSON and a marker written last."""
+"""Checkpoints: a folder of safetensors weights, a config JSON and a marker written last.
+
+The marker (``_COMPLETE``) lists the files it vouches for with their sizes and sha256, so a folder
+whose files were cut short after the marker was written (a full disk, a partial copy) is refused on
+loading (sizes and hashes) and before registering or promoting it (:func:`verify_checkpoint`). A
+marker from before this format (``ok``) names no files and is accepted as it always was.
+"""
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -14,9 +22,65 @@ from recsys_core import storage
 from recsys_core.config import ModelConfig, from_dict
 from recsys_core.model.towers import TwoTower, backbone_from_config, is_lora, unwrap
 
+log = logging.getLogger(__name__)
 WEIGHTS = "model.safetensors"
 CONFIG = "model_config.json"
 MARKER = "_COMPLETE"
+
+
+class CheckpointError(FileNotFoundError):
+    """A checkpoint folder is incomplete or its files do not match its marker; the message names the file."""
+
+
+def file_entry(data: bytes) -> dict[str, Any]:
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def marker_bytes(files: dict[str, bytes]) -> bytes:
+    """The ``_COMPLETE`` marker for these files (relative name -> content)."""
+    return json.dumps({"files": {name: file_entry(data) for name, data in sorted(files.items())}},
+                      indent=2, sort_keys=True).encode()
+
+
+def read_marker(folder: str) -> dict[str, dict[str, Any]] | None:
+    """The files the marker lists (name -> size, sha256); None for a legacy marker that lists none.
+    :class:`CheckpointError` when there is no marker."""
+    uri = storage.join(folder, MARKER)
+    if not storage.exists(uri):
+        raise CheckpointError(f"{folder}: no {MARKER} marker; the checkpoint is incomplete")
+    try:
+        body = json.loads(storage.read_bytes(uri))
+    except ValueError:
+        return None
+    return body.get("files") if isinstance(body, dict) else None
+
+
+def check_file(folder: str, name: str, listed: dict[str, Any], data: bytes | None = None) -> None:
+    """Raise :class:`CheckpointError` when a listed file is missing, of another size, or (given its bytes)
+    of another sha256 than the marker says."""
+    uri = storage.join(folder, name)
+    if data is None:
+        if not storage.exists(uri):
+            raise CheckpointError(f"{uri}: missing, but {MARKER} lists it; the checkpoint is incomplete")
+        fs, path = storage.filesystem(uri)
+        size = fs.get_file_info(path).size
+    else:
+        size = len(data)
+    if size != listed["size"]:
+        raise CheckpointError(f"{uri}: {size} bytes but {MARKER} lists {listed['size']} (truncated or changed); "
+                              f"the checkpoint is incomplete")
+    if data is not None and hashlib.sha256(data).hexdigest() != listed["sha256"]:
+        raise CheckpointError(f"{uri}: sha256 differs from the one {MARKER} lists; the checkpoint is corrupt")
+
+
+def verify_checkpoint(folder: str, hashes: bool = True) -> None:
+    """Every file the marker lists is there with its size (and, with ``hashes``, its sha256)."""
+    listed = read_marker(folder)
+    if listed is None:
+        log.warning("%s: legacy %s marker lists no files; sizes and hashes not checked", folder, MARKER)
+        return
+    for name, entry in listed.items():
+        check_file(folder, name, entry, storage.read_bytes(storage.join(folder, name)) if hashes else None)
 
 
 @dataclass(frozen=True)
@@ -55,18 +119,22 @@ def save_checkpoint(model: nn.Module, spec: ModelSpec, folder: str | Path, extra
     state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
     save_file(state, str(folder / WEIGHTS))
     (folder / CONFIG).write_text(json.dumps({**asdict(spec), **(extra or {})}, indent=2, default=str))
-    (folder / MARKER).write_text("ok\n")
+    (folder / MARKER).write_bytes(marker_bytes({n: (folder / n).read_bytes() for n in (WEIGHTS, CONFIG)}))
 
 
 def load_checkpoint(folder: str, map_location: str = "cpu") -> tuple[TwoTower, dict[str, Any]]:
     """Rebuild a :class:`TwoTower` from a checkpoint folder (local or s3://); only safetensors are read."""
 
-    if not storage.exists(storage.join(folder, MARKER)):
-        raise FileNotFoundError(f"{folder}: no {MARKER} marker; the checkpoint is incomplete")
-    meta = json.loads(storage.read_bytes(storage.join(folder, CONFIG)))
+    listed = read_marker(folder)
+    raw_meta = storage.read_bytes(storage.join(folder, CONFIG))
+    weights = storage.read_bytes(storage.join(folder, WEIGHTS))
+    for name, data in ((CONFIG, raw_meta), (WEIGHTS, weights)):
+        if listed is not None and name in listed:
+            check_file(folder, name, listed[name], data)
+    meta = json.loads(raw_meta)
     spec = ModelSpec(**{k: meta[k] for k in ("model", "n_items", "temperature", "item_backbone", "user_backbone")})
     model = spec.build()
-    state = load(storage.read_bytes(storage.join(folder, WEIGHTS)))
+    state = load(weights)
     model.load_state_dict(state)
     return model.to(map_location).eval(), meta
 
@@ -99,10 +167,20 @@ def save_model_folder(model: nn.Module, folder: str, metrics: dict[str, Any]) ->
 
 def copy_model_folder(src: str, dest: str) -> None:
     """Copy model files (weights, config, LoRA adapters; not optimizer state) from a checkpoint into a
-    registry folder, marker last."""
+    registry folder, marker last. The source is verified against its marker first (sizes, sha256), and
+    the new marker lists what was written, so a truncated checkpoint is never registered."""
+    listed = read_marker(src)
+    written: dict[str, bytes] = {}
     for name in (WEIGHTS, CONFIG):
-        storage.write_bytes(storage.join(dest, name), storage.read_bytes(storage.join(src, name)))
+        data = storage.read_bytes(storage.join(src, name))
+        if listed is not None and name in listed:
+            check_file(src, name, listed[name], data)
+        storage.write_bytes(storage.join(dest, name), data)
+        written[name] = data
     lora = storage.join(src, LORA_DIR)
     for f in storage.list_files(lora) if storage.exists(storage.join(lora, "adapter_config.json")) else []:
-        storage.write_bytes(storage.join(dest, LORA_DIR, f.rsplit("/", 1)[-1]), storage.read_bytes(f))
-    storage.write_bytes(storage.join(dest, MARKER), b"ok\n")
+        name = f"{LORA_DIR}/{f.rsplit('/', 1)[-1]}"
+        data = storage.read_bytes(f)
+        storage.write_bytes(storage.join(dest, LORA_DIR, f.rsplit("/", 1)[-1]), data)
+        written[name] = data
+    storage.write_bytes(storage.join(dest, MARKER), marker_bytes(written))

@@ -3,7 +3,7 @@ the item tower's LM from the user's most recent items (``python -m jobs.explain`
 
 The prompt names the user's last ``explain.max_history`` items (their catalog text) through the
 ``explain.prompt`` template; the continuation up to the first line break or sentence end is the
-description. Written as ``explanations.parquet`` beside the day's recommendations.
+description. Written as ``explanations/run_date=D/explanations.parquet`` (its own folder, beside ``recommendations/``).
 """
 from __future__ import annotations
 

@@ -36,7 +36,8 @@ from safetensors.numpy import load, save
 
 from recsys_core import storage
 from recsys_core.data.text import load_tokenizer
-from recsys_core.model.checkpoint import CONFIG, MARKER, WEIGHTS, copy_model_folder
+from recsys_core.model.checkpoint import (CONFIG, MARKER, WEIGHTS, CheckpointError, copy_model_folder, marker_bytes,
+                                          verify_checkpoint)
 
 log = logging.getLogger(__name__)
 POINTER = "PRODUCTION"
@@ -92,7 +93,9 @@ def list_versions(root: str) -> list[str]:
 
 
 def incomplete_versions(root: str, run_date: str) -> list[str]:
-    """This run date's version folders without a marker: left by a train stage that crashed mid-copy."""
+    """This run date's version folders without a marker (left by a train stage that crashed mid-copy)
+    or whose files do not match their marker's sizes (cut short after it, e.g. by a full disk). The
+    production version is never among them."""
 
     prefix = run_date.replace("-", "") + "-"
     complete = set(list_versions(root))
@@ -101,7 +104,16 @@ def incomplete_versions(root: str, run_date: str) -> list[str]:
         parts = f.replace("\\", "/").rsplit("/", 2)
         if len(parts) == 3 and VERSION_RE.match(parts[1]) and parts[1].startswith(prefix) and parts[2] != MARKER:
             seen.add(parts[1])
-    return sorted(seen - complete)
+    broken = set()
+    for v in sorted(complete & seen):
+        try:
+            verify_checkpoint(version_dir(root, v), hashes=False)
+        except CheckpointError as e:
+            log.warning("models/%s: %s", v, e)
+            broken.add(v)
+    pointer = storage.join(models_root(root), POINTER)
+    prod = storage.read_json(pointer).get("version") if storage.exists(pointer) else None
+    return sorted(((seen - complete) | broken) - {prod})
 
 
 def production(root: str) -> dict[str, Any] | None:
@@ -128,6 +140,7 @@ def promote(root: str, version: str, run_date: str, reason: str, previous: str |
     """Point ``models/PRODUCTION`` at a complete version (one atomic write)."""
     if not is_complete(root, version):
         raise FileNotFoundError(f"cannot promote {version!r}: {version_dir(root, version)} is not complete")
+    verify_checkpoint(version_dir(root, version), hashes=False)  # sizes: a file cut short after the marker
     pointer = {"version": version, "run_date": run_date, "reason": reason, "previous": previous,
                "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     storage.write_json(storage.join(models_root(root), POINTER), pointer)
@@ -306,7 +319,12 @@ def on_catalog(root: str, version: str, item_ids: pa.Array, today_hash: str, wor
     note = (f"catalog changed: {int((mapping >= 0).sum())} of {len(mapping)} of today's items known to "
             f"{version}; the rest are embedded from text alone")
     if storage.exists(storage.join(dest, MARKER)):
-        return dest, note
+        try:
+            verify_checkpoint(dest, hashes=False)
+            return dest, note
+        except CheckpointError as e:  # cut short after its marker: made again below
+            log.warning("re-indexed copy %s is incomplete (%s); rebuilding it", dest, e)
+            storage.delete(dest)
     state = load(storage.read_bytes(storage.join(src, WEIGHTS)))
     weight, known = reindex_item_rows(state.get(ID_EMB), state[ID_KNOWN], mapping)
     if weight is not None:
@@ -315,8 +333,10 @@ def on_catalog(root: str, version: str, item_ids: pa.Array, today_hash: str, wor
     meta = json.loads(storage.read_bytes(storage.join(src, CONFIG)))
     meta["n_items"] = int(len(mapping))
     meta["reindexed_from"] = version
-    storage.write_bytes(storage.join(dest, WEIGHTS), save({k: np.ascontiguousarray(v) for k, v in state.items()}))
-    storage.write_bytes(storage.join(dest, CONFIG), json.dumps(meta, indent=2, default=str).encode())
-    storage.write_bytes(storage.join(dest, MARKER), b"ok\n")
+    files = {WEIGHTS: save({k: np.ascontiguousarray(v) for k, v in state.items()}),
+             CONFIG: json.dumps(meta, indent=2, default=str).encode()}
+    for name, data in files.items():
+        storage.write_bytes(storage.join(dest, name), data)
+    storage.write_bytes(storage.join(dest, MARKER), marker_bytes(files))
     log.info("%s", note)
     return dest, note
