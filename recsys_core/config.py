@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import difflib
 import re
 import types
 import typing
@@ -269,7 +270,9 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown config key '{where}{unknown[0]}' (known: {sorted(names)})")
+        close = difflib.get_close_matches(unknown[0], sorted(names), n=1)
+        guess = f"did you mean '{where}{close[0]}'? " if close else f"known: {', '.join(sorted(names))}; "
+        raise ConfigError(f"unknown config key '{where}{unknown[0]}': {guess}(`recsys-core config show` lists every key)")
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     return cls(**kwargs)
 

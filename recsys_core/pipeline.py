@@ -47,11 +47,16 @@ from recsys_core.train.trainer import run_train
 log = logging.getLogger(__name__)
 
 
+class StageNotDone(RuntimeError):
+    """A job needs a stage that has not completed for this run date; the message is the command to run."""
+
+
 @dataclass(frozen=True)
 class Run:
     cfg: NightlyConfig
     run_date: str
     force: bool = False
+    invocation: str = "--config CONFIG"  # the config arguments as typed, for hints that work as printed
 
     @property
     def root(self) -> str:
@@ -96,9 +101,9 @@ class Run:
     def require(self, stage: str) -> dict[str, Any]:
         rec = self.done(stage)
         if rec is None:
-            raise RuntimeError(f"stage '{stage}' has not completed (or is stale) for run_date={self.run_date} "
-                               f"under {self.root}; run `python -m jobs.{JOB_OF[stage]} --run-date "
-                               f"{self.run_date}` first")
+            raise StageNotDone(f"stage '{stage}' has not completed (or is stale) for run_date={self.run_date} "
+                               f"under {self.root}; run `python -m jobs.{JOB_OF[stage]} {self.invocation} "
+                               f"--run-date {self.run_date}` first")
         return rec
 
 
@@ -111,13 +116,15 @@ JOB_OF = {"prepare": "prepare", "train": "train", "evaluate": "infer", "promote"
           "report": "infer", "explain": "explain"}
 
 
-def _stage(name: str, fn: Callable[[Run], dict[str, Any]], run: Run) -> dict[str, Any]:
-    """Run one stage unless its marker says it already completed (``--force`` reruns it)."""
+def _stage(name: str, fn: Callable[[Run], dict[str, Any]], run: Run) -> tuple[dict[str, Any], bool]:
+    """Run one stage unless its marker says it already completed (``--force`` reruns it); returns its
+    record and whether it ran."""
     with stage_context(run.run_date, name):
         rec = run.done(name)
         if rec is not None and not run.force:
-            log.info("stage %s already complete for %s; skipping (use --force to rerun)", name, run.run_date)
-            return rec
+            log.info("stage %s already complete for %s; skipping (--force reruns it)", name, run.run_date)
+            return rec, False
+        log.info("stage %s started", name)
         t0 = time.time()
         out = fn(run)
         inputs = {dep: run.require(dep)["finished_at"] for dep in DEPENDS[name]}
@@ -126,7 +133,7 @@ def _stage(name: str, fn: Callable[[Run], dict[str, Any]], run: Run) -> dict[str
                "inputs": inputs, "finished_at": finished}
         storage.write_json(run.marker(name), out)
         log.info("stage %s done in %.1fs", name, out["wall_s"])
-        return out
+        return out, True
 
 
 def prepare_stage(run: Run) -> dict[str, Any]:
@@ -164,8 +171,11 @@ def train_stage(run: Run) -> dict[str, Any]:
     }
     registry.write_version_files(model_dir, lineage, ids)
     copy_model_folder(fit["checkpoint"], model_dir)  # _COMPLETE last
+    outcome = report.training_outcome(fit["history"], run.cfg.train.epochs, run.cfg.train.patience)
+    log.info("training %s", report.training_sentence(outcome))
     return {"model_version": version, "model_dir": model_dir, "best": fit["metrics"], "history": fit["history"],
-            "guard": guard, "parent": lineage["parent"], "warm_start": warm}
+            "guard": guard, "parent": lineage["parent"], "warm_start": warm, "epochs_max": run.cfg.train.epochs,
+            "patience": run.cfg.train.patience}
 
 
 def _warm_start(run: Run, ids: pa.Array, today_hash: str, config: dict[str, Any]) -> dict[str, Any]:
@@ -360,14 +370,29 @@ STAGES: dict[str, list[tuple[str, Callable[[Run], dict[str, Any]]]]] = {
 }
 
 
-def run_job(job: str, cfg: NightlyConfig, run_date: str, force: bool = False) -> dict[str, Any]:
-    """Run a job's stages in order; returns each stage's completion record."""
+def run_job(job: str, cfg: NightlyConfig, run_date: str, force: bool = False,
+            invocation: str = "--config CONFIG") -> dict[str, Any]:
+    """Run a job's stages in order, then log the summary block; returns each stage's completion record.
+    ``invocation`` is the config part of the command line (``--config X --set ...``), for hints."""
     if not storage.is_s3(cfg.storage.root):  # Ray workers run in other folders: pin relative roots
         cfg = replace(cfg, **{"storage.root": os.path.abspath(cfg.storage.root)})
     _on_reject(cfg.registry.on_reject)  # a typo fails before hours of training
+    run = Run(cfg, run_date, force, invocation)
+    names = [name for name, _ in STAGES[job]]
+    for dep in DEPENDS[names[0]]:  # a stage run out of order fails before Ray starts
+        if dep not in names:
+            run.require(dep)
     init_ray(cfg.ray)
-    run = Run(cfg, run_date, force)
     t0 = time.time()
-    results = {name: _stage(name, fn, run) for name, fn in STAGES[job]}
-    log.info("job %s for %s finished in %.1fs; outputs under %s", job, run_date, time.time() - t0, run.root)
+    results, skipped = {}, []
+    for name, fn in STAGES[job]:
+        results[name], ran = _stage(name, fn, run)
+        if not ran:
+            skipped.append(name)
+    wall = time.time() - t0
+    if len(skipped) == len(results):
+        log.info("job %s for %s: every stage was already complete; nothing ran (--force reruns)", job, run_date)
+    else:
+        log.info("job %s for %s finished in %.1fs; outputs under %s", job, run_date, wall, run.root)
+    log.info("summary\n%s", report.summary_text(job, run_date, results, skipped, wall))
     return results

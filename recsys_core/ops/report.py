@@ -270,3 +270,119 @@ def learning_curve_png(history: list[dict[str, Any]], baselines: dict[str, dict[
 
 def plot_learning_curve(history: list[dict[str, Any]], baselines: dict[str, dict[str, float]], out_uri: str) -> None:
     storage.write_bytes(out_uri, learning_curve_png(history, baselines))
+
+
+def training_outcome(history: list[dict[str, Any]], epochs_max: int | None, patience: int | None) -> dict[str, Any]:
+    """Which epoch was kept (the best validation NDCG@10, the earliest on ties) and whether training
+    stopped early; epochs count from 0, as in the training log."""
+    if not history:
+        return {"epochs_run": 0, "kept_epoch": None, "kept_val_ndcg10": None, "stopped_early": None}
+    best = max(history, key=lambda h: (h["val_ndcg10"], -h["epoch"]))
+    stopped = None if epochs_max is None else history[-1]["epoch"] + 1 < epochs_max
+    return {"epochs_run": len(history), "first_epoch": history[0]["epoch"], "last_epoch": history[-1]["epoch"],
+            "epochs_max": epochs_max, "patience": patience, "kept_epoch": best["epoch"],
+            "kept_val_ndcg10": best["val_ndcg10"], "stopped_early": stopped}
+
+
+def training_sentence(outcome: dict[str, Any]) -> str:
+    """'ran epochs 0-11 of at most 50; stopped early (...); kept epoch 3 (val NDCG@10 0.0512)'."""
+    if outcome["kept_epoch"] is None:
+        return "no epoch completed"
+    span = (f"epoch {outcome['first_epoch']}" if outcome["first_epoch"] == outcome["last_epoch"]
+            else f"epochs {outcome['first_epoch']}-{outcome['last_epoch']}")
+    text = f"ran {span}" + (f" of at most {outcome['epochs_max']}" if outcome.get("epochs_max") else "")
+    if outcome["stopped_early"]:
+        text += f"; stopped early: no validation NDCG@10 gain for {outcome['patience']} epochs"
+    elif outcome["stopped_early"] is False:
+        text += "; did not stop early"
+    return text + f"; kept epoch {outcome['kept_epoch']} (validation NDCG@10 {outcome['kept_val_ndcg10']:.4f})"
+
+
+def guard_sentence(guard: dict[str, Any] | None) -> str:
+    """The guard's verdict in words: an unenforced guard (a random-init LM) is reported as such, not as 'passed'."""
+    if not guard:
+        return "no generation-guard record"
+    change = guard.get("change")
+    ppl = (f"general-English perplexity {guard['ppl_general_before']:.2f} -> {guard['ppl_general_after']:.2f}"
+           + (f" ({change:+.1%}, limit {guard.get('max_increase', 0):+.0%})" if change is not None else ""))
+    if not guard.get("enforced"):
+        msg = str(guard.get("message", ""))
+        why = msg[msg.index("not enforced"):].rstrip(")") if "not enforced" in msg else "not enforced"
+        return f"{why}; measured {ppl}"
+    return ("passed: " if guard.get("passed") else "FAILED (blocks promotion): ") + ppl
+
+
+def _with_ci(m: dict[str, Any], k: str) -> str:
+    lo, hi = m.get(f"{k}_ci_low"), m.get(f"{k}_ci_high")
+    return f"{m[k]:.4f}" + (f" [{lo:.4f}, {hi:.4f}]" if lo is not None and hi is not None else "")
+
+
+def holdout_lines(metrics: dict[str, Any]) -> list[str]:
+    """The holdout table: model and baselines, each metric with its 95% bootstrap interval."""
+    model = metrics["model"]
+    cols = [k for k in model if "_ci_" not in k and k != "n_users"]
+    rows = [("model", model), *metrics.get("baselines", {}).items()]
+    cells = [[_with_ci(m, c) if c in m else "–" for c in cols] for _, m in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
+    name_w = max(len(n) for n, _ in rows)
+    out = [f"holdout, {model.get('n_users', 0):,} users (95% bootstrap intervals):",
+           "  " + " " * name_w + "  " + "  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    out += ["  " + n.ljust(name_w) + "  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()
+            for (n, _), r in zip(rows, cells)]
+    return out
+
+
+def output_locations(records: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+    """(what, where) for every output the stage records name."""
+    out: list[tuple[str, str]] = []
+    if "prepare" in records:
+        out.append(("prepared data", records["prepare"]["prepared"]))
+    if "train" in records:
+        out.append((f"model {records['train']['model_version']}", records["train"]["model_dir"]))
+    if "evaluate" in records:
+        out.append(("evaluation", records["evaluate"]["eval_dir"]))
+    inferred = records.get("infer") or {}
+    if inferred.get("published"):
+        man = inferred["manifest"]
+        out.append((f"recommendations ({man['rows']:,} users, top-{man['k']}, model {man['model_version']})",
+                     inferred["recommendations"]))
+    elif inferred:
+        out.append(("recommendations", f"none published: {inferred.get('reason')}"))
+    if "report" in records:
+        out += [("report", records["report"]["report"]), ("metrics history", records["report"]["history"])]
+    if (records.get("explain") or {}).get("explanations"):
+        out.append((f"explanations ({records['explain']['users']} users)", records["explain"]["explanations"]))
+    return out
+
+
+def summary_text(job: str, run_date: str, records: dict[str, dict[str, Any]], skipped: list[str],
+                 wall_s: float) -> str:
+    """The block printed at the end of a job, from its stage records alone (so a rerun that skips
+    every stage prints the same block)."""
+    lines = [f"=== recsys-core {job}, run_date {run_date} " + "=" * 40]
+    if skipped and len(skipped) == len(records):
+        lines.append(f"every stage was already complete for {run_date}: nothing ran (--force reruns them); "
+                     "below is what the earlier run recorded")
+    elif skipped:
+        lines.append(f"already complete, skipped: {', '.join(skipped)}")
+    if "evaluate" in records:
+        lines += holdout_lines(records["evaluate"]["metrics"])
+    if "train" in records:
+        t = records["train"]
+        outcome = training_outcome(t["history"], t.get("epochs_max"), t.get("patience"))
+        lines.append(f"training:  {training_sentence(outcome)}")
+        lines.append(f"guard:     {guard_sentence(t.get('guard'))}")
+    if "promote" in records:
+        p = records["promote"]
+        verdict = "PROMOTED" if p["decision"]["promote"] else "NOT PROMOTED"
+        lines.append(f"promotion: {verdict} model {p['model_version']}: {p['decision']['reason']}")
+        lines.append(f"published: {p['publish_reason']}")
+    lines.append("outputs:")
+    locs = output_locations(records)
+    w = max((len(k) for k, _ in locs), default=0)
+    lines += [f"  {k.ljust(w)}  {v}" for k, v in locs]
+    times = "  ".join(f"{s} {records[s].get('wall_s', 0):.1f}s" for s in records)
+    ran = [s for s in records if s not in skipped]
+    total = (f"this run {wall_s:.1f}s" if ran else f"this check {wall_s:.1f}s; the times are the earlier run's")
+    lines.append(f"stages:    {times}  ({total})")
+    return "\n".join(lines)

@@ -15,13 +15,14 @@ from dataclasses import asdict
 from typing import Any
 
 import torch
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from recsys_core import storage
 from recsys_core.config import NightlyConfig
 from recsys_core.data.prepare import PreparedPaths, examples_dataset
 from recsys_core.data.text import load_tokenizer
+from recsys_core.runtime import ray_train_log_level
 from recsys_core.train.guard import corpus_ids, guard_report, needs_replay, read_corpus
 from recsys_core.train.loop import STATE, VAL_METRIC, train_loop_per_worker
 
@@ -53,6 +54,7 @@ def run_train(cfg: NightlyConfig, prepared: PreparedPaths, run_dir: str, init_fr
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=VAL_METRIC,
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            logging_config=LoggingConfig(log_level=ray_train_log_level()),  # --verbose: the per-report dumps
         ),
         datasets={"train": train_ds},
     )
