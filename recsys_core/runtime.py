@@ -5,6 +5,7 @@ import contextlib
 import contextvars
 import logging
 import os
+from pathlib import Path
 from typing import Iterator
 
 import ray
@@ -16,8 +17,10 @@ log = logging.getLogger(__name__)
 _run = contextvars.ContextVar("run", default="-")
 _stage = contextvars.ContextVar("stage", default="-")
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-# Without --verbose: no tqdm bars inside Ray workers (each refresh reaches the driver as a new line).
-QUIET_WORKER_ENV = {"TQDM_DISABLE": "1"}
+# Without --verbose: no tqdm bars inside Ray workers (each refresh reaches the driver as a new line), and
+# Ray Data's console logging at WARNING (read at each dataset's execution, in the driver and the workers).
+RAY_DATA_QUIET_LOGGING = str(Path(__file__).resolve().parent / "assets" / "ray_data_logging.yaml")
+QUIET_WORKER_ENV = {"TQDM_DISABLE": "1", "RAY_DATA_LOGGING_CONFIG": RAY_DATA_QUIET_LOGGING}
 HUMAN_FORMAT = "%(asctime)s %(stage_tag)s%(levelname_tag)s%(message)s"
 VERBOSE_FORMAT = "%(asctime)s %(levelname)s [run_date=%(run_date)s stage=%(stage)s] %(name)s: %(message)s"
 _verbose = {"on": False}  # set by setup_logging; read when Ray and Ray Train are configured
@@ -62,6 +65,7 @@ def configure_ray_data(cfg: RayConfig) -> None:
     if not is_verbose():
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
+        os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", RAY_DATA_QUIET_LOGGING)
 
 
 @contextlib.contextmanager

@@ -1,6 +1,8 @@
 """The nightly job end to end on synthetic data with local Ray: quality and the published outputs."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -10,7 +12,7 @@ import jobs.nightly
 from recsys_core import storage
 from recsys_core.config import load_config, replace
 from recsys_core.data.prepare import PreparedPaths, catalog_ids, examples_dataset
-from recsys_core.ops import registry
+from recsys_core.ops import registry, report
 from recsys_core.pipeline import Run
 from recsys_core.serve.infer import score_users
 from recsys_core.serve.publish import publish, read_recommendations
@@ -137,13 +139,60 @@ def test_explanations_written_beside_recommendations(nightly):
     assert len(guard["generations_after"]) == len(cfg.guard.prompts)
 
 
-def test_rerun_same_date_skips_completed_stages(nightly):
+def test_summary_block_from_the_stage_records(nightly):
+    """The block printed at the end: holdout metrics with intervals beside the baselines, the kept epoch,
+    the promotion decision, the guard verdict, every output's location and each stage's wall time."""
     cfg, out = nightly
-    again = jobs.nightly.main(cfg=cfg, run_date=RUN_DATE)
+    text = report.summary_text("nightly", RUN_DATE, out, [], 12.5)
+    lines = text.splitlines()
+    m = out["evaluate"]["metrics"]
+    table = {ln.split()[0]: ln for ln in lines if ln.startswith("  ") and ln.split()[0] in
+             ("model", "popularity", "itemknn")}
+    assert set(table) == {"model", *cfg.eval.baselines}
+    for name, metrics in [("model", m["model"]), *m["baselines"].items()]:
+        for k in ("ndcg@10", "recall@10", "ndcg@50", "recall@50"):
+            cell = f"{metrics[k]:.4f} [{metrics[k + '_ci_low']:.4f}, {metrics[k + '_ci_high']:.4f}]"
+            assert cell in table[name], (name, k, table[name])
+    hist = out["train"]["history"]
+    best = max(hist, key=lambda h: h["val_ndcg10"])
+    assert f"kept epoch {best['epoch']} (validation NDCG@10 {best['val_ndcg10']:.4f})" in text
+    assert f"ran epochs 0-{hist[-1]['epoch']} of at most {cfg.train.epochs}" in text
+    assert ("stopped early" in text) == (len(hist) < cfg.train.epochs)
+    assert f"promotion: PROMOTED model {out['train']['model_version']}" in text
+    # the synthetic towers are random-init: the guard measured but is not enforced, and says so
+    assert "guard:     not enforced: the item tower was not pretrained; measured general-English perplexity" in text
+    for where in (out["infer"]["recommendations"], out["report"]["report"], out["report"]["history"],
+                  out["explain"]["explanations"], out["train"]["model_dir"], out["evaluate"]["eval_dir"]):
+        assert any(ln.endswith(where) for ln in lines), where
+    assert f"recommendations (400 users, top-{cfg.infer.k}, model {out['train']['model_version']})" in text
+    stages = next(ln for ln in lines if ln.startswith("stages:"))
+    for stage, rec in out.items():
+        assert f"{stage} {rec['wall_s']:.1f}s" in stages
+    assert "(this run 12.5s)" in stages
+
+
+def test_rerun_same_date_skips_completed_stages(nightly, caplog):
+    cfg, out = nightly
+    logger = logging.getLogger("recsys_core")
+    logger.addHandler(caplog.handler)  # the project logger does not propagate to the root
+    try:
+        with caplog.at_level(logging.INFO, logger="recsys_core"):
+            again = jobs.nightly.main(cfg=cfg, run_date=RUN_DATE)
+    finally:
+        logger.removeHandler(caplog.handler)
     for stage in ("prepare", "train", "evaluate", "promote", "infer", "report", "explain"):
         assert again[stage] == out[stage]
     recs, manifest = read_recommendations(out["infer"]["recommendations"])
     assert manifest["attempt"] == out["infer"]["manifest"]["attempt"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("finished in" in msg for msg in messages), messages
+    assert any("every stage was already complete; nothing ran" in msg for msg in messages)
+    summary = next(msg for msg in messages if msg.startswith("summary\n")).splitlines()[1:]
+    first = report.summary_text("nightly", RUN_DATE, out, [], 0.0).splitlines()
+    assert "nothing ran (--force reruns them)" in summary[1]
+    # the same block as the first run's, from the stored records (only the time of this check differs)
+    assert summary[2:-1] == first[1:-1]
+    assert summary[-1].startswith(first[-1].split("  (")[0]) and "the times are the earlier run's" in summary[-1]
 
 
 def test_forced_republish_switches_manifest_and_retires_old_generations(nightly):
