@@ -31,7 +31,7 @@ from recsys_core import storage
 from recsys_core.config import NightlyConfig, replace
 from recsys_core.data.prepare import PreparedPaths, catalog_ids, run_prepare
 from recsys_core.data.sources import resolve_source
-from recsys_core.eval.baselines import baseline_per_user
+from recsys_core.eval.baselines import baseline_per_user, validation_popularity
 from recsys_core.eval.holdout import cold_start_metrics, evaluate_model
 from recsys_core.eval.metrics import summarize_values
 from recsys_core.model.checkpoint import CONFIG, copy_model_folder
@@ -208,11 +208,13 @@ def evaluate_stage(run: Run) -> dict[str, Any]:
                                              cfg.eval.itemknn_neighbors)
     base = {b: summarize_values(pu, n_users, cfg.eval.n_boot) for b, pu in base_pu.items()}
     cold = cold_start_metrics(per_user, base_pu, base_target, items["train_count"].to_numpy() == 0, cfg.eval.n_boot)
+    val_base = {"popularity": validation_popularity(run.prepared.users, items.num_rows, cfg.train.val_users,
+                                                    cfg.train.seed)}
     metrics = {"model": model_m, "baselines": base, "model_version": trained["model_version"],
-               "users_scored": n_scored, "cold_start": cold,
+               "users_scored": n_scored, "cold_start": cold, "validation_baselines": val_base,
                "note": "bootstrap 95% CIs over users; with ~1k users, differences under ~0.015 are noise"}
     storage.write_json(storage.join(run.eval_dir, "metrics.json"), metrics)
-    plot_learning_curve(trained["history"], base, storage.join(run.eval_dir, "learning_curve.png"))
+    plot_learning_curve(trained["history"], val_base, storage.join(run.eval_dir, "learning_curve.png"))
     _log_table(model_m, base)
     return {"metrics": metrics, "eval_dir": run.eval_dir}
 
@@ -344,9 +346,13 @@ def explain_stage(run: Run) -> dict[str, Any]:
 def report_stage(run: Run) -> dict[str, Any]:
 
     records = {s: run.require(s) for s in ("prepare", "train", "evaluate", "promote", "infer")}
+    explained = run.done("explain")  # the nightly explains first; a later `jobs.explain` is not waited for
     history = report.upsert_history(run.root, report.history_row(run.run_date, records))
     uri = storage.join(run.eval_dir, "report.html")
-    storage.write_bytes(uri, report.render(run.run_date, records, history).encode())
+    recs = run.recs_dir if records["infer"].get("published") else None
+    samples = report.load_samples(run.prepared.users, run.prepared.items, recs,
+                                  (explained or {}).get("explanations"), n=10, seed=run.cfg.explain.seed)
+    storage.write_bytes(uri, report.render(run.run_date, records, history, samples).encode())
     log.info("report: %s", uri)
     return {"report": uri, "history": report.history_uri(run.root)}
 
@@ -365,8 +371,8 @@ STAGES: dict[str, list[tuple[str, Callable[[Run], dict[str, Any]]]]] = {
               ("report", report_stage)],
     "explain": [("explain", explain_stage)],
     "nightly": [("prepare", prepare_stage), ("train", train_stage), ("evaluate", evaluate_stage),
-                ("promote", promote_stage), ("infer", infer_stage), ("report", report_stage),
-                ("explain", explain_stage)],
+                ("promote", promote_stage), ("infer", infer_stage), ("explain", explain_stage),
+                ("report", report_stage)],  # the report shows the explanations
 }
 
 

@@ -5,6 +5,7 @@ import contextlib
 import contextvars
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -20,7 +21,8 @@ WORKER_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 # Without --verbose: no tqdm bars inside Ray workers (each refresh reaches the driver as a new line), and
 # Ray Data's console logging at WARNING (read at each dataset's execution, in the driver and the workers).
 RAY_DATA_QUIET_LOGGING = str(Path(__file__).resolve().parent / "assets" / "ray_data_logging.yaml")
-QUIET_WORKER_ENV = {"TQDM_DISABLE": "1", "RAY_DATA_LOGGING_CONFIG": RAY_DATA_QUIET_LOGGING}
+QUIET_WORKER_ENV = {"TQDM_DISABLE": "1", "RAY_DATA_LOGGING_CONFIG": RAY_DATA_QUIET_LOGGING,
+                    "PYTHONWARNINGS": "ignore::DeprecationWarning"}
 HUMAN_FORMAT = "%(asctime)s %(stage_tag)s%(levelname_tag)s%(message)s"
 VERBOSE_FORMAT = "%(asctime)s %(levelname)s [run_date=%(run_date)s stage=%(stage)s] %(name)s: %(message)s"
 _verbose = {"on": False}  # set by setup_logging; read when Ray and Ray Train are configured
@@ -46,6 +48,8 @@ def setup_logging(level: int = logging.INFO, verbose: bool = False) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+    if not verbose:  # Ray Data's advice to write filters as expressions, once per filter call
+        warnings.filterwarnings("ignore", message="Use 'expr' instead of 'fn'")
 
 
 def is_verbose() -> bool:
@@ -55,6 +59,17 @@ def is_verbose() -> bool:
 def ray_train_log_level() -> str:
     """Ray Train's console level: INFO prints a ``Reporting training result ...`` dump per report call."""
     return "INFO" if is_verbose() else "WARNING"
+
+
+def quiet_train_worker() -> None:
+    """In a Ray Train worker: no ``Reporting training result N: TrainingReport(...)`` line per report.
+
+    Ray Train 2.60 logs it at INFO on a logger named by its file path (``logging.getLogger(__file__)``
+    in ray/train/v2/_internal/execution/context.py), which LoggingConfig's level filter (loggers named
+    ``ray.train.*``) does not reach."""
+    for name in list(logging.Logger.manager.loggerDict):
+        if "/ray/train/" in name.replace(os.sep, "/"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def configure_ray_data(cfg: RayConfig) -> None:

@@ -1,6 +1,7 @@
 """The nightly job end to end on synthetic data with local Ray: quality and the published outputs."""
 from __future__ import annotations
 
+import html
 import logging
 
 import numpy as np
@@ -123,6 +124,37 @@ def test_first_model_is_registered_promoted_and_reported(nightly):
     assert storage.read_table(out["report"]["history"])["run_date"].to_pylist() == [RUN_DATE]
 
 
+def test_report_shows_kept_epoch_sample_users_and_validation_baselines(nightly):
+    cfg, out = nightly
+    page = storage.read_bytes(out["report"]["report"]).decode()
+    outcome = report.training_outcome(out["train"]["history"], cfg.train.epochs, cfg.train.patience)
+    assert html.escape(report.training_sentence(outcome)) in page
+    assert "not enforced: the item tower was not pretrained" in page  # not shown as "passed"
+    prepared = out["prepare"]["prepared"]
+    samples = report.load_samples(storage.join(prepared, "users"), storage.join(prepared, "items.parquet"),
+                                  out["infer"]["recommendations"], out["explain"]["explanations"], n=10,
+                                  seed=cfg.explain.seed)
+    assert 'id="samples"' in page and len(samples) == 10 and len({s["user_id"] for s in samples}) == 10
+    users = storage.read_table(storage.join(prepared, "users")).to_pylist()
+    items = storage.read_table(storage.join(prepared, "items.parquet")).to_pylist()
+    recs, _ = read_recommendations(out["infer"]["recommendations"])
+    top_of = dict(zip(recs["user_id"].to_pylist(), recs["item_ids"].to_pylist()))
+    text_of = {it["item_id"]: it["text"] for it in items}
+    described = dict(zip(*storage.read_table(out["explain"]["explanations"]).select(["user_id", "description"])
+                         .to_pydict().values()))
+    for s in samples:  # explained users first: the nightly explains before it reports
+        hist = next(u["items"] for u in users if u["user_id"] == s["user_id"])
+        assert s["history"] == [items[i]["text"] for i in hist[-5:]]
+        assert s["top"] == [text_of[i] for i in top_of[s["user_id"]][:5]]
+        assert s["description"] == described[s["user_id"]]
+        for text in (*s["history"], *s["top"], s["description"]):
+            assert html.escape(text) in page
+    val = out["evaluate"]["metrics"]["validation_baselines"]["popularity"]
+    assert 0 < val["ndcg@10"] <= val["recall@10"] <= 1
+    assert val["ndcg@10"] < max(h["val_ndcg10"] for h in out["train"]["history"])  # planted tastes beat it
+    assert "overflow-x:auto" in page and page.count("<div class='scroll'>") >= 6
+
+
 def test_explanations_written_beside_recommendations(nightly):
     cfg, out = nightly
     ex = out["explain"]
@@ -158,13 +190,14 @@ def test_summary_block_from_the_stage_records(nightly):
     assert f"kept epoch {best['epoch']} (validation NDCG@10 {best['val_ndcg10']:.4f})" in text
     assert f"ran epochs 0-{hist[-1]['epoch']} of at most {cfg.train.epochs}" in text
     assert ("stopped early" in text) == (len(hist) < cfg.train.epochs)
-    assert f"promotion: PROMOTED model {out['train']['model_version']}" in text
+    assert f"promotion: PROMOTED model {out['train']['model_version']} (no production model yet)" in text
     # the synthetic towers are random-init: the guard measured but is not enforced, and says so
     assert "guard:     not enforced: the item tower was not pretrained; measured general-English perplexity" in text
     for where in (out["infer"]["recommendations"], out["report"]["report"], out["report"]["history"],
                   out["explain"]["explanations"], out["train"]["model_dir"], out["evaluate"]["eval_dir"]):
-        assert any(ln.endswith(where) for ln in lines), where
-    assert f"recommendations (400 users, top-{cfg.infer.k}, model {out['train']['model_version']})" in text
+        assert any(f"  {where}" in ln for ln in lines), where
+    assert (f"{out['infer']['recommendations']}  (400 users, top-{cfg.infer.k}, model "
+            f"{out['train']['model_version']})") in text
     stages = next(ln for ln in lines if ln.startswith("stages:"))
     for stage, rec in out.items():
         assert f"{stage} {rec['wall_s']:.1f}s" in stages

@@ -23,6 +23,7 @@ from recsys_core.data.split import load_split
 from recsys_core.eval.holdout import evaluate_histories
 from recsys_core.model.checkpoint import load_checkpoint, save_model_folder
 from recsys_core.model.towers import TwoTower, build_two_tower, text_table, unwrap
+from recsys_core.runtime import quiet_train_worker
 from recsys_core.train.guard import apply_lora, guard_terms, replay_len, replay_windows
 from recsys_core.train.objective import ItemTensors, Objective, collate
 
@@ -85,6 +86,9 @@ def train_step(objective: nn.Module, opt: torch.optim.Optimizer, sched: Any, par
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg: NightlyConfig = from_dict(NightlyConfig, config["cfg"])
     tc = cfg.train
+    quiet = config.get("quiet", False)
+    if quiet:
+        quiet_train_worker()
     torch.set_num_threads(tc.threads_per_worker)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -137,7 +141,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         losses, samples, parts = [], 0, {}
         bar = None
         if rank == 0:
-            bar = tqdm(total=steps_per_epoch, desc=f"train epoch {epoch}", leave=False, mininterval=2)
+            bar = tqdm(total=steps_per_epoch, desc=f"train epoch {epoch}", leave=False, mininterval=2,
+                       disable=quiet)
         for batch in shard.iter_batches(batch_size=tc.batch_size, batch_format="numpy",
                                         local_shuffle_buffer_size=4 * tc.batch_size, local_shuffle_seed=tc.seed + epoch):
             if not losses:
