@@ -204,3 +204,71 @@ def test_a_job_run_out_of_order_fails_in_one_line_before_ray_starts(tmp_path):
     assert (f"run `python -m jobs.train --config synthetic --set storage.root={root} --run-date 2026-11-27` first"
             in err[0])
     assert not (root / "runs").exists()
+
+
+@pytest.mark.unit
+def test_quiet_logging_turns_off_ray_noise_and_verbose_keeps_it(monkeypatch):
+    import logging
+
+    import ray.data
+    import ray.train.v2._internal.execution.context as train_context
+
+    from recsys_core import runtime
+    from recsys_core.config import RayConfig
+
+    monkeypatch.delenv("RAY_DATA_LOGGING_CONFIG", raising=False)
+    ctx = ray.data.DataContext.get_current()
+    monkeypatch.setattr(ctx, "enable_progress_bars", True)
+    monkeypatch.setattr(ctx, "print_on_execution_start", True)
+    try:
+        runtime.setup_logging(verbose=True)
+        runtime.configure_ray_data(RayConfig())
+        assert ctx.enable_progress_bars and ctx.print_on_execution_start and runtime.ray_train_log_level() == "INFO"
+        assert "RAY_DATA_LOGGING_CONFIG" not in os.environ
+        runtime.setup_logging(verbose=False)
+        runtime.configure_ray_data(RayConfig())
+        assert not ctx.enable_progress_bars and not ctx.print_on_execution_start
+        assert runtime.ray_train_log_level() == "WARNING"
+        conf = yaml.safe_load(Path(os.environ["RAY_DATA_LOGGING_CONFIG"]).read_text())
+        assert conf["handlers"]["console"]["level"] == "WARNING" and conf["handlers"]["file"]["filename"]
+        # Ray Train's "Reporting training result" logger is named by its file path (Ray 2.60)
+        reporting = logging.getLogger(train_context.__file__)
+        assert train_context.logger is reporting
+        monkeypatch.setattr(reporting, "level", logging.NOTSET)
+        runtime.quiet_train_worker()
+        assert not reporting.isEnabledFor(logging.INFO) and reporting.isEnabledFor(logging.WARNING)
+    finally:
+        _reset_project_logger()
+
+
+@pytest.mark.unit
+def test_human_log_lines_carry_the_stage_and_flag_warnings(capsys):
+    import logging
+
+    from recsys_core import runtime
+
+    runtime.setup_logging(verbose=False)
+    log = logging.getLogger("recsys_core.test")
+    try:
+        with runtime.stage_context("2026-11-27", "train"):
+            log.info("epoch 3 kept")
+            log.warning("slow")
+        log.info("outside")
+    finally:
+        _reset_project_logger()
+    err = capsys.readouterr().err.splitlines()
+    assert [re.sub(r"^\d\d:\d\d:\d\d ", "", ln) for ln in err] == [
+        "[train] epoch 3 kept", "[train] WARNING: slow", "outside"]
+
+
+def _reset_project_logger() -> None:
+    """Back to an unconfigured project logger (the handler above writes to this test's captured stderr)."""
+    import logging
+
+    from recsys_core import runtime
+
+    logger = logging.getLogger("recsys_core")
+    logger.handlers[:] = []
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)
+    runtime._verbose["on"] = False

@@ -274,7 +274,6 @@ def render(run_date: str, records: dict[str, dict[str, Any]], history: list[dict
                 + _table(["", "before", "after"], [
             ["general-English perplexity", guard.get("ppl_general_before"), guard.get("ppl_general_after")],
             ["item-text perplexity", guard.get("ppl_items_before"), guard.get("ppl_items_after")]])
-            + f"<p>{html.escape(str(guard.get('message', '')))}</p>"
             + _img(perplexity_png(guard), "perplexity before and after"))
         if gens:
             body += "<h3>Greedy generations</h3>" + _table(["prompt", "before", "after"], [list(g) for g in gens])
@@ -303,7 +302,7 @@ def render(run_date: str, records: dict[str, dict[str, Any]], history: list[dict
     style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}"
              ".scroll{overflow-x:auto;max-width:100%}"
              "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;"
-             "text-align:left;vertical-align:top;overflow-wrap:anywhere}"
+             "text-align:left;vertical-align:top}td{overflow-wrap:anywhere}th{white-space:nowrap}"
              "table.compact{font-size:.8em}table.samples{font-size:.85em;width:100%}"
              "table.samples td{max-width:22em}ol{margin:0;padding-left:1.3em}"
              ".verdict{font-size:1.3em;font-weight:bold}.ok{color:#17702b}.bad{color:#b00020}"
