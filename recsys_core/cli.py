@@ -149,10 +149,20 @@ def _config_show(a: argparse.Namespace) -> int:
     return 0
 
 
+def config_summary(text: str) -> str:
+    """A shipped config's description: its first comment line that is not a command."""
+    for line in text.splitlines():
+        body = line.lstrip("# ").strip()
+        if not line.startswith("#"):
+            break
+        if body and not body.startswith(("python ", "(", "ray ", "recsys-core ")):
+            return body
+    return ""
+
+
 def _config_list(a: argparse.Namespace) -> int:
     for name, path in sorted(shipped_configs().items()):
-        first = path.read_text().splitlines()[1:2] or [""]
-        print(f"{name:<14} {first[0].lstrip('# ')}")
+        print(f"{name:<14} {config_summary(path.read_text())}")
     return 0
 
 

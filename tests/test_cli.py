@@ -272,3 +272,33 @@ def _reset_project_logger() -> None:
     logger.propagate = True
     logger.setLevel(logging.NOTSET)
     runtime._verbose["on"] = False
+
+
+@pytest.mark.unit
+def test_config_list_names_every_shipped_config_with_its_description(capsys):
+    assert cli.command(["config", "list"]) == 0
+    out = dict(ln.split(None, 1) for ln in capsys.readouterr().out.splitlines())
+    assert set(out) == set(cli.shipped_configs())
+    assert out["ml100k_gpt2"].startswith("GPU cluster: MovieLens-100k with a pretrained GPT-2")
+    assert cli.config_summary("# python -m jobs.x\n# (a command)\n# What it is.\nname: x\n# later") == "What it is."
+
+
+@pytest.mark.unit
+def test_data_errors_are_user_errors_and_bugs_are_not(monkeypatch, capsys):
+    from recsys_core.data.prepare import DataValidationError
+
+    def bad_data(job, args, force):
+        raise DataValidationError("interactions/part-0.parquet: 120 of 1000 rows quarantined (12.0%)\n> 1%")
+
+    monkeypatch.setattr(cli, "_run_job", bad_data)
+    assert cli.command(["prepare", "--config", "synthetic"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("recsys-core: error: interactions/part-0.parquet: 120 of 1000 rows quarantined (12.0%) > 1%\n")
+    assert cli.is_user_error(StageNotDone("x")) and cli.is_user_error(FileNotFoundError("y"))
+
+    def bug(job, args, force):
+        raise KeyError("a bug keeps its traceback")
+
+    monkeypatch.setattr(cli, "_run_job", bug)
+    with pytest.raises(KeyError):
+        cli.command(["prepare", "--config", "synthetic"])
