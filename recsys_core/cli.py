@@ -106,8 +106,7 @@ def build_parser(prog: str = "recsys-core", job: str | None = None) -> argparse.
     return p
 
 
-def parse_cli(argv: Sequence[str] | None, description: str = "", prog: str | None = None,
-              job: str = "nightly") -> JobArgs:
+def parse_cli(argv: Sequence[str] | None, job: str = "nightly", prog: str | None = None) -> JobArgs:
     """The arguments of one job (``python -m jobs.<job>``), the config resolved and loaded."""
     a = build_parser(prog or f"python -m jobs.{job}", job).parse_args(argv)
     return _job_from(a)
@@ -130,7 +129,8 @@ def job_main(job: str, argv: Sequence[str] | None = None, *, cfg: NightlyConfig 
 
 
 def _run_job(job: str, args: JobArgs, force: bool) -> dict[str, Any]:
-    print(f"{time.strftime('%H:%M:%S')} {job} for {args.run_date} ({args.invocation}): loading Ray and torch",
+    given = "" if args.invocation == JobArgs.invocation else f" ({args.invocation})"
+    print(f"{time.strftime('%H:%M:%S')} {job} for {args.run_date}{given}: loading Ray and torch",
           file=sys.stderr, flush=True)
     # lazy: torch, Ray and transformers take seconds to import; config errors and `config show` answer at once
     from recsys_core.pipeline import run_job

@@ -302,3 +302,21 @@ def test_data_errors_are_user_errors_and_bugs_are_not(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_run_job", bug)
     with pytest.raises(KeyError):
         cli.command(["prepare", "--config", "synthetic"])
+
+
+@pytest.mark.unit
+def test_summary_metric_columns_have_one_order_whatever_the_record_order():
+    from recsys_core.ops import report
+
+    assert sorted(["mrr@50", "ndcg@50", "recall@50", "ndcg@10", "recall@10"], key=report.metric_order) == [
+        "recall@10", "ndcg@10", "recall@50", "ndcg@50", "mrr@50"]
+    m = {"recall@10": 0.5, "recall@10_ci_low": 0.25, "recall@10_ci_high": 0.75, "ndcg@10": 0.125, "n_users": 8}
+    fresh = {"model": m, "baselines": {"popularity": dict(m), "itemknn": dict(m)}}
+    stored = {"baselines": {"itemknn": dict(sorted(m.items())), "popularity": m}, "model": dict(sorted(m.items()))}
+    lines = report.holdout_lines(fresh)
+    assert lines == report.holdout_lines(stored)
+    assert lines == ["holdout, 8 users (95% bootstrap intervals):",
+                     "              recall@10                ndcg@10",
+                     "  model       0.5000 [0.2500, 0.7500]  0.1250",
+                     "  itemknn     0.5000 [0.2500, 0.7500]  0.1250",
+                     "  popularity  0.5000 [0.2500, 0.7500]  0.1250"]

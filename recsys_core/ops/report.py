@@ -384,11 +384,21 @@ def _with_ci(m: dict[str, Any], k: str) -> str:
     return f"{m[k]:.4f}" + (f" [{lo:.4f}, {hi:.4f}]" if lo is not None and hi is not None else "")
 
 
+_METRIC_ORDER = {"recall": 0, "ndcg": 1, "mrr": 2}
+
+
+def metric_order(name: str) -> tuple[int, int, str]:
+    """recall@10, ndcg@10, recall@50, ndcg@50, mrr@50: by cutoff, then kind (stable whatever the dict
+    order: a record read back from JSON has its keys sorted)."""
+    kind, _, k = name.partition("@")
+    return (int(k) if k.isdigit() else 0, _METRIC_ORDER.get(kind, len(_METRIC_ORDER)), kind)
+
+
 def holdout_lines(metrics: dict[str, Any]) -> list[str]:
-    """The holdout table: model and baselines, each metric with its 95% bootstrap interval."""
+    """The holdout table: model and baselines (by name), each metric with its 95% bootstrap interval."""
     model = metrics["model"]
-    cols = [k for k in model if "_ci_" not in k and k != "n_users"]
-    rows = [("model", model), *metrics.get("baselines", {}).items()]
+    cols = sorted((k for k in model if "_ci_" not in k and k != "n_users"), key=metric_order)
+    rows = [("model", model), *sorted(metrics.get("baselines", {}).items())]
     cells = [[_with_ci(m, c) if c in m else "–" for c in cols] for _, m in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
     name_w = max(len(n) for n, _ in rows)
