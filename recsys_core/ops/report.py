@@ -259,7 +259,7 @@ def render(run_date: str, records: dict[str, dict[str, Any]], history: list[dict
     if prod:
         rows[f"production {prod['model_version']}"] = point_metrics(prod["metrics"])
     rows.update({name: point_metrics(m) for name, m in metrics["baselines"].items()})
-    cols = list(rows["new model"])
+    cols = sorted(rows["new model"], key=lambda c: (c == "n_users", metric_order(c)))
     parts.append(_section("metrics", "Holdout metrics vs baselines and the production model", (
         _table(["model", *cols], [[name, *(m.get(c) for c in cols)] for name, m in rows.items()])
         + "<p>95% bootstrap interval of the new model's NDCG@10: "
