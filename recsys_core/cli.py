@@ -24,7 +24,7 @@ from recsys_core.config import ConfigError, NightlyConfig, load_config, parse_ru
 from recsys_core.config_doc import render_config
 
 JOBS = {
-    "nightly": "the whole pipeline: prepare, train, evaluate, promote, infer + publish, report, explain",
+    "nightly": "the whole pipeline: prepare, train, evaluate, promote, infer + publish, explain, report",
     "prepare": "validate, quarantine and split the interaction log (Ray Data)",
     "train": "fine-tune the two GPT-2 towers (Ray Train, DDP) and register the model",
     "infer": "evaluate on the holdout, apply the promotion gate, publish every user's top-k, write the report",
