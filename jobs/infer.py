@@ -1,13 +1,13 @@
 """The infer job: holdout evaluation, then top-k for every user, published atomically (Ray Data).
 
-    python -m jobs.infer --config jobs/configs/ml100k.yaml [--run-date YYYY-MM-DD] [--set key=value ...] [--force]
+    python -m jobs.infer --config ml100k|FILE [--run-date YYYY-MM-DD] [--set key=value ...] [--force]
 """
 from __future__ import annotations
 
 import sys
 from typing import Any, Sequence
 
-from recsys_core.cli import job_main
+from recsys_core.cli import command, job_main
 from recsys_core.config import NightlyConfig
 
 
@@ -17,4 +17,4 @@ def main(argv: Sequence[str] | None = None, cfg: NightlyConfig | None = None, ru
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(command(sys.argv[1:], prog="python -m jobs.infer", job="infer"))

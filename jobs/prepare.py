@@ -1,13 +1,13 @@
 """The prepare job: read, validate, quarantine, split, build histories and examples (Ray Data).
 
-    python -m jobs.prepare --config jobs/configs/ml100k.yaml [--run-date YYYY-MM-DD] [--set key=value ...] [--force]
+    python -m jobs.prepare --config ml100k|FILE [--run-date YYYY-MM-DD] [--set key=value ...] [--force]
 """
 from __future__ import annotations
 
 import sys
 from typing import Any, Sequence
 
-from recsys_core.cli import job_main
+from recsys_core.cli import command, job_main
 from recsys_core.config import NightlyConfig
 
 
@@ -17,4 +17,4 @@ def main(argv: Sequence[str] | None = None, cfg: NightlyConfig | None = None, ru
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(command(sys.argv[1:], prog="python -m jobs.prepare", job="prepare"))

@@ -1,13 +1,13 @@
 """The train job: fine-tune the GPT-2 towers (Ray Train, DDP) and register the best model.
 
-    python -m jobs.train --config jobs/configs/ml100k.yaml [--run-date YYYY-MM-DD] [--set key=value ...] [--force]
+    python -m jobs.train --config ml100k|FILE [--run-date YYYY-MM-DD] [--set key=value ...] [--force]
 """
 from __future__ import annotations
 
 import sys
 from typing import Any, Sequence
 
-from recsys_core.cli import job_main
+from recsys_core.cli import command, job_main
 from recsys_core.config import NightlyConfig
 
 
@@ -17,4 +17,4 @@ def main(argv: Sequence[str] | None = None, cfg: NightlyConfig | None = None, ru
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(command(sys.argv[1:], prog="python -m jobs.train", job="train"))

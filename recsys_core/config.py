@@ -8,6 +8,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import datetime as dt
+import difflib
 import re
 import types
 import typing
@@ -20,6 +21,11 @@ import yaml
 
 class ConfigError(ValueError):
     """A config file or override is malformed; the message names the key."""
+
+
+# Enum-like values: each is checked at load against its choices (each matches a registry: tests/test_config.py)
+ShuffleName = Literal["sort_shuffle_pull_based", "sort_shuffle_push_based", "hash_shuffle", "shuffle_v2", "gpu_shuffle"]
+Baseline = Literal["popularity", "recent_popularity", "itemknn", "ease"]  # recsys_core.eval.baselines.BASELINES
 
 
 @dataclass(frozen=True)
@@ -37,8 +43,7 @@ class RayConfig:
     # Ray Data's shuffle for the prepare stage's group-by (ray.data.context.ShuffleStrategy). Ray 2.60's
     # default, "shuffle_v2", starts aggregator actors per shuffle (10 s of the ML-100k prepare on 2 busy
     # cores vs 3 s sort-based); set "shuffle_v2" for logs too large for a sort-based shuffle.
-    shuffle_strategy: Literal["sort_shuffle_pull_based", "sort_shuffle_push_based", "hash_shuffle", "shuffle_v2",
-                              "gpu_shuffle"] = "sort_shuffle_pull_based"
+    shuffle_strategy: ShuffleName = "sort_shuffle_pull_based"
     # Ray 2.60's parquet reader "V2" starts 32 footer-reader actors (32 worker processes) for every
     # read_parquet: seconds per read on a small machine, 20-50 s when its CPUs are busy. False: the V1
     # reader (footers read in the read tasks), the same rows and blocks without the actor pool.
@@ -52,18 +57,18 @@ class RayConfig:
 class ColumnsConfig:
     """Maps the data contract's names to the columns of the user's parquet files."""
 
-    user_id: str = "user_id"
-    item_id: str = "item_id"
-    ts: str = "ts"
+    user_id: str = "user_id"  # column holding the user id
+    item_id: str = "item_id"  # column holding the item id
+    ts: str = "ts"  # column holding the event time (timestamp, epoch seconds or date-time string)
 
 
 @dataclass(frozen=True)
 class SyntheticConfig:
-    n_users: int = 400
-    n_items: int = 120
-    n_topics: int = 6
-    events_per_user: int = 25
-    seed: int = 0
+    n_users: int = 400  # synthetic users
+    n_items: int = 120  # synthetic catalog size
+    n_topics: int = 6  # planted tastes: each user favours one topic
+    events_per_user: int = 25  # events generated per user
+    seed: int = 0  # random seed of the generator
 
 
 @dataclass(frozen=True)
@@ -71,9 +76,9 @@ class DataConfig:
     source: Literal["parquet", "movielens100k", "synthetic"] = "parquet"  # registry: recsys_core.data.sources.SOURCES
     interactions: str = ""  # parquet dataset (folder/prefix, hive partitions ok); for parquet source
     items: str = ""  # parquet file or folder with item_id + text fields
-    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
-    item_template: str = "{title}"
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)  # maps the data contract's names to your columns
+    item_template: str = "{title}"  # item text from the items table's fields, e.g. "{title} ({year})"
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)  # the synthetic source's generator
     ts_unit: str = "s"  # unit of numeric timestamps: s | ms | us | ns | auto (each value by its magnitude)
     text_encoding: str = "utf-8"  # decodes binary-typed catalog text columns; undecodable bytes are an error
 
@@ -92,16 +97,16 @@ class PrepareConfig:
 class TowerConfig:
     size: Literal["tiny", "mini", "small", "gpt2", "gpt2-medium"] = "tiny"  # recsys_core.model.towers.SIZES
     pretrained: str | None = None  # hub name, save_pretrained folder or s3:// prefix; None = scratch
-    dropout: float = 0.1
+    dropout: float = 0.1  # dropout inside the tower
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    item_tower: TowerConfig = field(default_factory=TowerConfig)
-    user_tower: TowerConfig = field(default_factory=TowerConfig)
-    embed_dim: int = 64
-    max_text_tokens: int = 32
-    max_seq_len: int = 50
+    item_tower: TowerConfig = field(default_factory=TowerConfig)  # GPT-2 tower that embeds an item's text
+    user_tower: TowerConfig = field(default_factory=TowerConfig)  # GPT-2 tower that embeds a user's history
+    embed_dim: int = 64  # size of the shared user/item embedding space
+    max_text_tokens: int = 32  # item text truncated to this many tokens
+    max_seq_len: int = 50  # most recent history items the user tower reads
     pooling: Literal["mean", "last"] = "mean"  # text tower: mean over tokens, or the last token
     id_embedding: bool = True  # hybrid: learned item-ID embedding added to the text embedding
     similarity: Literal["dot", "cosine"] = "dot"  # dot | cosine (both towers L2-normalised; pair with a temperature ~0.05-0.1)
@@ -110,24 +115,24 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    num_workers: int = 2
-    use_gpu: bool = False
-    threads_per_worker: int = 1
-    epochs: int = 10
+    num_workers: int = 2  # Ray Train workers (DDP processes)
+    use_gpu: bool = False  # one GPU per worker
+    threads_per_worker: int = 1  # torch threads per worker
+    epochs: int = 10  # maximum epochs (early stopping may end sooner)
     batch_size: int = 64  # sequences per worker per step
-    lr: float = 1e-3
+    lr: float = 1e-3  # peak learning rate (AdamW)
     item_backbone_lr: float | None = None  # lr of the item tower's LM body or its LoRA adapters; None = lr
-    weight_decay: float = 0.01
-    warmup_steps: int = 20
-    grad_clip: float = 1.0
+    weight_decay: float = 0.01  # AdamW weight decay
+    warmup_steps: int = 20  # linear lr warm-up steps
+    grad_clip: float = 1.0  # gradient-norm clip
     loss: Literal["full_softmax", "sampled_softmax"] = "full_softmax"  # registry: recsys_core.model.losses.LOSSES
     num_negatives: int = 256  # uniform negatives for sampled_softmax
     temperature: float = 1.0  # initial softmax temperature
-    learn_temperature: bool = False
+    learn_temperature: bool = False  # learn the softmax temperature too
     text_items_per_step: int = 128  # items whose text embedding gets gradients each step
     patience: int = 3  # early stopping on validation NDCG@10
     val_users: int = 2000  # users sampled for per-epoch validation
-    seed: int = 0
+    seed: int = 0  # random seed (init, shuffling, validation sample)
     max_failures: int = 0  # Ray Train FailureConfig
     # Training examples of at most this many MiB (uncompressed, from the parquet footers) are read once
     # into Ray's object store and every epoch iterates that copy; larger ones stream from storage each
@@ -137,10 +142,10 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class InferConfig:
-    k: int = 50
-    batch_size: int = 256
-    concurrency: int = 2
-    item_batch_size: int = 512
+    k: int = 50  # recommendations published per user
+    batch_size: int = 256  # users per scoring batch
+    concurrency: int = 2  # scorer actors (Ray Data map_batches pool size)
+    item_batch_size: int = 512  # items per batch when embedding the catalog
     # Cap on a Ray Data block of users (MiB in memory). A users file is small on disk, so without a cap it
     # arrives as one block: one scorer actor does all the work and buffers its whole output.
     block_mib: float = 8.0
@@ -148,11 +153,10 @@ class InferConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    ks: tuple[int, ...] = (10, 50)
-    n_boot: int = 1000
-    baselines: tuple[Literal["popularity", "recent_popularity", "itemknn", "ease"], ...] = (
-        "popularity", "recent_popularity", "itemknn", "ease")  # registry: recsys_core.eval.baselines.BASELINES
-    itemknn_neighbors: int = 200
+    ks: tuple[int, ...] = (10, 50)  # cutoffs of the holdout metrics (NDCG@k, Recall@k)
+    n_boot: int = 1000  # bootstrap resamples for the 95% intervals
+    baselines: tuple[Baseline, ...] = ("popularity", "recent_popularity", "itemknn", "ease")  # beside the model
+    itemknn_neighbors: int = 200  # neighbours kept per item by the itemknn baseline
     max_users: int | None = None  # holdout scores a seeded sample (train.seed) of this many users; None: all
     pop_windows_days: tuple[int, ...] = (7, 14, 30, 90, 0)  # recent_popularity: days chosen on validation; 0 = all
     ease_lambdas: tuple[float, ...] = (1.0, 10.0, 100.0, 500.0, 2000.0)  # EASE L2 strengths chosen on validation
@@ -165,10 +169,10 @@ class EvalConfig:
 class LoraConfig:
     """peft LoRA adapters on the item tower's language model; its base weights stay frozen."""
 
-    enabled: bool = False
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
+    enabled: bool = False  # train LoRA adapters instead of the item LM's weights
+    r: int = 8  # LoRA rank
+    alpha: int = 16  # LoRA scaling alpha
+    dropout: float = 0.0  # dropout on the LoRA path
     target_modules: tuple[str, ...] = ("all-linear",)  # ("all-linear",) or module names, e.g. [c_attn]
 
 
@@ -176,23 +180,24 @@ class LoraConfig:
 class GuardConfig:
     """Protecting the item tower's language model (see recsys_core.guard); every switch combinable."""
 
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # peft LoRA adapters on the item tower's LM
     lm_weight: float = 0.0  # lambda: causal-LM loss on replay windows of general text, mixed into each step
     item_lm_weight: float = 0.0  # causal-LM loss on the step's item texts (repetitive catalog text: keep small)
     kl_weight: float = 0.0  # beta: KL(reference || model) of next-token distributions on replay text
     replay_corpus: str = "builtin"  # text file (local or s3://); builtin = shipped public-domain English
     heldout_corpus: str = "builtin"  # general English never trained on, for perplexity
     replay_batch_size: int = 4  # replay windows per step
-    replay_seq_len: int = 64
+    replay_seq_len: int = 64  # tokens per replay window
     item_lm_per_step: int = 16  # item texts per step in the item LM loss (held-out items never)
     heldout_item_every: int = 20  # every n-th item's text is held out of the LM loss, for perplexity
     eval_window: int = 128  # sliding-window perplexity
-    eval_stride: int = 64
+    eval_stride: int = 64  # stride of the sliding-window perplexity
     eval_tokens: int = 4096  # held-out tokens scored (before and after)
     max_ppl_increase: float = 0.05  # the gate: general-English perplexity may rise at most +5%
     enforce: Literal["always", "pretrained", "never"] = "pretrained"  # always | pretrained (a random-init LM has nothing to protect) | never
+    # prompts whose greedy generations are shown before and after training
     prompts: tuple[str, ...] = ("The film begins with", "My favourite kind of movie is")
-    generate_tokens: int = 16
+    generate_tokens: int = 16  # tokens generated per prompt, before and after training
 
 
 @dataclass(frozen=True)
@@ -209,27 +214,31 @@ class RegistryConfig:
 class ExplainConfig:
     """``jobs.explain``: one-line taste descriptions generated by the protected language model."""
 
-    n_users: int = 20
+    n_users: int = 20  # users described (0: skip the stage)
     max_history: int = 5  # most recent items named in the prompt
-    max_new_tokens: int = 24
-    prompt: str = "A viewer who enjoyed {items} likes"
-    seed: int = 0
+    max_new_tokens: int = 24  # tokens generated per description
+    prompt: str = "A viewer who enjoyed {items} likes"  # {items}: the user's recent item texts joined by '; '
+    seed: int = 0  # random seed of the user sample
 
 
 @dataclass(frozen=True)
 class NightlyConfig:
-    name: str = "nightly"
-    storage: StorageConfig = field(default_factory=StorageConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    prepare: PrepareConfig = field(default_factory=PrepareConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    infer: InferConfig = field(default_factory=InferConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    guard: GuardConfig = field(default_factory=GuardConfig)
-    registry: RegistryConfig = field(default_factory=RegistryConfig)
-    explain: ExplainConfig = field(default_factory=ExplainConfig)
+    name: str = "nightly"  # run name (shown in logs and reports)
+    storage: StorageConfig = field(default_factory=StorageConfig)  # where outputs live
+    ray: RayConfig = field(default_factory=RayConfig)  # the Ray cluster
+    data: DataConfig = field(default_factory=DataConfig)  # input data source and its columns
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)  # validation, quarantine and the leave-one-out split
+    model: ModelConfig = field(default_factory=ModelConfig)  # the two GPT-2 towers
+    train: TrainConfig = field(default_factory=TrainConfig)  # Ray Train fine-tuning
+    infer: InferConfig = field(default_factory=InferConfig)  # batch inference and publishing
+    eval: EvalConfig = field(default_factory=EvalConfig)  # holdout evaluation
+    guard: GuardConfig = field(default_factory=GuardConfig)  # the generation guard protecting the item tower's LM
+    registry: RegistryConfig = field(default_factory=RegistryConfig)  # model registry and promotion gate
+    explain: ExplainConfig = field(default_factory=ExplainConfig)  # taste descriptions (jobs.explain)
+
+
+# Decimal spellings of a float, with or without a dot or exponent sign: 1e-3, 1E5, -2e-4, .5, 3.
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 class _Override(str):
@@ -269,6 +278,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return tuple(_coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT.match(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
     if tp is str and isinstance(value, (int, float, dt.date)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
@@ -283,7 +294,9 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown config key '{where}{unknown[0]}' (known: {sorted(names)})")
+        close = difflib.get_close_matches(unknown[0], sorted(names), n=1)
+        guess = f"did you mean '{where}{close[0]}'? " if close else f"known: {', '.join(sorted(names))}; "
+        raise ConfigError(f"unknown config key '{where}{unknown[0]}': {guess}(`recsys-core config show` lists every key)")
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     return cls(**kwargs)
 
@@ -375,6 +388,8 @@ def check_ranges(cfg: Any, ranges: dict[str, str] = RANGES) -> None:
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> NightlyConfig:
     data: dict[str, Any] = {}
     if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file {path} not found")
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}
         except yaml.YAMLError as e:

@@ -35,7 +35,7 @@ from recsys_core import storage
 from recsys_core.config import NightlyConfig, check_ranges, replace
 from recsys_core.data.prepare import PreparedPaths, catalog_ids, run_prepare
 from recsys_core.data.sources import resolve_source
-from recsys_core.eval.baselines import baseline_options, baseline_per_user
+from recsys_core.eval.baselines import baseline_options, baseline_per_user, validation_popularity
 from recsys_core.eval.holdout import cold_start_metrics, evaluate_model, holdout_users
 from recsys_core.eval.metrics import summarize_values
 from recsys_core.eval.online import newest_event_ts, online_proxy
@@ -65,11 +65,16 @@ log = logging.getLogger(__name__)
 ONLINE_K = 10  # the online proxy scores the published top 10
 
 
+class StageNotDone(RuntimeError):
+    """A job needs a stage that has not completed for this run date; the message is the command to run."""
+
+
 @dataclass(frozen=True)
 class Run:
     cfg: NightlyConfig
     run_date: str
     force: bool = False
+    invocation: str = "--config CONFIG"  # the config arguments as typed, for hints that work as printed
     held: lease.Lease | None = field(default=None, compare=False)  # the date's lease, checked before each record
 
     @property
@@ -127,9 +132,9 @@ class Run:
     def require(self, stage: str) -> dict[str, Any]:
         rec = self.done(stage)
         if rec is None:
-            raise RuntimeError(f"stage '{stage}' has not completed (or is stale) for run_date={self.run_date} "
-                               f"under {self.root}; run `python -m jobs.{JOB_OF[stage]} --run-date "
-                               f"{self.run_date}` first")
+            raise StageNotDone(f"stage '{stage}' has not completed (or is stale) for run_date={self.run_date} "
+                               f"under {self.root}; run `python -m jobs.{JOB_OF[stage]} {self.invocation} "
+                               f"--run-date {self.run_date}` first")
         return rec
 
 
@@ -142,13 +147,15 @@ JOB_OF = {"prepare": "prepare", "train": "train", "evaluate": "infer", "promote"
           "report": "infer", "explain": "explain"}
 
 
-def _stage(name: str, fn: Callable[[Run], Record], run: Run) -> dict[str, Any]:
-    """Run one stage unless its marker says it already completed (``--force`` reruns it)."""
+def _stage(name: str, fn: Callable[[Run], Record], run: Run) -> tuple[dict[str, Any], bool]:
+    """Run one stage unless its marker says it already completed (``--force`` reruns it); returns its
+    record and whether it ran."""
     with stage_context(run.run_date, name):
         rec = run.done(name)
         if rec is not None and not run.force:
-            log.info("stage %s already complete for %s; skipping (use --force to rerun)", name, run.run_date)
-            return rec
+            log.info("stage %s already complete for %s; skipping (--force reruns it)", name, run.run_date)
+            return rec, False
+        log.info("stage %s started", name)
         t0 = time.time()
         out = fn(run).to_json()
         if run.held is not None:
@@ -159,7 +166,7 @@ def _stage(name: str, fn: Callable[[Run], Record], run: Run) -> dict[str, Any]:
                "inputs": inputs, "finished_at": finished}
         storage.write_json(run.marker(name), out)
         log.info("stage %s done in %.1fs", name, out["wall_s"])
-        return out
+        return out, True
 
 
 def prepare_stage(run: Run) -> PrepareRecord:
@@ -193,8 +200,11 @@ def train_stage(run: Run) -> TrainRecord:
     }
     model_dir = registry.register_version(run.root, version, fit["checkpoint"], metrics=metrics, lineage=lineage,
                                           item_ids=ids, tokenizer=run.cfg.model.tokenizer)
+    outcome = report.training_outcome(fit["history"], run.cfg.train.epochs, run.cfg.train.patience)
+    log.info("training %s", report.training_sentence(outcome))
     return TrainRecord(model_version=version, model_dir=model_dir, best=fit["metrics"], history=fit["history"],
-                       guard=guard, parent=lineage["parent"], warm_start=warm)
+                       guard=guard, parent=lineage["parent"], warm_start=warm, epochs_max=run.cfg.train.epochs,
+                       patience=run.cfg.train.patience)
 
 
 def _warm_start(run: Run, ids: pa.Array, today_hash: str, config: dict[str, Any]) -> dict[str, Any]:
@@ -234,9 +244,11 @@ def evaluate_stage(run: Run) -> EvaluateRecord:
     base = {b: summarize_values(pu, n_users, cfg.eval.n_boot) for b, pu in base_pu.items()}
     cold = cold_start_metrics(per_user, base_pu, base_target, items["train_count"].to_numpy() == 0, cfg.eval.n_boot)
     online = online_proxy(run.root, run.run_date, run.prepared.users, run.prepared.items, ONLINE_K, cfg.eval.n_boot)
+    val_base = {"popularity": validation_popularity(run.prepared.users, items.num_rows, cfg.train.val_users,
+                                                    cfg.train.seed)}
     metrics = {"model": model_m, "baselines": base, "model_version": trained.model_version,
                "online": online, "protocol": stats.get("split", {"protocol": "loo"}),
-               "newest_event_ts": newest_event_ts(run.prepared.users),
+               "newest_event_ts": newest_event_ts(run.prepared.users), "validation_baselines": val_base,
                "users_scored": n_scored, "cold_start": cold, "baseline_selection": base_chosen,
                "holdout_users": {"scored": n_users, "of": held["of"], "sampled": held["sampled"],
                                  "seed": held.get("seed"), "max_users": cfg.eval.max_users},
@@ -244,7 +256,7 @@ def evaluate_stage(run: Run) -> EvaluateRecord:
                        + (f"; holdout on a seeded sample of {n_users} of {held['of']} users (eval.max_users)"
                           if held["sampled"] else "")}
     storage.write_json(storage.join(run.eval_dir, "metrics.json"), metrics)
-    plot_learning_curve(trained.history, base, storage.join(run.eval_dir, "learning_curve.png"))
+    plot_learning_curve(trained.history, val_base, storage.join(run.eval_dir, "learning_curve.png"))
     _log_table(model_m, base)
     return EvaluateRecord(metrics=metrics, eval_dir=run.eval_dir, holdout_users_uri=held["uri"])
 
@@ -375,9 +387,13 @@ def explain_stage(run: Run) -> ExplainRecord:
 
 def report_stage(run: Run) -> ReportRecord:
     records = {s: run.require(s) for s in ("prepare", "train", "evaluate", "promote", "infer")}
+    explained = run.done("explain")  # the nightly explains first; a later `jobs.explain` is not waited for
     history = report.upsert_history(run.root, report.history_row(run.run_date, records))
     uri = storage.join(run.eval_dir, "report.html")
-    storage.write_bytes(uri, report.render(run.run_date, records, history).encode())
+    recs = run.recs_dir if records["infer"].get("published") else None
+    samples = report.load_samples(run.prepared.users, run.prepared.items, recs,
+                                  (explained or {}).get("explanations"), n=10, seed=run.cfg.explain.seed)
+    storage.write_bytes(uri, report.render(run.run_date, records, history, samples).encode())
     log.info("report: %s", uri)
     return ReportRecord(report=uri, history=report.history_uri(run.root))
 
@@ -396,26 +412,42 @@ STAGES: dict[str, list[tuple[str, Callable[[Run], Record]]]] = {
               ("report", report_stage)],
     "explain": [("explain", explain_stage)],
     "nightly": [("prepare", prepare_stage), ("train", train_stage), ("evaluate", evaluate_stage),
-                ("promote", promote_stage), ("infer", infer_stage), ("report", report_stage),
-                ("explain", explain_stage)],
+                ("promote", promote_stage), ("infer", infer_stage), ("explain", explain_stage),
+                ("report", report_stage)],  # the report shows the explanations
 }
 
 
-def run_job(job: str, cfg: NightlyConfig, run_date: str, force: bool = False) -> dict[str, Any]:
-    """Run a job's stages in order; returns each stage's completion record."""
+def run_job(job: str, cfg: NightlyConfig, run_date: str, force: bool = False,
+            invocation: str = "--config CONFIG") -> dict[str, Any]:
+    """Run a job's stages in order, then log the summary block; returns each stage's completion record.
+    ``invocation`` is the config part of the command line (``--config X --set ...``), for hints."""
     if not storage.is_s3(cfg.storage.root):  # Ray workers run in other folders: pin relative roots
         cfg = replace(cfg, **{"storage.root": os.path.abspath(cfg.storage.root)})
     check_ranges(cfg)  # a config built in code is checked like a loaded one, before Ray and before any stage
+    run = Run(cfg, run_date, force, invocation)
+    names = [name for name, _ in STAGES[job]]
+    for dep in DEPENDS[names[0]]:  # a stage run out of order fails before Ray starts
+        if dep not in names:
+            run.require(dep)
     # One run per (root, date), taken before Ray starts: a second run exits (LeaseHeldError, exit 2)
     # naming the holder, or waits storage.lease_wait_s; a crashed holder's lease expires.
-    held = lease.acquire(Run(cfg, run_date).lease_uri, cfg.storage.lease_ttl_s, wait_s=cfg.storage.lease_wait_s,
+    held = lease.acquire(run.lease_uri, cfg.storage.lease_ttl_s, wait_s=cfg.storage.lease_wait_s,
                          what=f"run_date={run_date} under {cfg.storage.root}").start_heartbeat()
     try:
         init_ray(cfg.ray)
-        run = Run(cfg, run_date, force, held=held)
+        run = Run(cfg, run_date, force, invocation, held=held)
         t0 = time.time()
-        results = {name: _stage(name, fn, run) for name, fn in STAGES[job]}
-        log.info("job %s for %s finished in %.1fs; outputs under %s", job, run_date, time.time() - t0, run.root)
-        return results
+        results, skipped = {}, []
+        for name, fn in STAGES[job]:
+            results[name], ran = _stage(name, fn, run)
+            if not ran:
+                skipped.append(name)
+        wall = time.time() - t0
     finally:
         held.release()
+    if len(skipped) == len(results):
+        log.info("job %s for %s: every stage was already complete; nothing ran (--force reruns)", job, run_date)
+    else:
+        log.info("job %s for %s finished in %.1fs; outputs under %s", job, run_date, wall, run.root)
+    log.info("summary\n%s", report.summary_text(job, run_date, results, skipped, wall))
+    return results

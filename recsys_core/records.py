@@ -51,6 +51,8 @@ class TrainRecord(Record):
     guard: dict[str, Any] | None  # generation-guard report
     parent: str | None  # the version it was warm-started from
     warm_start: dict[str, Any]
+    epochs_max: int | None = None  # train.epochs and train.patience of the run (early stopping is stated)
+    patience: int | None = None
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@ import contextlib
 import contextvars
 import logging
 import os
+import warnings
+from pathlib import Path
 from typing import Iterator
 
 import ray
@@ -12,27 +14,73 @@ import ray.data
 
 from recsys_core.config import RayConfig
 
+log = logging.getLogger(__name__)
 _run = contextvars.ContextVar("run", default="-")
 _stage = contextvars.ContextVar("stage", default="-")
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+# Without --verbose: no tqdm bars inside Ray workers (each refresh reaches the driver as a new line), and
+# Ray Data's console logging at WARNING (read at each dataset's execution, in the driver and the workers).
+RAY_DATA_QUIET_LOGGING = str(Path(__file__).resolve().parent / "assets" / "ray_data_logging.yaml")
+QUIET_WORKER_ENV = {"TQDM_DISABLE": "1", "RAY_DATA_LOGGING_CONFIG": RAY_DATA_QUIET_LOGGING,
+                    "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+HUMAN_FORMAT = "%(asctime)s %(stage_tag)s%(levelname_tag)s%(message)s"
+VERBOSE_FORMAT = "%(asctime)s %(levelname)s [run_date=%(run_date)s stage=%(stage)s] %(name)s: %(message)s"
+_verbose = {"on": False}  # set by setup_logging; read when Ray and Ray Train are configured
 
 
 class _ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.run_date = _run.get()
         record.stage = _stage.get()
+        record.stage_tag = f"[{record.stage}] " if record.stage != "-" else ""
+        record.levelname_tag = f"{record.levelname}: " if record.levelno >= logging.WARNING else ""
         return True
 
 
-def setup_logging(level: int = logging.INFO) -> None:
+def setup_logging(level: int = logging.INFO, verbose: bool = False) -> None:
+    """The project's log lines on stderr: ``12:01:02 [train] message`` (``verbose``: the full format with
+    run date and logger name, and Ray's own progress bars, plan lines and result dumps left on)."""
+    _verbose["on"] = verbose
     handler = logging.StreamHandler()
     handler.addFilter(_ContextFilter())
-    handler.setFormatter(logging.Formatter(
-        "%(asctime)s %(levelname)s [run_date=%(run_date)s stage=%(stage)s] %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(VERBOSE_FORMAT) if verbose else logging.Formatter(HUMAN_FORMAT, "%H:%M:%S"))
     root = logging.getLogger("recsys_core")
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+    if not verbose:  # Ray Data's advice to write filters as expressions, once per filter call
+        warnings.filterwarnings("ignore", message="Use 'expr' instead of 'fn'")
+
+
+def is_verbose() -> bool:
+    return _verbose["on"]
+
+
+def ray_train_log_level() -> str:
+    """Ray Train's console level: INFO prints a ``Reporting training result ...`` dump per report call."""
+    return "INFO" if is_verbose() else "WARNING"
+
+
+def quiet_train_worker() -> None:
+    """In a Ray Train worker: no ``Reporting training result N: TrainingReport(...)`` line per report.
+
+    Ray Train 2.60 logs it at INFO on a logger named by its file path (``logging.getLogger(__file__)``
+    in ray/train/v2/_internal/execution/context.py), which LoggingConfig's level filter (loggers named
+    ``ray.train.*``) does not reach."""
+    for name in list(logging.Logger.manager.loggerDict):
+        if "/ray/train/" in name.replace(os.sep, "/"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def configure_ray_data(cfg: RayConfig) -> None:
+    """The driver's Ray Data context (datasets carry it to the workers): the parquet reader, and without
+    --verbose no progress bars and no 'Execution plan of Dataset ...' lines."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.use_datasource_v2 = cfg.parquet_datasource_v2
+    if not is_verbose():
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", RAY_DATA_QUIET_LOGGING)
 
 
 @contextlib.contextmanager
@@ -47,20 +95,23 @@ def stage_context(run_date: str, stage: str) -> Iterator[None]:
 
 def init_ray(cfg: RayConfig) -> None:
     """Attach to the cluster in ``ray.address`` / ``$RAY_ADDRESS`` (ray job submit), else start a local one."""
-    ray.data.DataContext.get_current().use_datasource_v2 = cfg.parquet_datasource_v2
+    configure_ray_data(cfg)
     if ray.is_initialized():
         return
+    level = logging.INFO if is_verbose() else logging.WARNING  # ray.init's "Started a local Ray instance" etc.
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:  # the job's runtime_env (cluster/runtime_env.yaml) sets the workers' environment
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, logging_level=level)
         return
     if cfg.local_worker_niceness is not None:  # read by the raylet this process starts
         os.environ.setdefault("RAY_worker_niceness", str(cfg.local_worker_niceness))
-    env = {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}
+    defaults = WORKER_ENV if is_verbose() else {**WORKER_ENV, **QUIET_WORKER_ENV}
+    env = {k: os.environ.get(k, v) for k, v in defaults.items()}
     # A private single-machine cluster: token auth has nothing to protect here.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Logical CPUs above the core count, so Ray Data tasks can run beside the training workers
     # (2 workers on a 2-core machine would otherwise starve the data pipeline feeding them).
     num_cpus = cfg.num_cpus or (os.cpu_count() or 1) + 2
+    log.info("starting a local Ray cluster (%d logical CPUs)", num_cpus)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-             runtime_env={"env_vars": env}, log_to_driver=True)
+             runtime_env={"env_vars": env}, log_to_driver=True, logging_level=level)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import tomllib
 import yaml
+from packaging.requirements import Requirement
 
 pytestmark = pytest.mark.unit
 
@@ -56,11 +57,47 @@ def dist_name(requirement: str) -> str:
 
 def test_runtime_env_pip_covers_pyproject_dependencies():
     deps = {dist_name(d) for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
-    envs = {"kuberay/rayjob.yaml runtimeEnvYAML (and raycronjob)": yaml.safe_load(
-        load("kuberay/rayjob.yaml")["spec"]["runtimeEnvYAML"]), "runtime_env.yaml": load("runtime_env.yaml")}
+    envs = {"runtime_env.yaml": load("runtime_env.yaml")}
     for where, env in envs.items():
         missing = deps - {"ray"} - {dist_name(p) for p in env["pip"]}
         assert not missing, f"add to the pip list of {where}: {missing}"
+
+
+def test_image_requirements_pin_exactly_pyprojects_dependencies():
+    """cluster/requirements.txt (the Dockerfiles' dependency list): the same packages as pyproject.toml,
+    extras included, each pinned to one version inside pyproject's range."""
+    deps = {Requirement(d).name.lower(): Requirement(d)
+            for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    lines = [ln.strip() for ln in (CLUSTER / "requirements.txt").read_text().splitlines()]
+    pins = {r.name.lower(): r for r in (Requirement(ln) for ln in lines if ln and not ln.startswith("#"))}
+    assert set(pins) == set(deps), {"missing": set(deps) - set(pins), "extra": set(pins) - set(deps)}
+    for name, pin in pins.items():
+        (spec,) = pin.specifier
+        assert spec.operator == "==", f"{name}: pin one version, not {spec}"
+        assert spec.version in deps[name].specifier, f"{name}=={spec.version} is outside pyproject's {deps[name]}"
+        assert pin.extras == deps[name].extras, name
+
+
+@pytest.mark.parametrize("dockerfile, base", [("Dockerfile", "rayproject/ray:2.60.0-py311"),
+                                              ("Dockerfile.gpu", "rayproject/ray:2.60.0-py311-gpu")])
+def test_dockerfiles_build_on_the_ray_image_with_the_pinned_requirements(dockerfile, base):
+    text = (CLUSTER / dockerfile).read_text()
+    assert f"ARG RAY_IMAGE={base}\nFROM ${{RAY_IMAGE}}" in text
+    assert "pip install" in text and "-r cluster/requirements.txt" in text
+    assert "pip install --no-deps ." in text  # the project itself, without re-resolving the pins
+    for path in re.findall(r"^COPY (?:--\S+ )*(\S+) ", text, flags=re.M):
+        assert (ROOT / path).exists(), f"{dockerfile} copies {path}, which is not in the repository"
+    ray_pin = next(ln for ln in (CLUSTER / "requirements.txt").read_text().splitlines() if ln.startswith("ray["))
+    assert ray_pin.endswith("==" + base.split(":")[1].split("-")[0])  # no second Ray over the image's
+
+
+def test_kuberay_uses_the_baked_image_and_installs_nothing_per_run():
+    job = load("kuberay/rayjob.yaml")
+    groups = [job["spec"]["rayClusterSpec"]["headGroupSpec"], *job["spec"]["rayClusterSpec"]["workerGroupSpecs"]]
+    images = {c["image"] for g in groups for c in g["template"]["spec"]["containers"]}
+    assert images == {"123456789012.dkr.ecr.us-west-2.amazonaws.com/recsys-core:0.1.0-gpu"}
+    assert "docker build -f cluster/Dockerfile.gpu -t " + images.pop() in (CLUSTER / "kuberay/rayjob.yaml").read_text()
+    assert "pip" not in yaml.safe_load(job["spec"]["runtimeEnvYAML"])
 
 
 def test_runtime_env_excludes_local_state():

@@ -7,7 +7,6 @@ import sys
 import tempfile
 import threading
 import shutil
-from pathlib import Path
 
 import pytest
 

@@ -1,6 +1,8 @@
 """The nightly job end to end on synthetic data with local Ray: quality and the published outputs."""
 from __future__ import annotations
 
+import html
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -10,7 +12,7 @@ import jobs.nightly
 from recsys_core import storage
 from recsys_core.config import load_config, replace
 from recsys_core.data.prepare import PreparedPaths, catalog_ids, examples_dataset
-from recsys_core.ops import registry
+from recsys_core.ops import registry, report
 from recsys_core.pipeline import Run
 from recsys_core.serve.infer import score_users
 from recsys_core.serve.publish import publish, read_recommendations
@@ -120,6 +122,37 @@ def test_first_model_is_registered_promoted_and_reported(nightly):
     assert storage.read_table(out["report"]["history"])["run_date"].to_pylist() == [RUN_DATE]
 
 
+def test_report_shows_kept_epoch_sample_users_and_validation_baselines(nightly):
+    cfg, out = nightly
+    page = storage.read_bytes(out["report"]["report"]).decode()
+    outcome = report.training_outcome(out["train"]["history"], cfg.train.epochs, cfg.train.patience)
+    assert html.escape(report.training_sentence(outcome)) in page
+    assert "not enforced: the item tower was not pretrained" in page  # not shown as "passed"
+    prepared = out["prepare"]["prepared"]
+    samples = report.load_samples(storage.join(prepared, "users"), storage.join(prepared, "items.parquet"),
+                                  out["infer"]["recommendations"], out["explain"]["explanations"], n=10,
+                                  seed=cfg.explain.seed)
+    assert 'id="samples"' in page and len(samples) == 10 and len({s["user_id"] for s in samples}) == 10
+    users = storage.read_table(storage.join(prepared, "users")).to_pylist()
+    items = storage.read_table(storage.join(prepared, "items.parquet")).to_pylist()
+    recs, _ = read_recommendations(out["infer"]["recommendations"])
+    top_of = dict(zip(recs["user_id"].to_pylist(), recs["item_ids"].to_pylist()))
+    text_of = {it["item_id"]: it["text"] for it in items}
+    described = dict(zip(*storage.read_table(out["explain"]["explanations"]).select(["user_id", "description"])
+                         .to_pydict().values()))
+    for s in samples:  # explained users first: the nightly explains before it reports
+        hist = next(u["items"] for u in users if u["user_id"] == s["user_id"])
+        assert s["history"] == [items[i]["text"] for i in hist[-5:]]
+        assert s["top"] == [text_of[i] for i in top_of[s["user_id"]][:5]]
+        assert s["description"] == described[s["user_id"]]
+        for text in (*s["history"], *s["top"], s["description"]):
+            assert html.escape(text) in page
+    val = out["evaluate"]["metrics"]["validation_baselines"]["popularity"]
+    assert 0 < val["ndcg@10"] <= val["recall@10"] <= 1
+    assert val["ndcg@10"] < max(h["val_ndcg10"] for h in out["train"]["history"])  # planted tastes beat it
+    assert "overflow-x:auto" in page and page.count("<div class='scroll'>") >= 6
+
+
 def test_explanations_written_in_their_own_folder(nightly):
     cfg, out = nightly
     ex = out["explain"]
@@ -137,13 +170,58 @@ def test_explanations_written_in_their_own_folder(nightly):
     assert len(guard["generations_after"]) == len(cfg.guard.prompts)
 
 
-def test_rerun_same_date_skips_completed_stages(nightly):
+def test_summary_block_from_the_stage_records(nightly):
+    """The block printed at the end: holdout metrics with intervals beside the baselines, the kept epoch,
+    the promotion decision, the guard verdict, every output's location and each stage's wall time."""
     cfg, out = nightly
-    again = jobs.nightly.main(cfg=cfg, run_date=RUN_DATE)
+    text = report.summary_text("nightly", RUN_DATE, out, [], 12.5)
+    lines = text.splitlines()
+    m = out["evaluate"]["metrics"]
+    rows = lines[lines.index("holdout, 400 users (95% bootstrap intervals):") + 2:]
+    table = {ln.split()[0]: ln for ln in rows[:len(cfg.eval.baselines) + 1]}
+    assert set(table) == {"model", *cfg.eval.baselines}
+    for name, metrics in [("model", m["model"]), *m["baselines"].items()]:
+        for k in ("ndcg@10", "recall@10", "ndcg@50", "recall@50"):
+            cell = f"{metrics[k]:.4f} [{metrics[k + '_ci_low']:.4f}, {metrics[k + '_ci_high']:.4f}]"
+            assert cell in table[name], (name, k, table[name])
+    hist = out["train"]["history"]
+    best = max(hist, key=lambda h: h["val_ndcg10"])
+    assert f"kept epoch {best['epoch']} (validation NDCG@10 {best['val_ndcg10']:.4f})" in text
+    assert f"ran epochs 0-{hist[-1]['epoch']} of at most {cfg.train.epochs}" in text
+    assert ("stopped early" in text) == (len(hist) < cfg.train.epochs)
+    assert f"promotion: PROMOTED model {out['train']['model_version']} (no production model yet)" in text
+    # the synthetic towers are random-init: the guard measured but is not enforced, and says so
+    assert "guard:     not enforced: the item tower was not pretrained; measured general-English perplexity" in text
+    for where in (out["infer"]["recommendations"], out["report"]["report"], out["report"]["history"],
+                  out["explain"]["explanations"], out["train"]["model_dir"], out["evaluate"]["eval_dir"]):
+        assert any(f"  {where}" in ln for ln in lines), where
+    assert (f"{out['infer']['recommendations']}  (400 users, top-{cfg.infer.k}, model "
+            f"{out['train']['model_version']})") in text
+    stages = next(ln for ln in lines if ln.startswith("stages:"))
+    for stage, rec in out.items():
+        assert f"{stage} {rec['wall_s']:.1f}s" in stages
+    assert "(this run 12.5s)" in stages
+
+
+def test_rerun_same_date_skips_completed_stages(nightly, capsys):
+    cfg, out = nightly
+    capsys.readouterr()
+    again = jobs.nightly.main(cfg=cfg, run_date=RUN_DATE)  # its log handler writes to the captured stderr
+    err = capsys.readouterr().err.splitlines()
     for stage in ("prepare", "train", "evaluate", "promote", "infer", "report", "explain"):
         assert again[stage] == out[stage]
     recs, manifest = read_recommendations(out["infer"]["recommendations"])
     assert manifest["attempt"] == out["infer"]["manifest"]["attempt"]
+    assert not any("finished in" in ln for ln in err), err
+    assert any("every stage was already complete; nothing ran" in ln for ln in err), err
+    start = next(i for i, ln in enumerate(err) if ln.endswith(" summary"))
+    end = next(i for i in range(start, len(err)) if err[i].startswith("stages:"))
+    summary = err[start + 1:end + 1]
+    first = report.summary_text("nightly", RUN_DATE, out, [], 0.0).splitlines()
+    assert "nothing ran (--force reruns them)" in summary[1]
+    # the same block as the first run's, from the stored records (only the time of this check differs)
+    assert summary[2:-1] == first[1:-1]
+    assert summary[-1].startswith(first[-1].split("  (")[0]) and "the times are the earlier run's" in summary[-1]
 
 
 def test_forced_republish_switches_manifest_and_retires_old_generations(nightly):

@@ -590,8 +590,7 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
     """Run the prepare stage with Ray Data; returns the stats also written to ``stats.json``."""
     ctx = ray.data.DataContext.get_current()
     ctx.default_hash_shuffle_parallelism = cfg.ray.shuffle_parallelism
-    ctx.shuffle_strategy = shuffle_strategy(cfg.ray.shuffle_strategy)
-    ctx.enable_progress_bars = True
+    ctx.shuffle_strategy = shuffle_strategy(cfg.ray.shuffle_strategy)  # progress bars: runtime.configure_ray_data
     lap = _Laps()
 
     catalog = load_catalog(src.items, cfg)

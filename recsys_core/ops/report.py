@@ -15,11 +15,15 @@ import html
 import io
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from recsys_core import storage
+from recsys_core.serve.publish import read_recommendations
 
 HEADLINE = ("ndcg@10", "recall@10")
+SAMPLE_HISTORY, SAMPLE_TOP = 5, 5  # items shown per sample user: most recent history, top recommendations
 
 
 def history_uri(root: str) -> str:
@@ -179,10 +183,17 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
+def _cell(c: Any) -> str:
+    if isinstance(c, list):  # a list of texts: one per line
+        return "<ol>" + "".join(f"<li>{html.escape(str(x))}</li>" for x in c) + "</ol>"
+    return html.escape(_fmt(c))
+
+
+def _table(header: list[str], rows: list[list[Any]], cls: str = "") -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    body = "".join("<tr>" + "".join(f"<td>{_cell(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return (f"<div class='scroll'><table class='{cls}'><thead><tr>{head}</tr></thead>"
+            f"<tbody>{body}</tbody></table></div>")
 
 
 def _img(png: bytes, alt: str) -> str:
@@ -193,9 +204,41 @@ def _section(key: str, title: str, body: str) -> str:
     return f'<section id="{key}"><h2>{html.escape(title)}</h2>{body}</section>'
 
 
-def render(run_date: str, records: dict[str, dict[str, Any]], history: list[dict[str, Any]]) -> str:
-    """report.html from the stage records and the history rows."""
-    pass
+def sample_rows(user_ids: list[Any], histories: list[list[int]], item_ids: list[Any], texts: list[str],
+                recs: dict[Any, list[Any]], descriptions: dict[Any, str]) -> list[dict[str, Any]]:
+    """Per sample user: the texts of their last SAMPLE_HISTORY items (oldest first; histories hold
+    item rows), of their top SAMPLE_TOP recommendations (item ids) and their description, if any."""
+    text_of_id = dict(zip(item_ids, texts))
+    return [{"user_id": u, "history": [texts[i] for i in h[-SAMPLE_HISTORY:]],
+             "top": [text_of_id.get(i, f"item {i}") for i in recs.get(u, [])[:SAMPLE_TOP]],
+             "description": descriptions.get(u)} for u, h in zip(user_ids, histories)]
+
+
+def load_samples(users_uri: str, items_uri: str, recs_dir: str | None, explanations_uri: str | None,
+                 n: int = 10, seed: int = 0) -> list[dict[str, Any]]:
+    """``n`` users for the report: those with a description first, then a seeded sample."""
+    users = storage.read_table(users_uri, columns=["user_id", "items"])
+    items = storage.read_table(items_uri, columns=["item_id", "text"])
+    described: dict[Any, str] = {}
+    if explanations_uri and storage.exists(explanations_uri):
+        ex = storage.read_table(explanations_uri, columns=["user_id", "description"])
+        described = dict(zip(ex["user_id"].to_pylist(), ex["description"].to_pylist()))
+    uids = users["user_id"].to_pylist()
+    chosen = [i for i, u in enumerate(uids) if u in described][:n]
+    rest = [i for i in np.random.default_rng(seed).permutation(len(uids)).tolist() if uids[i] not in described]
+    rows = users.take(pa.array(sorted(chosen + rest[: n - len(chosen)]), pa.int64()))
+    recs: dict[Any, list[Any]] = {}
+    if recs_dir:
+        table, _ = read_recommendations(recs_dir)
+        table = table.filter(pc.is_in(table["user_id"], value_set=rows["user_id"]))
+        recs = dict(zip(table["user_id"].to_pylist(), table["item_ids"].to_pylist()))
+    return sample_rows(rows["user_id"].to_pylist(), rows["items"].to_pylist(), items["item_id"].to_pylist(),
+                       items["text"].to_pylist(), recs, described)
+
+
+def render(run_date: str, records: dict[str, dict[str, Any]], history: list[dict[str, Any]],
+           samples: list[dict[str, Any]] | None = None) -> str:
+    """report.html from the stage records, the history rows and the sample users (``load_samples``)."""
 
     stats, trained = records["prepare"]["stats"], records["train"]
     metrics, promoted, inferred = records["evaluate"]["metrics"], records["promote"], records["infer"]
@@ -212,18 +255,24 @@ def render(run_date: str, records: dict[str, dict[str, Any]], history: list[dict
         + _table(["", "value"], [
             ["new model NDCG@10", d["new_ndcg"]], ["production model", promoted.get("production_before")],
             ["production NDCG@10 (today's holdout)", d["production_ndcg"]], ["tolerance", d["tolerance"]],
-            ["generation guard passed", d["guard_passed"]], ["PRODUCTION now", promoted.get("production")],
+            ["generation guard", guard_sentence(trained.get("guard"))],
+            ["PRODUCTION now", promoted.get("production")],
             ["published", published], ["why", promoted["publish_reason"]],
             ["retention deleted", ", ".join(promoted.get("retention_deleted") or []) or None]])))]
+    outcome = training_outcome(trained["history"], trained.get("epochs_max"), trained.get("patience"))
+    val_base = metrics.get("validation_baselines") or {}
     parts.append(_section("training", "Training", (
+        f"<p class='kept'>{html.escape(training_sentence(outcome))}.</p>"
         f"<p>Warm start: {html.escape(_fmt(warm.get('used')))} ({html.escape(str(warm.get('reason', '')))}); "
-        f"parent model: {html.escape(_fmt(trained.get('parent')))}; {len(trained['history'])} epochs.</p>"
-        + _img(learning_curve_png(trained["history"], metrics["baselines"]), "loss and validation NDCG@10 per epoch"))))
+        f"parent model: {html.escape(_fmt(trained.get('parent')))}. The validation curve is drawn against "
+        "the baselines on the same validation users; the test-set baselines are in the next section.</p>"
+        + _img(learning_curve_png(trained["history"], val_base, outcome["kept_epoch"]),
+               "loss and validation NDCG@10 per epoch"))))
     rows = {"new model": point_metrics(metrics["model"])}
     if prod:
         rows[f"production {prod['model_version']}"] = point_metrics(prod["metrics"])
     rows.update({name: point_metrics(m) for name, m in metrics["baselines"].items()})
-    cols = list(rows["new model"])
+    cols = sorted(rows["new model"], key=lambda c: (c == "n_users", metric_order(c)))
     parts.append(_section("metrics", "Holdout metrics vs baselines and the production model", (
         _table(["model", *cols], [[name, *(m.get(c) for c in cols)] for name, m in rows.items()])
         + "<p>95% bootstrap interval of the new model's NDCG@10: "
@@ -234,16 +283,24 @@ def render(run_date: str, records: dict[str, dict[str, Any]], history: list[dict
     if guard:
         gens = list(zip(guard.get("prompts") or [], guard.get("generations_before") or [],
                         guard.get("generations_after") or []))
-        body = (_table(["", "before", "after"], [
+        body = (f"<p class='verdict {'ok' if guard.get('passed') and guard.get('enforced') else 'muted'}'>"
+                f"{html.escape(guard_sentence(guard))}</p>"
+                + _table(["", "before", "after"], [
             ["general-English perplexity", guard.get("ppl_general_before"), guard.get("ppl_general_after")],
             ["item-text perplexity", guard.get("ppl_items_before"), guard.get("ppl_items_after")]])
-            + f"<p>{html.escape(str(guard.get('message', '')))}</p>"
             + _img(perplexity_png(guard), "perplexity before and after"))
         if gens:
             body += "<h3>Greedy generations</h3>" + _table(["prompt", "before", "after"], [list(g) for g in gens])
     else:
         body = "<p>No generation-guard record for this model.</p>"
     parts.append(_section("guard", "Generation guard: perplexity before/after", body))
+    if samples:
+        parts.append(_section("samples", f"{len(samples)} sample users", (
+            "<p>Their most recent items (oldest first), the top recommendations published for them, and the "
+            "taste description generated by the protected language model (when the explain stage ran).</p>"
+            + _table(["user", f"last {SAMPLE_HISTORY} items", f"top {SAMPLE_TOP} recommended", "description"],
+                     [[s["user_id"], s["history"], s["top"], s["description"] or "–"] for s in samples],
+                     cls="samples"))))
     reasons = [[r, n] for r, n in (stats.get("rejected_by_reason") or {}).items()]
     parts.append(_section("data", "Data and quarantine", (
         _table(["", "count"], [[k, stats.get(k)] for k in ("rows_read", "rows_good", "rows_rejected", "users_seen",
@@ -255,10 +312,15 @@ def render(run_date: str, records: dict[str, dict[str, Any]], history: list[dict
                  "ppl_general_after", "rows_read", "rows_rejected"]
     parts.append(_section("history", "History across run dates", (
         _img(history_png(history), "NDCG@10 by run date")
-        + _table(hist_cols, [[r.get(c) for c in hist_cols] for r in history]))))
-    style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
+        + _table(hist_cols, [[r.get(c) for c in hist_cols] for r in history], cls="compact"))))
+    style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}"
+             ".scroll{overflow-x:auto;max-width:100%}"
              "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;"
-             "text-align:left}.verdict{font-size:1.3em;font-weight:bold}.ok{color:#17702b}.bad{color:#b00020}"
+             "text-align:left;vertical-align:top}td{overflow-wrap:anywhere}th{white-space:nowrap}"
+             "table.compact{font-size:.8em}table.samples{font-size:.85em;width:100%}"
+             "table.samples td{max-width:22em}ol{margin:0;padding-left:1.3em}"
+             ".verdict{font-size:1.3em;font-weight:bold}.ok{color:#17702b}.bad{color:#b00020}"
+             ".muted{color:#8a6d00}.kept{font-weight:bold}"
              "img{max-width:100%}pre{white-space:pre-wrap;margin:0}")
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>recsys-core report {html.escape(run_date)}"
             f"</title><style>{style}</style></head><body><h1>Nightly run {html.escape(run_date)}</h1>"
@@ -281,9 +343,10 @@ def online_section(online: dict[str, Any] | None) -> str:
                   for m in names])))
 
 
-def learning_curve_png(history: list[dict[str, Any]], baselines: dict[str, dict[str, float]]) -> bytes:
-    """PNG: training loss and validation NDCG@10 per epoch, with baselines' test NDCG@10 for scale."""
-    pass
+def learning_curve_png(history: list[dict[str, Any]], val_baselines: dict[str, dict[str, float]],
+                       kept_epoch: int | None = None) -> bytes:
+    """PNG: training loss and validation NDCG@10 per epoch, with the baselines' NDCG@10 on the same
+    validation users for scale, and the kept epoch marked."""
 
     plt = pyplot()
     epochs = [h["epoch"] for h in history]
@@ -291,12 +354,149 @@ def learning_curve_png(history: list[dict[str, Any]], baselines: dict[str, dict[
     a.plot(epochs, [h["train_loss"] for h in history], marker="o")
     a.set(title="training loss", xlabel="epoch", ylabel="loss")
     b.plot(epochs, [h["val_ndcg10"] for h in history], marker="o", label="model (validation)")
-    for (name, m), color in zip(baselines.items(), ["tab:gray", "tab:orange", "tab:green", "tab:red"]):
-        b.axhline(m["ndcg@10"], linestyle="--", color=color, label=f"{name} (test)")
-    b.set(title="NDCG@10", xlabel="epoch")
+    for (name, m), color in zip(val_baselines.items(), ["tab:gray", "tab:orange", "tab:green", "tab:red"]):
+        b.axhline(m["ndcg@10"], linestyle="--", color=color, label=f"{name} (validation)")
+    if kept_epoch is not None:
+        b.axvline(kept_epoch, color="tab:green", linestyle=":", label=f"kept epoch {kept_epoch}")
+    b.set(title="validation NDCG@10", xlabel="epoch")
     b.legend(fontsize=8)
     return figure_png(fig)
 
 
-def plot_learning_curve(history: list[dict[str, Any]], baselines: dict[str, dict[str, float]], out_uri: str) -> None:
-    storage.write_bytes(out_uri, learning_curve_png(history, baselines))
+def plot_learning_curve(history: list[dict[str, Any]], val_baselines: dict[str, dict[str, float]],
+                        out_uri: str) -> None:
+    kept = training_outcome(history, None, None)["kept_epoch"]
+    storage.write_bytes(out_uri, learning_curve_png(history, val_baselines, kept))
+
+
+def training_outcome(history: list[dict[str, Any]], epochs_max: int | None, patience: int | None) -> dict[str, Any]:
+    """Which epoch was kept (the best validation NDCG@10, the earliest on ties) and whether training
+    stopped early; epochs count from 0, as in the training log."""
+    if not history:
+        return {"epochs_run": 0, "kept_epoch": None, "kept_val_ndcg10": None, "stopped_early": None}
+    best = max(history, key=lambda h: (h["val_ndcg10"], -h["epoch"]))
+    stopped = None if epochs_max is None else history[-1]["epoch"] + 1 < epochs_max
+    return {"epochs_run": len(history), "first_epoch": history[0]["epoch"], "last_epoch": history[-1]["epoch"],
+            "epochs_max": epochs_max, "patience": patience, "kept_epoch": best["epoch"],
+            "kept_val_ndcg10": best["val_ndcg10"], "stopped_early": stopped}
+
+
+def training_sentence(outcome: dict[str, Any]) -> str:
+    """'ran epochs 0-11 of at most 50; stopped early (...); kept epoch 3 (val NDCG@10 0.0512)'."""
+    if outcome["kept_epoch"] is None:
+        return "no epoch completed"
+    span = (f"epoch {outcome['first_epoch']}" if outcome["first_epoch"] == outcome["last_epoch"]
+            else f"epochs {outcome['first_epoch']}-{outcome['last_epoch']}")
+    text = f"ran {span}" + (f" of at most {outcome['epochs_max']}" if outcome.get("epochs_max") else "")
+    if outcome["stopped_early"]:
+        text += f"; stopped early: no validation NDCG@10 gain for {outcome['patience']} epochs"
+    elif outcome["stopped_early"] is False:
+        text += "; did not stop early"
+    return text + f"; kept epoch {outcome['kept_epoch']} (validation NDCG@10 {outcome['kept_val_ndcg10']:.4f})"
+
+
+def guard_sentence(guard: dict[str, Any] | None) -> str:
+    """The guard's verdict in words: an unenforced guard (a random-init LM) is reported as such, not as 'passed'."""
+    if not guard:
+        return "no generation-guard record"
+    change = guard.get("change")
+    ppl = (f"general-English perplexity {guard['ppl_general_before']:.2f} -> {guard['ppl_general_after']:.2f}"
+           + (f" ({change:+.1%}, limit {guard.get('max_increase', 0):+.0%})" if change is not None else ""))
+    if not guard.get("enforced"):
+        msg = str(guard.get("message", ""))
+        why = msg[msg.index("not enforced"):].rstrip(")") if "not enforced" in msg else "not enforced"
+        return f"{why}; measured {ppl}"
+    return ("passed: " if guard.get("passed") else "FAILED (blocks promotion): ") + ppl
+
+
+def _with_ci(m: dict[str, Any], k: str) -> str:
+    lo, hi = m.get(f"{k}_ci_low"), m.get(f"{k}_ci_high")
+    return f"{m[k]:.4f}" + (f" [{lo:.4f}, {hi:.4f}]" if lo is not None and hi is not None else "")
+
+
+_METRIC_ORDER = {"recall": 0, "ndcg": 1, "mrr": 2}
+
+
+def metric_order(name: str) -> tuple[int, int, str]:
+    """recall@10, ndcg@10, recall@50, ndcg@50, mrr@50: by cutoff, then kind (stable whatever the dict
+    order: a record read back from JSON has its keys sorted)."""
+    kind, _, k = name.partition("@")
+    return (int(k) if k.isdigit() else 0, _METRIC_ORDER.get(kind, len(_METRIC_ORDER)), kind)
+
+
+def holdout_lines(metrics: dict[str, Any]) -> list[str]:
+    """The holdout table: model and baselines (by name), each metric with its 95% bootstrap interval."""
+    model = metrics["model"]
+    cols = sorted((k for k in model if "_ci_" not in k and k != "n_users"), key=metric_order)
+    rows = [("model", model), *sorted(metrics.get("baselines", {}).items())]
+    cells = [[_with_ci(m, c) if c in m else "–" for c in cols] for _, m in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
+    name_w = max(len(n) for n, _ in rows)
+    out = [f"holdout, {model.get('n_users', 0):,} users (95% bootstrap intervals):",
+           ("  " + " " * name_w + "  " + "  ".join(c.ljust(w) for c, w in zip(cols, widths))).rstrip()]
+    out += ["  " + n.ljust(name_w) + "  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip()
+            for (n, _), r in zip(rows, cells)]
+    return out
+
+
+def output_locations(records: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """(what, where, detail) for every output the stage records name."""
+    out: list[tuple[str, str, str]] = []
+    if "prepare" in records:
+        out.append(("prepared data", records["prepare"]["prepared"], ""))
+    if "train" in records:
+        out.append(("model", records["train"]["model_dir"], f"version {records['train']['model_version']}"))
+    if "evaluate" in records:
+        out.append(("evaluation", records["evaluate"]["eval_dir"], "metrics.json, holdout_recs.parquet, plots"))
+    inferred = records.get("infer") or {}
+    if inferred.get("published"):
+        man = inferred["manifest"]
+        out.append(("recommendations", inferred["recommendations"],
+                    f"{man['rows']:,} users, top-{man['k']}, model {man['model_version']}"))
+    elif inferred:
+        out.append(("recommendations", "none published", str(inferred.get("reason"))))
+    if "report" in records:
+        out += [("report", records["report"]["report"], "open in a browser"),
+                ("metrics history", records["report"]["history"], "one row per run date")]
+    if (records.get("explain") or {}).get("explanations"):
+        out.append(("explanations", records["explain"]["explanations"], f"{records['explain']['users']} users"))
+    return out
+
+
+def _reason(decision: dict[str, Any]) -> str:
+    """The gate's reason without its verdict word and without the guard's message (it has its own line)."""
+    text = str(decision["reason"]).split("; generation guard", 1)[0]
+    return text.split(": ", 1)[1] if text.startswith(("promoted: ", "rejected: ")) else text
+
+
+def summary_text(job: str, run_date: str, records: dict[str, dict[str, Any]], skipped: list[str],
+                 wall_s: float) -> str:
+    """The block printed at the end of a job, from its stage records alone (so a rerun that skips
+    every stage prints the same block)."""
+    lines = [f"=== recsys-core {job}, run_date {run_date} " + "=" * 40]
+    if skipped and len(skipped) == len(records):
+        lines.append(f"every stage was already complete for {run_date}: nothing ran (--force reruns them); "
+                     "below is what the earlier run recorded")
+    elif skipped:
+        lines.append(f"already complete, skipped: {', '.join(skipped)}")
+    if "evaluate" in records:
+        lines += holdout_lines(records["evaluate"]["metrics"])
+    if "train" in records:
+        t = records["train"]
+        outcome = training_outcome(t["history"], t.get("epochs_max"), t.get("patience"))
+        lines.append(f"training:  {training_sentence(outcome)}")
+        lines.append(f"guard:     {guard_sentence(t.get('guard'))}")
+    if "promote" in records:
+        p = records["promote"]
+        verdict = "PROMOTED" if p["decision"]["promote"] else "NOT PROMOTED"
+        lines.append(f"promotion: {verdict} model {p['model_version']} ({_reason(p['decision'])})")
+        lines.append(f"published: {p['publish_reason']}")
+    lines.append("outputs:")
+    locs = output_locations(records)
+    w = max((len(k) for k, _, _ in locs), default=0)
+    lines += [f"  {k.ljust(w)}  {v}" + (f"  ({d})" if d else "") for k, v, d in locs]
+    times = "  ".join(f"{s} {records[s].get('wall_s', 0):.1f}s" for s in records)
+    ran = [s for s in records if s not in skipped]
+    total = (f"this run {wall_s:.1f}s" if ran else f"this check {wall_s:.1f}s; the times are the earlier run's")
+    lines.append(f"stages:    {times}  ({total})")
+    return "\n".join(lines)

@@ -24,6 +24,7 @@ from recsys_core.data.split import load_split
 from recsys_core.eval.holdout import evaluate_histories
 from recsys_core.model.checkpoint import load_checkpoint, save_model_folder
 from recsys_core.model.towers import TwoTower, build_two_tower, text_table, unwrap
+from recsys_core.runtime import quiet_train_worker
 from recsys_core.train.guard import apply_lora, guard_terms, replay_len, replay_windows
 from recsys_core.train.objective import ItemTensors, Objective, collate
 
@@ -134,6 +135,9 @@ def run_epoch(objective: nn.Module, opt: torch.optim.Optimizer, sched: Any, para
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg: NightlyConfig = from_dict(NightlyConfig, config["cfg"])
     tc = cfg.train
+    quiet = config.get("quiet", False)
+    if quiet:
+        quiet_train_worker()
     torch.set_num_threads(tc.threads_per_worker)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -182,7 +186,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, tc.epochs):
         t0 = time.time()
         cache = text_table(model, items.tokens, items.mask)
-        bar = tqdm(total=steps_per_epoch, desc=f"train epoch {epoch}", leave=False, mininterval=2) if rank == 0 else None
+        bar = (tqdm(total=steps_per_epoch, desc=f"train epoch {epoch}", leave=False, mininterval=2, disable=quiet)
+               if rank == 0 else None)
         batches = ((x.to(device) for x in collate(b, cfg.model.max_seq_len))
                    for b in shard.iter_batches(batch_size=tc.batch_size, batch_format="numpy",
                                                local_shuffle_buffer_size=4 * tc.batch_size,

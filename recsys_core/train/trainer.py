@@ -15,13 +15,14 @@ from dataclasses import asdict
 from typing import Any
 
 import torch
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from recsys_core import storage
 from recsys_core.config import NightlyConfig
 from recsys_core.data.prepare import PreparedPaths, examples_dataset
 from recsys_core.data.text import load_tokenizer
+from recsys_core.runtime import is_verbose, ray_train_log_level
 from recsys_core.train.guard import corpus_ids, guard_report, needs_replay, read_corpus
 from recsys_core.train.loop import STATE, VAL_METRIC, train_loop_per_worker
 
@@ -46,13 +47,14 @@ def run_train(cfg: NightlyConfig, prepared: PreparedPaths, run_dir: str, init_fr
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": asdict(cfg), "prepared": prepared.root, "n_examples": n_examples,
-                           "init_from": init_from, "replay_ids": replay_ids},
+                           "init_from": init_from, "replay_ids": replay_ids, "quiet": not is_verbose()},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
         run_config=RunConfig(
             name=name, storage_path=spath, storage_filesystem=sfs,
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=VAL_METRIC,
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            logging_config=LoggingConfig(log_level=ray_train_log_level()),  # --verbose: the per-report dumps
         ),
         datasets={"train": train_ds},
     )
