@@ -39,6 +39,7 @@ from recsys_core.ops import gate, registry, report
 from recsys_core.ops.explain import describe_users
 from recsys_core.ops.gate import ON_REJECT
 from recsys_core.ops.report import plot_learning_curve, point_metrics
+from recsys_core.preflight import preflight
 from recsys_core.runtime import init_ray, stage_context
 from recsys_core.serve.infer import embed_items, score_users
 from recsys_core.serve.publish import publish
@@ -361,7 +362,9 @@ STAGES: dict[str, list[tuple[str, Callable[[Run], dict[str, Any]]]]] = {
 
 
 def run_job(job: str, cfg: NightlyConfig, run_date: str, force: bool = False) -> dict[str, Any]:
-    """Run a job's stages in order; returns each stage's completion record."""
+    """Run a job's stages in order, after the preflight checks (before Ray starts); returns each stage's
+    completion record."""
+    preflight(cfg)  # PreflightError (a ConfigError): one line naming the key or URI
     if not storage.is_s3(cfg.storage.root):  # Ray workers run in other folders: pin relative roots
         cfg = replace(cfg, **{"storage.root": os.path.abspath(cfg.storage.root)})
     _on_reject(cfg.registry.on_reject)  # a typo fails before hours of training

@@ -57,6 +57,19 @@ TRANSIENT_MARKERS = (
     "(HTTP status 504)",
     "Failed to flush response stream",
 )
+# Never repeated, even inside a transient-looking error: a host name that does not resolve (curl's
+# code 6) or credentials the server rejects do not get better in a minute.
+PERMANENT_MARKERS = (
+    "curlCode: 6",
+    "Could not resolve host",
+    "AWS Error ACCESS_DENIED",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "(HTTP status 401)",
+    "(HTTP status 403)",
+)
 
 
 def is_s3(uri: str) -> bool:
@@ -105,11 +118,12 @@ def _s3(endpoint: str | None, region: str) -> RetryingS3FileSystem:
 
 
 def is_transient(err: BaseException) -> bool:
-    """An S3 error that may succeed when repeated (throttling, 5xx, network); never 'not found'."""
+    """An S3 error that may succeed when repeated (throttling, 5xx, network); never 'not found', a host
+    name that does not resolve, or rejected credentials."""
     if not isinstance(err, OSError) or isinstance(err, (FileNotFoundError, PermissionError)):
         return False
     text = str(err)
-    return any(m in text for m in TRANSIENT_MARKERS)
+    return any(m in text for m in TRANSIENT_MARKERS) and not any(m in text for m in PERMANENT_MARKERS)
 
 
 def backoff_s(attempt: int, base: float = CALL_RETRY_BASE_S, cap: float = CALL_RETRY_MAX_S) -> float:
