@@ -27,7 +27,9 @@ import logging
 import os
 import posixpath
 import random
+import socket
 import time
+import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -114,7 +116,22 @@ class RetryingS3FileSystem(pafs.S3FileSystem):
 
 @functools.lru_cache(maxsize=8)
 def _s3(endpoint: str | None, region: str) -> RetryingS3FileSystem:
+    if endpoint:
+        resolve_endpoint(endpoint)
     return RetryingS3FileSystem(endpoint, region)
+
+
+def resolve_endpoint(endpoint: str) -> None:
+    """Fail at once when a custom endpoint's host name does not resolve: the AWS SDK counts that as a
+    network error and retries each request (about 95 s at ``S3_RETRY_ATTEMPTS``), then this module's
+    caller would see it again on every call. Not cached on failure (``_s3``'s cache skips exceptions)."""
+    host = urllib.parse.urlsplit(endpoint if "://" in endpoint else f"//{endpoint}").hostname
+    if not host:
+        return
+    try:
+        socket.getaddrinfo(host, None)
+    except socket.gaierror as e:
+        raise OSError(f"S3 endpoint {endpoint}: Could not resolve host {host} ({e.strerror})") from None
 
 
 def is_transient(err: BaseException) -> bool:
