@@ -138,6 +138,7 @@ class TrainConfig:
     # into Ray's object store and every epoch iterates that copy; larger ones stream from storage each
     # epoch. 0: always stream.
     materialize_mib: int = 256
+    placement_strategy: str = "PACK"  # Ray Train workers' placement group: PACK | SPREAD (one per node) | STRICT_*
 
 
 @dataclass(frozen=True)

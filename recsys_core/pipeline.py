@@ -56,6 +56,7 @@ from recsys_core.records import (
     ReportRecord,
     TrainRecord,
 )
+from recsys_core.preflight import preflight
 from recsys_core.runtime import init_ray, stage_context
 from recsys_core.serve.infer import embed_items, score_users
 from recsys_core.serve.publish import publish
@@ -419,8 +420,10 @@ STAGES: dict[str, list[tuple[str, Callable[[Run], Record]]]] = {
 
 def run_job(job: str, cfg: NightlyConfig, run_date: str, force: bool = False,
             invocation: str = "--config CONFIG") -> dict[str, Any]:
-    """Run a job's stages in order, then log the summary block; returns each stage's completion record.
-    ``invocation`` is the config part of the command line (``--config X --set ...``), for hints."""
+    """Run a job's stages in order, after the preflight checks (before Ray starts), then log the summary
+    block; returns each stage's completion record. ``invocation`` is the config part of the command line
+    (``--config X --set ...``), for hints."""
+    preflight(cfg)  # PreflightError (a ConfigError): one line naming the key or URI
     if not storage.is_s3(cfg.storage.root):  # Ray workers run in other folders: pin relative roots
         cfg = replace(cfg, **{"storage.root": os.path.abspath(cfg.storage.root)})
     check_ranges(cfg)  # a config built in code is checked like a loaded one, before Ray and before any stage

@@ -31,7 +31,9 @@ import logging
 import os
 import posixpath
 import random
+import socket
 import time
+import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -63,6 +65,19 @@ TRANSIENT_MARKERS = (
     "(HTTP status 503)",
     "(HTTP status 504)",
     "Failed to flush response stream",
+)
+# Never repeated, even inside a transient-looking error: a host name that does not resolve (curl's
+# code 6) or credentials the server rejects do not get better in a minute.
+PERMANENT_MARKERS = (
+    "curlCode: 6",
+    "Could not resolve host",
+    "AWS Error ACCESS_DENIED",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "(HTTP status 401)",
+    "(HTTP status 403)",
 )
 
 
@@ -108,15 +123,31 @@ class RetryingS3FileSystem(pafs.S3FileSystem):
 
 @functools.lru_cache(maxsize=8)
 def _s3(endpoint: str | None, region: str) -> RetryingS3FileSystem:
+    if endpoint:
+        resolve_endpoint(endpoint)
     return RetryingS3FileSystem(endpoint, region)
 
 
+def resolve_endpoint(endpoint: str) -> None:
+    """Fail at once when a custom endpoint's host name does not resolve: the AWS SDK counts that as a
+    network error and retries each request (about 95 s at ``S3_RETRY_ATTEMPTS``), then this module's
+    caller would see it again on every call. Not cached on failure (``_s3``'s cache skips exceptions)."""
+    host = urllib.parse.urlsplit(endpoint if "://" in endpoint else f"//{endpoint}").hostname
+    if not host:
+        return
+    try:
+        socket.getaddrinfo(host, None)
+    except socket.gaierror as e:
+        raise OSError(f"S3 endpoint {endpoint}: Could not resolve host {host} ({e.strerror})") from None
+
+
 def is_transient(err: BaseException) -> bool:
-    """An S3 error that may succeed when repeated (throttling, 5xx, network); never 'not found'."""
+    """An S3 error that may succeed when repeated (throttling, 5xx, network); never 'not found', a host
+    name that does not resolve, or rejected credentials."""
     if not isinstance(err, OSError) or isinstance(err, (FileNotFoundError, PermissionError)):
         return False
     text = str(err)
-    return any(m in text for m in TRANSIENT_MARKERS)
+    return any(m in text for m in TRANSIENT_MARKERS) and not any(m in text for m in PERMANENT_MARKERS)
 
 
 def backoff_s(attempt: int, base: float = CALL_RETRY_BASE_S, cap: float = CALL_RETRY_MAX_S) -> float:

@@ -9,9 +9,10 @@
 #   RAY_AUTH_MODE  token | disabled     (default token; the token comes from
 #                                        ~/.ray/auth_token, RAY_AUTH_TOKEN or
 #                                        RAY_AUTH_TOKEN_PATH, as for any Ray client)
-#   STORAGE_ROOT   optional; adds --set storage.root=$STORAGE_ROOT
-#                  (e.g. s3://my-recsys-bucket/recsys) if the config does not
-#                  already point at the bucket
+#   STORAGE_ROOT   adds --set storage.root=$STORAGE_ROOT (e.g.
+#                  s3://my-recsys-bucket/recsys); needed unless the config's
+#                  root is already s3:// or absolute: the job's preflight
+#                  refuses a relative root on a cluster (exit in seconds)
 #   RUN_DATE       the date to (re)run  (default today, UTC); a failed night is
 #                  rerun with RUN_DATE=YYYY-MM-DD cluster/cron/nightly.sh
 #   ATTEMPTS       submissions per run  (default 2): a failed job is submitted

@@ -8,6 +8,7 @@ Publishing the rows is :mod:`recsys_core.serve.publish`.
 from __future__ import annotations
 
 import io
+import logging
 from typing import Any, Callable
 
 import numpy as np
@@ -19,9 +20,21 @@ from recsys_core import storage
 from recsys_core.data.text import pad_token_lists
 from recsys_core.model.checkpoint import load_checkpoint
 from recsys_core.model.towers import PAD, TwoTower, user_vectors
+from recsys_core.runtime import actor_pool, cluster_cpus
 from recsys_core.serve.retrieval import topk_excluding
 
 Loader = Callable[[str], tuple[TwoTower, dict[str, Any]]]
+log = logging.getLogger(__name__)
+
+
+def pool_args(what: str, concurrency: int) -> dict[str, Any]:
+    """``map_batches`` arguments for an actor pool of at most ``concurrency`` actors that fits the
+    connected cluster with a CPU left for the read and write tasks (see :func:`recsys_core.runtime.actor_pool`)."""
+    cpus = cluster_cpus()
+    pool = actor_pool(cpus, concurrency)
+    log.info("%s: %d actor(s) x %g CPU on a %g-CPU cluster (asked for %d)", what, pool.size, pool.cpus, cpus,
+             concurrency)
+    return {"compute": ray.data.ActorPoolStrategy(size=pool.size), "num_cpus": pool.cpus}
 
 
 class ItemEmbedder:
@@ -78,11 +91,12 @@ class UserScorer:
 
 
 def embed_items(model_uri: str, items_uri: str, out_uri: str, batch_size: int, concurrency: int) -> np.ndarray:
-    """Embed the catalog with Ray Data; the (N, D) matrix is item-sized and saved as .npy."""
+    """Embed the catalog with Ray Data (at most ``concurrency`` actors, fewer on a small cluster); the
+    (N, D) matrix is item-sized and saved as .npy."""
     path, fs = storage.ray_location(items_uri)
     ds = ray.data.read_parquet(path, filesystem=fs, columns=["item_idx", "input_ids"])
     emb = ds.map_batches(ItemEmbedder, fn_constructor_kwargs={"model_uri": model_uri},
-                         batch_size=batch_size, batch_format="pyarrow", concurrency=concurrency)
+                         batch_size=batch_size, batch_format="pyarrow", **pool_args("ItemEmbedder", concurrency))
     parts = sorted(((t["item_idx"].to_numpy(), np.stack(t["embedding"].to_numpy(zero_copy_only=False)))
                     for t in emb.iter_batches(batch_format="pyarrow", batch_size=None)), key=lambda p: p[0][0])
     idx = np.concatenate([p[0] for p in parts])
@@ -106,7 +120,7 @@ def score_users(model_uri: str, item_emb_uri: str, users_uri: str, item_ids: pa.
     if block_mib > 0:
         users.context.target_max_block_size = max(1, int(block_mib * 2**20))
     return users.map_batches(
-        scorer, batch_size=batch_size, batch_format="pyarrow", concurrency=concurrency,
+        scorer, batch_size=batch_size, batch_format="pyarrow", **pool_args(scorer.__name__, concurrency),
         fn_constructor_kwargs={"model_uri": model_uri, "item_emb_uri": item_emb_uri, "item_ids": item_ids,
                                "k": k, "max_seq_len": max_seq_len, "model_version": model_version,
                                **scorer_kwargs})

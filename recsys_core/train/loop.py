@@ -8,7 +8,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import ray
@@ -32,6 +32,49 @@ log = logging.getLogger(__name__)
 
 VAL_METRIC = "val_ndcg10"
 STATE = "train_state.pt"
+T = TypeVar("T")
+
+
+def steps_per_epoch(n_examples: int, world: int, batch_size: int) -> int:
+    """The optimisation steps every rank runs each epoch: ``floor(n / (world * batch))``, at least 1.
+
+    Ray Train's ``streaming_split(equal=True)`` gives each rank ``floor(n / world)`` rows, but not the
+    same blocks, and ``iter_batches(local_shuffle_buffer_size=...)`` yields short batches at block
+    boundaries mid-stream (ray-project/ray#66085): ranks would run different step counts and hang in
+    DDP's all-reduce. Every rank yields at least ``ceil(rows / batch)`` batches, at least this cap."""
+    if n_examples < world:
+        raise ValueError(f"{n_examples} training examples cannot feed train.num_workers={world} workers")
+    return max(1, n_examples // (world * batch_size))
+
+
+def capped_batches(batches: Iterable[T], steps: int, rank: int) -> Iterator[T]:
+    """Exactly ``steps`` batches of ``batches`` (the rest of the epoch's shard is left unread, and the
+    source iterator is closed); a shard that ends before the cap is an error naming both counts."""
+    it = iter(batches)
+    n = 0
+    try:
+        while n < steps:
+            try:
+                batch = next(it)
+            except StopIteration:
+                raise RuntimeError(f"rank {rank}: the training shard ended after {n} batches, before the "
+                                   f"common {steps} steps per epoch") from None
+            n += 1
+            yield batch
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+
+
+def gather_steps(steps: int, world: int, device: torch.device) -> list[int]:
+    """Every rank's step count this epoch (rank order), for the epoch's metrics."""
+    if world == 1 or not dist.is_initialized():
+        return [steps]
+    mine = torch.tensor([steps], dtype=torch.int64, device=device)
+    every = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine)
+    return [int(t.item()) for t in every]
 
 
 def lr_lambda(warmup: int, total: int):
@@ -158,8 +201,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     opt = torch.optim.AdamW(param_groups(model, tc), lr=tc.lr, fused=device.type == "cuda",
                             foreach=device.type != "cuda")
-    steps_per_epoch = max(1, math.ceil(config["n_examples"] / (world * tc.batch_size)))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc.warmup_steps, steps_per_epoch * tc.epochs))
+    steps = steps_per_epoch(config["n_examples"], world, tc.batch_size)  # the same on every rank
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc.warmup_steps, steps * tc.epochs))
 
     start_epoch, best, since_best, history = 0, -1.0, 0, []
     ckpt = ray.train.get_checkpoint()
@@ -186,12 +229,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, tc.epochs):
         t0 = time.time()
         cache = text_table(model, items.tokens, items.mask)
-        bar = (tqdm(total=steps_per_epoch, desc=f"train epoch {epoch}", leave=False, mininterval=2, disable=quiet)
+        bar = (tqdm(total=steps, desc=f"train epoch {epoch}", leave=False, mininterval=2, disable=quiet)
                if rank == 0 else None)
         batches = ((x.to(device) for x in collate(b, cfg.model.max_seq_len))
-                   for b in shard.iter_batches(batch_size=tc.batch_size, batch_format="numpy",
-                                               local_shuffle_buffer_size=4 * tc.batch_size,
-                                               local_shuffle_seed=tc.seed + epoch))
+                   for b in capped_batches(shard.iter_batches(batch_size=tc.batch_size, batch_format="numpy",
+                                                              local_shuffle_buffer_size=4 * tc.batch_size,
+                                                              local_shuffle_seed=tc.seed + epoch), steps, rank))
         replay = None
         if replay_stream is not None:
             replay = lambda: replay_windows(replay_stream, cfg.guard.replay_batch_size,  # noqa: E731
@@ -200,6 +243,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                        replay=replay, on_step=(lambda _: bar.update(1)) if bar is not None else None)
         if bar is not None:
             bar.close()
+        steps_per_rank = gather_steps(ep.steps, world, device)
 
         flag = torch.zeros(2, dtype=torch.float64, device=device)  # NCCL needs device tensors
         if rank == 0:
@@ -213,7 +257,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         best, since_best = (ndcg, 0) if improved else (best, since_best + 1)
         metrics = {"epoch": epoch, "train_loss": ep.mean_loss, VAL_METRIC: ndcg, "val_recall10": recall,
                    "epoch_s": time.time() - t0, "lr": sched.get_last_lr()[0], "best_val_ndcg10": best,
-                   "step_s": ep.step_s, "samples_per_worker": ep.samples, "steps": ep.steps, **ep.mean_parts()}
+                   "step_s": ep.step_s, "samples_per_worker": ep.samples, "steps": ep.steps,
+                   "steps_per_rank": steps_per_rank, **ep.mean_parts()}
         history.append(metrics)
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None

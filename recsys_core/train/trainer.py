@@ -22,9 +22,9 @@ from recsys_core import storage
 from recsys_core.config import NightlyConfig
 from recsys_core.data.prepare import PreparedPaths, examples_dataset
 from recsys_core.data.text import load_tokenizer
-from recsys_core.runtime import is_verbose, ray_train_log_level
+from recsys_core.runtime import cluster_cpus, is_verbose, ray_train_log_level, train_workers
 from recsys_core.train.guard import corpus_ids, guard_report, needs_replay, read_corpus
-from recsys_core.train.loop import STATE, VAL_METRIC, train_loop_per_worker
+from recsys_core.train.loop import STATE, VAL_METRIC, steps_per_epoch, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,14 @@ def run_train(cfg: NightlyConfig, prepared: PreparedPaths, run_dir: str, init_fr
     """Fit with Ray Train; returns the best checkpoint's URI, its metrics, the per-epoch history and the
     generation guard's record. ``fresh`` discards an earlier attempt's checkpoints (``--force``)."""
     train_ds, n_examples = examples_dataset(prepared.train_examples, cfg.train)
+    cpus = cluster_cpus()
+    plan = train_workers(cpus, cfg.train.num_workers)
+    if not plan.stream:  # no CPU beside the workers for read tasks: read the examples before training
+        train_ds = train_ds.materialize()
+    steps = steps_per_epoch(n_examples, cfg.train.num_workers, cfg.train.batch_size)  # fails before Ray Train starts
+    log.info("training: %d worker(s) x %g CPU on a %g-CPU cluster (%s), input %s, %d steps per epoch on every rank",
+             cfg.train.num_workers, plan.cpus, cpus, cfg.train.placement_strategy,
+             "streams" if plan.stream else "read up front", steps)
     replay_ids = None
     if needs_replay(cfg.guard):
         replay_ids = corpus_ids(read_corpus(cfg.guard.replay_corpus, "replay"), load_tokenizer(cfg.model.tokenizer))
@@ -48,7 +56,9 @@ def run_train(cfg: NightlyConfig, prepared: PreparedPaths, run_dir: str, init_fr
         train_loop_per_worker,
         train_loop_config={"cfg": asdict(cfg), "prepared": prepared.root, "n_examples": n_examples,
                            "init_from": init_from, "replay_ids": replay_ids, "quiet": not is_verbose()},
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker={"CPU": plan.cpus},
+                                     placement_strategy=cfg.train.placement_strategy),
         run_config=RunConfig(
             name=name, storage_path=spath, storage_filesystem=sfs,
             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=VAL_METRIC,

@@ -1,0 +1,50 @@
+"""Sizing Ray work to the cluster: actor pools and training workers always leave a CPU for Ray Data's
+read/write tasks (hand-computed cases), and a real pool on a 1-CPU cluster finishes."""
+from __future__ import annotations
+
+import pytest
+
+from recsys_core.runtime import TASK_CPUS, ActorPool, WorkerPlan, actor_pool, train_workers
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize("cpus, requested, expected", [
+    (16, 2, ActorPool(2, 1.0)),  # plenty: as asked
+    (4, 2, ActorPool(2, 1.0)),  # 2 actors + 1 task CPU fit in 4
+    (3, 2, ActorPool(2, 1.0)),  # exactly 2 + 1
+    (2, 2, ActorPool(1, 1.0)),  # the default `ray start --head` on 2 cores: one actor, one CPU for reads
+    (2.5, 4, ActorPool(1, 1.0)),  # floor(2.5 - 1) = 1
+    (1.5, 2, ActorPool(1, 0.5)),  # what is left over the task's CPU
+    (1, 2, ActorPool(1, 0.0)),  # 1 CPU: the actor reserves none, the read task gets the CPU
+    (0, 3, ActorPool(3, 1.0)),  # no CPUs yet (autoscaler): as asked, the coming nodes have them
+])
+def test_actor_pool_leaves_a_cpu_for_tasks(cpus, requested, expected):
+    pool = actor_pool(cpus, requested)
+    assert pool == expected
+    if cpus >= 1:
+        assert pool.size * pool.cpus + TASK_CPUS <= cpus
+
+
+@pytest.mark.parametrize("cpus, world, expected", [
+    (8, 2, WorkerPlan(1.0, True)),
+    (3, 2, WorkerPlan(1.0, True)),  # 2 workers + 1 task CPU
+    (2, 2, WorkerPlan(0.5, True)),  # (2 - 1) / 2
+    (2, 1, WorkerPlan(1.0, True)),
+    (4, 4, WorkerPlan(0.75, True)),  # (4 - 1) / 4
+    (1, 1, WorkerPlan(1.0, False)),  # nothing beside the worker: the examples are read before training
+    (1, 2, WorkerPlan(0.5, False)),
+    (0, 2, WorkerPlan(1.0, True)),
+])
+def test_train_workers_leave_a_cpu_for_reads(cpus, world, expected):
+    plan = train_workers(cpus, world)
+    assert plan == expected
+    if plan.stream and cpus >= 1:
+        assert world * plan.cpus + TASK_CPUS <= cpus
+
+
+def test_bad_requests_are_refused():
+    with pytest.raises(ValueError, match="at least 1 actor"):
+        actor_pool(4, 0)
+    with pytest.raises(ValueError, match="at least 1 worker"):
+        train_workers(4, 0)
