@@ -246,7 +246,8 @@ def test_driver_killed_during_inference_rerun_publishes_once(killed_train, tmp_p
             while time.time() < deadline and proc.poll() is None and not part_files(recs):
                 time.sleep(0.01)
             alive = proc.poll() is None
-            os.killpg(proc.pid, signal.SIGKILL)
+            if alive:
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=60)
         assert alive, f"the nightly ended before inference could be interrupted:\n{log_path.read_text()[-3000:]}"
         killed_parts = part_files(recs)

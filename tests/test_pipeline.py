@@ -189,7 +189,7 @@ def test_summary_block_from_the_stage_records(nightly):
     assert f"kept epoch {best['epoch']} (validation NDCG@10 {best['val_ndcg10']:.4f})" in text
     assert f"ran epochs 0-{hist[-1]['epoch']} of at most {cfg.train.epochs}" in text
     assert ("stopped early" in text) == (len(hist) < cfg.train.epochs)
-    assert f"promotion: PROMOTED model {out['train']['model_version']} (no production model yet)" in text
+    assert f"promotion: PROMOTED model {out['train']['model_version']} (no production model yet" in text
     # the synthetic towers are random-init: the guard measured but is not enforced, and says so
     assert "guard:     not enforced: the item tower was not pretrained; measured general-English perplexity" in text
     for where in (out["infer"]["recommendations"], out["report"]["report"], out["report"]["history"],

@@ -70,7 +70,8 @@ def test_vectorised_prepare_matches_the_per_user_reference(ray_local, tmp_path):
     users = storage.read_table(out.users)
     assert users.num_rows == stats["users_kept"] == kept.num_rows > 100
     key = lambda r: r["user_id"]
-    assert sorted(users.to_pylist(), key=key) == sorted(kept.select(["user_id", "items", "ts"]).to_pylist(), key=key)
+    assert sorted(users.select(["user_id", "items", "ts"]).to_pylist(), key=key) == sorted(
+        kept.select(["user_id", "items", "ts"]).to_pylist(), key=key)
     assert stats["users_seen"] == hist.num_rows
 
     ex = storage.read_table(out.train_examples)

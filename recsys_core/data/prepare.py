@@ -658,7 +658,7 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
     kept = users.map_batches(_kept, batch_format="pyarrow", fn_kwargs={"min_n": min_n}).materialize()
     cutoff = None
     if cfg.eval.protocol == "temporal" and kept.count():
-        lo, hi = ts_range(kept)
+        lo, hi = event_ts_range(kept)
         cutoff = temporal_cutoff(lo, hi, cfg.eval.temporal_fraction)
     kept = kept.map_batches(split_columns, batch_format="pyarrow",
                             fn_kwargs={"protocol": cfg.eval.protocol, "cutoff": cutoff}).materialize()
@@ -716,7 +716,7 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
     return stats
 
 
-def ts_range(ds: ray.data.Dataset) -> tuple[int, int]:
+def event_ts_range(ds: ray.data.Dataset) -> tuple[int, int]:
     """Oldest and newest event ts of prepared users (user-sized pass, item-sized state)."""
     lo, hi = np.iinfo(np.int64).max, np.iinfo(np.int64).min
     for t in ds.iter_batches(batch_format="pyarrow", batch_size=4096):

@@ -87,7 +87,12 @@ def online_proxy(root: str, run_date: str, users_uri: str, items_uri: str, k: in
     recs, manifest = read_recommendations(folder)
     since = (manifest.get("input_snapshot") or {}).get("newest_event_ts")
     if since is None:  # published before the manifest carried it: that run's prepared users
-        since = newest_event_ts(storage.join(root, "runs", f"run_date={prev}", "prepared", "users"))
+        prev_users = storage.join(root, "runs", f"run_date={prev}", "prepared", "users")
+        since = newest_event_ts(prev_users) if storage.exists(prev_users) else None
+    if since is None:  # nothing says where "since" starts: no proxy rather than a wrong one
+        log.warning("online proxy skipped: %s's publication names no newest event and its prepared users are "
+                    "gone", prev)
+        return None
     users = storage.read_table(users_uri, columns=["user_id", "items", "ts"])
     events = events_since(users, catalog_ids(items_uri), int(since))
     out = {"from_run_date": prev, "model_version": manifest.get("model_version"), "since_ts": int(since), "k": k,
