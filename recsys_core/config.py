@@ -79,7 +79,7 @@ class DataConfig:
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)  # maps the data contract's names to your columns
     item_template: str = "{title}"  # item text from the items table's fields, e.g. "{title} ({year})"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)  # the synthetic source's generator
-    ts_unit: str = "s"  # unit of numeric timestamps: s | ms | us | ns | auto (each value by its magnitude)
+    ts_unit: Literal["s", "ms", "us", "ns", "auto"] = "s"  # unit of numeric timestamps (auto: each value by its magnitude)
     text_encoding: str = "utf-8"  # decodes binary-typed catalog text columns; undecodable bytes are an error
 
 
@@ -260,7 +260,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ConfigError(f"config key '{key}' must be one of {list(choices)}, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, choices))}, got {value!r}")
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -344,15 +344,14 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "non_negative": (lambda v: v >= 0, ">= 0"),
     "fraction": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
     "at_least_2": (lambda v: v >= 2, ">= 2"),
-    "ts_unit": (lambda v: v in ("s", "ms", "us", "ns", "auto"), "one of s, ms, us, ns, auto"),
     "iso_time": (_iso_time, "an ISO date or date-time (YYYY-MM-DD[THH:MM:SS])"),
     "codec": (_codec, "a Python text encoding (e.g. utf-8, latin-1)"),
 }
 RANGES: dict[str, str] = {
     "ray.shuffle_parallelism": "positive",
     "data.synthetic.n_users": "positive", "data.synthetic.n_items": "positive", "data.synthetic.n_topics": "positive",
-    "data.synthetic.events_per_user": "positive", "data.ts_unit": "ts_unit", "data.text_encoding": "codec",
-    "prepare.min_user_interactions": "positive", "prepare.max_history": "positive",
+    "data.synthetic.events_per_user": "positive", "data.text_encoding": "codec",
+    "prepare.min_user_interactions": "positive", "prepare.bucket_rows": "positive", "prepare.max_history": "positive",
     "prepare.max_reject_fraction": "fraction", "prepare.min_ts": "iso_time", "prepare.max_ts": "iso_time",
     "model.item_tower.dropout": "fraction", "model.user_tower.dropout": "fraction", "model.embed_dim": "positive",
     "model.max_text_tokens": "at_least_2", "model.max_seq_len": "positive",

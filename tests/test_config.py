@@ -178,6 +178,7 @@ def test_literal_choices_match_the_registries():
     from ray.data.context import ShuffleStrategy
 
     from recsys_core import config as C
+    from recsys_core.data.prepare import TS_UNITS
     from recsys_core.data.sources import SOURCES
     from recsys_core.eval.baselines import BASELINES
     from recsys_core.model.losses import LOSSES
@@ -196,6 +197,7 @@ def test_literal_choices_match_the_registries():
         (hints(C.EvalConfig)["baselines"], BASELINES),
         (hints(C.GuardConfig)["enforce"], ENFORCE),
         (hints(C.RegistryConfig)["on_reject"], ON_REJECT),
+        (hints(C.DataConfig)["ts_unit"], {*TS_UNITS, "auto"}),
     ]
     for tp, registry in pairs:
         assert set(_literal_choices(tp)) == set(registry), tp

@@ -613,8 +613,6 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
     lap("rejected_rows")
     # Users are spread over hash buckets; each bucket is one Python call that sorts and groups all of its
     # users at once (a group-by on user_id would pay one call per user). Buckets shuffle across nodes.
-    if cfg.prepare.bucket_rows < 1:
-        raise ValueError(f"prepare.bucket_rows must be >= 1, got {cfg.prepare.bucket_rows}")
     n_buckets = max(cfg.ray.shuffle_parallelism, math.ceil(rows_read / cfg.prepare.bucket_rows))
     users = (validated.map_batches(_good, batch_format="pyarrow", fn_kwargs={"n_buckets": n_buckets})
              .groupby("bucket")
