@@ -249,7 +249,9 @@ def evaluate_stage(run: Run) -> EvaluateRecord:
                                                     cfg.train.seed)}
     metrics = {"model": model_m, "baselines": base, "model_version": trained.model_version,
                "online": online, "protocol": stats.get("split", {"protocol": "loo"}),
-               "newest_event_ts": newest_event_ts(run.prepared.users), "validation_baselines": val_base,
+               # from prepare's stats (a date prepared by an older version has none: read the users)
+               "newest_event_ts": stats.get("newest_event_ts") or newest_event_ts(run.prepared.users),
+               "validation_baselines": val_base,
                "users_scored": n_scored, "cold_start": cold, "baseline_selection": base_chosen,
                "holdout_users": {"scored": n_users, "of": held["of"], "sampled": held["sampled"],
                                  "seed": held.get("seed"), "max_users": cfg.eval.max_users},

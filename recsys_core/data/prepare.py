@@ -432,14 +432,20 @@ def _n_train(batch: pa.Table, offsets: np.ndarray) -> np.ndarray:
     return train_lengths(np.diff(offsets))
 
 
-def _split_facts(batch: pa.Table, n_items: int) -> pa.Table:
-    """One row per block, item-sized: each item's first event ts in the block, and the block's validation
-    and test target items (for the split's stats: cold targets, items first seen after the cutoff)."""
+def _block_facts(batch: pa.Table, n_items: int) -> pa.Table:
+    """One row per block, item-sized, from one pass over kept users: the training interactions per item
+    (:func:`_train_counts`, dense), each item's first event ts, the newest event ts, the users without a
+    training event, and the validation and test target items (for the split's stats)."""
     offsets, items = _list_parts(batch["items"])  # (U+1,), (E,)
     _, ts = _list_parts(batch["ts"])  # (E,)
+    counts = np.zeros(n_items, dtype=np.int64)  # (N,)
+    sparse = _train_counts(batch)
+    counts[sparse["item_idx"].to_numpy()] = sparse["count"].to_numpy()
     first = np.full(n_items, NEVER, dtype=np.int64)  # (N,)
     np.minimum.at(first, items.astype(np.int64), ts.astype(np.int64))
-    out = {"first_seen": pa.array([first], pa.list_(pa.int64()))}
+    out = {"train_count": pa.array([counts], pa.list_(pa.int64())), "first_seen": pa.array([first], pa.list_(pa.int64())),
+           "newest_ts": pa.array([int(ts.max()) if len(ts) else None], pa.int64()),
+           "no_history": pa.array([int((_n_train(batch, offsets) == 0).sum())], pa.int64())}
     for which in ("val", "test"):
         pos = batch[f"{which}_pos"].combine_chunks()
         rows = np.flatnonzero(pos.is_valid().to_numpy(zero_copy_only=False))  # users in this split
@@ -671,20 +677,24 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
     examples.write_parquet(epath, filesystem=efs)
     lap("write_examples")
 
-    # Training popularity (for logQ correction and the popularity baseline), item-sized, not user-sized.
-    counts = np.zeros(catalog.num_rows, dtype=np.int64)
-    for t in kept.map_batches(_train_counts, batch_format="pyarrow").iter_batches(batch_format="pyarrow",
-                                                                                 batch_size=None):
-        np.add.at(counts, t["item_idx"].to_numpy(), t["count"].to_numpy())  # item-sized per block
-    n_train = int(counts.sum())
+    # Training popularity (for logQ correction and the popularity baseline) and the split's facts, in one
+    # pass over the kept users; every block sends item-sized arrays, never its users.
+    counts = np.zeros(catalog.num_rows, dtype=np.int64)  # (N,)
     first_seen = np.full(catalog.num_rows, NEVER, dtype=np.int64)  # (N,) first event ts of each item
     targets: dict[str, list[int]] = {"val": [], "test": []}
-    for t in kept.map_batches(_split_facts, batch_format="pyarrow", fn_kwargs={"n_items": catalog.num_rows}
+    newest, no_history = None, 0
+    for t in kept.map_batches(_block_facts, batch_format="pyarrow", fn_kwargs={"n_items": catalog.num_rows}
                               ).iter_batches(batch_format="pyarrow", batch_size=None):
-        for row in range(t.num_rows):  # one row per block: item-sized
+        for row in range(t.num_rows):  # one row per block
+            counts += np.asarray(t["train_count"][row].values, dtype=np.int64)
             np.minimum(first_seen, np.asarray(t["first_seen"][row].values, dtype=np.int64), out=first_seen)
+            block_newest = t["newest_ts"][row].as_py()
+            if block_newest is not None:
+                newest = block_newest if newest is None else max(newest, block_newest)
+            no_history += int(t["no_history"][row].as_py())
             for which in targets:
                 targets[which] += t[f"{which}_targets"][row].values.to_pylist()
+    n_train = int(counts.sum())
     storage.write_table(catalog.append_column("train_count", pa.array(counts)), out.items)
     lap("train_counts")
 
@@ -699,7 +709,8 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
         "items": catalog.num_rows,
         "train_interactions": n_train,
         "train_examples": storage_count(out.train_examples),
-        "split": split_stats(cfg.eval.protocol, cutoff, targets, first_seen, kept),
+        "split": split_stats(cfg.eval.protocol, cutoff, targets, first_seen, no_history),
+        "newest_event_ts": newest,
         "source": src.description,
         "interactions_uri": src.interactions,
         "items_uri": src.items,
@@ -725,14 +736,13 @@ def event_ts_range(ds: ray.data.Dataset) -> tuple[int, int]:
 
 
 def split_stats(protocol: str, cutoff: int | None, targets: dict[str, list[int]], first_seen: np.ndarray,
-                kept: ray.data.Dataset) -> dict[str, Any]:
+                no_history: int) -> dict[str, Any]:
     """Users per split, users without history before the cutoff, targets first seen after it."""
     out: dict[str, Any] = {"protocol": protocol, "cutoff": cutoff,
                            "val_users": len(targets["val"]), "test_users": len(targets["test"])}
     if cutoff is not None:
         out["cold_targets"] = {w: cold_targets(v, first_seen, cutoff) for w, v in targets.items()}
-        out["users_no_history"] = int(sum(int(pc.sum(pc.equal(t["train_len"], 0)).as_py() or 0)
-                                          for t in kept.iter_batches(batch_format="pyarrow", batch_size=4096)))
+        out["users_no_history"] = no_history
         out["items_first_seen_after_cutoff"] = int(((first_seen >= cutoff) & (first_seen < NEVER)).sum())
     return out
 
