@@ -15,7 +15,7 @@ import scipy.sparse as sp
 
 from recsys_core import storage
 from recsys_core.config import EvalConfig
-from recsys_core.data.split import fit_prefixes, holdout, load_split, split_rows
+from recsys_core.data.split import fit_prefixes, load_split, split_rows
 from recsys_core.eval.metrics import per_user_metrics
 from recsys_core.serve.retrieval import topk_from_scores
 
@@ -350,10 +350,9 @@ def validation_popularity(users_uri: str, n_items: int, max_users: int | None, s
                           ks: tuple[int, ...] = (10,)) -> dict[str, float]:
     """Popularity's mean metrics on the validation split, for the users the training loop validates
     on (``load_split(..., "val", train.val_users, train.seed)``): the scale for the validation curves.
-    Counts come from every user's training events; each user's seen items are excluded."""
-    seqs = storage.read_table(users_uri, columns=["items"])["items"].to_pylist()
-    train_hist, _ = holdout(seqs, "val")
-    pop = popularity_scores(np.concatenate(train_hist) if train_hist else np.zeros(0, np.int64), n_items)
+    Fit on every user's validation-fitting events (the split's rule), each user's seen items excluded."""
+    t = storage.read_table(users_uri)
+    log = train_log(fit_prefixes(t, "items", "val"), fit_prefixes(t, "ts", "val"), n_items)
     hist, target, _ = load_split(users_uri, "val", max_users, seed)
-    top = topk_from_scores(np.broadcast_to(pop, (len(hist), n_items)), hist, max(ks))  # (U, K)
+    top = rank_baseline("popularity", log, hist, max(ks), BaselineOptions(), None)  # (U, K)
     return {name: float(v.mean()) if len(v) else 0.0 for name, v in per_user_metrics(top, target, ks).items()}
