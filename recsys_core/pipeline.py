@@ -21,6 +21,7 @@ Storage layout under ``storage.root``::
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -35,7 +36,11 @@ from recsys_core import storage
 from recsys_core.config import NightlyConfig, check_ranges, replace
 from recsys_core.data.prepare import PreparedPaths, catalog_ids, run_prepare
 from recsys_core.data.sources import resolve_source
-from recsys_core.eval.baselines import baseline_options, baseline_per_user, validation_popularity
+from recsys_core.eval.baselines import (
+    baseline_options,
+    baseline_per_user,
+    validation_popularity,
+)
 from recsys_core.eval.holdout import cold_start_metrics, evaluate_model, holdout_users
 from recsys_core.eval.metrics import summarize_values
 from recsys_core.eval.online import newest_event_ts, online_proxy
@@ -44,6 +49,7 @@ from recsys_core.ops import gate, lease, registry, report
 from recsys_core.ops.explain import describe_users
 from recsys_core.ops.gate import ON_REJECT
 from recsys_core.ops.report import plot_learning_curve, point_metrics
+from recsys_core.preflight import preflight
 from recsys_core.records import (
     STAGE_RECORDS,
     EvaluateRecord,
@@ -56,7 +62,6 @@ from recsys_core.records import (
     ReportRecord,
     TrainRecord,
 )
-from recsys_core.preflight import preflight
 from recsys_core.runtime import init_ray, stage_context
 from recsys_core.serve.infer import embed_items, score_users
 from recsys_core.serve.publish import publish
@@ -440,7 +445,7 @@ def run_job(job: str, cfg: NightlyConfig, run_date: str, force: bool = False,
                          what=f"run_date={run_date} under {cfg.storage.root}").start_heartbeat()
     try:
         init_ray(cfg.ray)
-        run = Run(cfg, run_date, force, invocation, held=held)
+        run = dataclasses.replace(run, held=held)  # stages check the lease before writing records
         t0 = time.time()
         results, skipped = {}, []
         for name, fn in STAGES[job]:
