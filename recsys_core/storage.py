@@ -251,8 +251,7 @@ def parquet_totals(uri: str) -> tuple[int, int]:
     roughly what reading them into memory takes. (0, 0) when there are none."""
     rows = size = 0
     for f in list_files(uri, ".parquet"):
-        fs, path = filesystem(f)
-        meta = _retry(f, "parquet footer", lambda: pq.ParquetFile(path, filesystem=fs).metadata)
+        meta = parquet_metadata(f)
         rows += meta.num_rows
         size += sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
     return rows, size
@@ -309,8 +308,7 @@ def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
 
 def parquet_rows(uri: str) -> int:
     """Row count of one parquet file, from its footer (a small ranged read: retried like every call here)."""
-    fs, path = filesystem(uri)
-    return _retry(uri, "parquet_rows", lambda: pq.ParquetFile(path, filesystem=fs).metadata.num_rows)
+    return parquet_metadata(uri).num_rows
 
 
 def write_table(table: pa.Table, uri: str) -> None:
