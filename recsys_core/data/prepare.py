@@ -41,9 +41,21 @@ from ray.data.context import ShuffleStrategy
 from recsys_core import storage
 from recsys_core.config import NightlyConfig, TrainConfig
 from recsys_core.data.sources import SourceData
-from recsys_core.data.split import (MIN_EVENTS, NEVER, cold_targets, split_columns, temporal_cutoff, train_lengths,
-                                   training_window_bounds)
-from recsys_core.data.text import load_tokenizer, render_texts, template_fields, tokenize_texts
+from recsys_core.data.split import (
+    MIN_EVENTS,
+    NEVER,
+    cold_targets,
+    split_columns,
+    temporal_cutoff,
+    train_lengths,
+    training_window_bounds,
+)
+from recsys_core.data.text import (
+    load_tokenizer,
+    render_texts,
+    template_fields,
+    tokenize_texts,
+)
 
 log = logging.getLogger(__name__)
 REASONS = ("null_user_id", "null_item_id", "bad_timestamp", "ts_out_of_range", "ts_unit_mismatch", "unknown_item",

@@ -187,6 +187,11 @@ def train_len_of(seq: Sequence[int], train_len: int | None) -> int:
     return len(train_part(seq)) if train_len is None else int(train_len)
 
 
+def sample_rows(n: int, k: int, seed: int) -> np.ndarray:
+    """(k,) sorted distinct rows of ``n`` drawn with ``seed``: the one sampling rule of validation and holdout users."""
+    return np.sort(np.random.default_rng(seed).choice(n, k, replace=False))
+
+
 def load_split(users_uri: str, which: Which, max_users: int | None = None,
                seed: int = 0) -> tuple[list[np.ndarray], np.ndarray, list[Any]]:
     """Histories, targets and user ids of the prepared users for ``which`` (``max_users`` sampled)."""
@@ -195,6 +200,6 @@ def load_split(users_uri: str, which: Which, max_users: int | None = None,
     if has_split_columns(t):  # only the users of this split
         t = t.filter(pc.is_valid(t[f"{which}_pos"]))
     if max_users is not None and t.num_rows > max_users:
-        t = t.take(np.sort(np.random.default_rng(seed).choice(t.num_rows, max_users, replace=False)))
+        t = t.take(sample_rows(t.num_rows, max_users, seed))
     hist, tgt, _ = split_rows(t, which)
     return hist, tgt, t["user_id"].to_pylist()

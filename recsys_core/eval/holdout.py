@@ -17,7 +17,7 @@ import torch
 from recsys_core import storage
 from recsys_core.config import EvalConfig, InferConfig
 from recsys_core.data.prepare import catalog_ids
-from recsys_core.data.split import SPLIT_COLUMNS, Which, split_rows
+from recsys_core.data.split import SPLIT_COLUMNS, Which, sample_rows, split_rows
 from recsys_core.eval.metrics import per_user_metrics, summarize_values
 from recsys_core.model.towers import TwoTower, encode_items, user_vectors
 from recsys_core.serve.infer import UserScorer, embed_items, score_users
@@ -31,7 +31,7 @@ def holdout_rows(n_users: int, max_users: int | None, seed: int) -> np.ndarray |
         return None
     if max_users < 1:
         raise ValueError(f"eval.max_users must be >= 1 or null, got {max_users}")
-    return np.sort(np.random.default_rng(seed).choice(n_users, max_users, replace=False))
+    return sample_rows(n_users, max_users, seed)
 
 
 def holdout_users(users_uri: str, out_uri: str, max_users: int | None, seed: int) -> dict[str, Any]:

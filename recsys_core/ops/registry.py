@@ -36,8 +36,15 @@ from safetensors.numpy import load, save
 
 from recsys_core import storage
 from recsys_core.data.text import load_tokenizer
-from recsys_core.model.checkpoint import (CONFIG, MARKER, WEIGHTS, CheckpointError, copy_model_folder, marker_bytes,
-                                          verify_checkpoint)
+from recsys_core.model.checkpoint import (
+    CONFIG,
+    MARKER,
+    WEIGHTS,
+    CheckpointError,
+    copy_model_folder,
+    marker_bytes,
+    verify_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 POINTER = "PRODUCTION"

@@ -15,16 +15,32 @@ from dataclasses import asdict
 from typing import Any
 
 import torch
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train import (
+    CheckpointConfig,
+    FailureConfig,
+    LoggingConfig,
+    RunConfig,
+    ScalingConfig,
+)
 from ray.train.torch import TorchTrainer
 
 from recsys_core import storage
 from recsys_core.config import NightlyConfig
 from recsys_core.data.prepare import PreparedPaths, examples_dataset
 from recsys_core.data.text import load_tokenizer
-from recsys_core.runtime import cluster_cpus, is_verbose, ray_train_log_level, train_workers
+from recsys_core.runtime import (
+    cluster_cpus,
+    is_verbose,
+    ray_train_log_level,
+    train_workers,
+)
 from recsys_core.train.guard import corpus_ids, guard_report, needs_replay, read_corpus
-from recsys_core.train.loop import STATE, VAL_METRIC, steps_per_epoch, train_loop_per_worker
+from recsys_core.train.loop import (
+    STATE,
+    VAL_METRIC,
+    steps_per_epoch,
+    train_loop_per_worker,
+)
 
 log = logging.getLogger(__name__)
 
