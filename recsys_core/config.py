@@ -218,7 +218,12 @@ class ExplainConfig:
     n_users: int = 20  # users described (0: skip the stage)
     max_history: int = 5  # most recent items named in the prompt
     max_new_tokens: int = 24  # tokens generated per description
-    prompt: str = "A viewer who enjoyed {items} likes"  # {items}: the user's recent item texts joined by '; '
+    prompt: str = "A viewer who enjoyed {items} likes"  # continuation prompt for an LM without a chat template
+    # the user turn for an instruct LM (its tokenizer's chat template): {items} is the user's recent item texts
+    instruction: str = ("A viewer recently watched: {items}. In one sentence, describe this viewer's taste "
+                        "in movies.")
+    min_clean_share: float = 0.9  # publish only when at least this share has no degenerate repetition
+    min_grounded_share: float = 0.7  # ... and at least this share names a genre or title word of the history
     seed: int = 0  # random seed of the user sample
 
 
@@ -369,6 +374,7 @@ RANGES: dict[str, str] = {
     "guard.replay_batch_size": "positive", "guard.replay_seq_len": "positive", "guard.max_ppl_increase": "non_negative",
     "registry.keep_versions": "positive", "registry.ndcg_tolerance": "fraction",
     "explain.n_users": "non_negative", "explain.max_history": "positive", "explain.max_new_tokens": "positive",
+    "explain.min_clean_share": "fraction", "explain.min_grounded_share": "fraction",
     "storage.lease_ttl_s": "positive", "storage.lease_wait_s": "non_negative",
 }
 

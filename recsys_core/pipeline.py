@@ -46,7 +46,7 @@ from recsys_core.eval.metrics import summarize_values
 from recsys_core.eval.online import newest_event_ts, online_proxy
 from recsys_core.model.checkpoint import CONFIG
 from recsys_core.ops import gate, lease, registry, report
-from recsys_core.ops.explain import describe_users
+from recsys_core.ops.explain import describe_users, description_bar
 from recsys_core.ops.gate import ON_REJECT
 from recsys_core.ops.report import plot_learning_curve, point_metrics
 from recsys_core.preflight import preflight
@@ -377,20 +377,34 @@ def manifest_metrics(src: ModelSource, baselines: dict[str, dict[str, float]],
                           "production": promoted.production, "publish_reason": promoted.publish_reason}}
 
 
+NOT_PRETRAINED = ("not applicable: the item tower's language model was not pretrained (random init, no "
+                  "language to describe a taste with); no descriptions published")
+
+
 def explain_stage(run: Run) -> ExplainRecord:
     """One-line taste descriptions from the published model's protected LM, in their own folder (the
-    recommendations folder holds only recommendations, for readers that read whole folders)."""
+    recommendations folder holds only recommendations, for readers that read whole folders). Published
+    only from a pretrained LM and only when they clear the quality bar (``ops.explain.description_bar``)."""
     published = run.record("infer")
     if not published.published or run.cfg.explain.n_users <= 0:
         return ExplainRecord(explanations=None, reason=published.reason or "explain.n_users is 0")
+    if not run.cfg.model.item_tower.pretrained:
+        log.info("explain: %s", NOT_PRETRAINED)
+        return ExplainRecord(explanations=None, reason=NOT_PRETRAINED)
     version = published.manifest["model_version"]
-    table = describe_users(run.model_dir(version), run.prepared.users, run.prepared.items, run.cfg.model.tokenizer,
-                           run.cfg.explain, version)
+    table, quality = describe_users(run.model_dir(version), run.prepared.users, run.prepared.items,
+                                    run.cfg.model.tokenizer, run.cfg.explain, version)
+    ok, why = description_bar(quality, run.cfg.explain)
+    log.info("explain: %s", why)
+    if not ok:
+        return ExplainRecord(explanations=None, reason=why, users=table.num_rows, model_version=version,
+                             quality=quality)
     uri = storage.join(run.explain_dir, "explanations.parquet")
     storage.write_table(table, uri)
-    return ExplainRecord(explanations=uri, users=table.num_rows, model_version=version,
+    return ExplainRecord(explanations=uri, reason=why, users=table.num_rows, model_version=version,
                          examples=[{"prompt": p, "description": d} for p, d in
-                                   zip(table["prompt"].to_pylist()[:3], table["description"].to_pylist()[:3])])
+                                   zip(table["prompt"].to_pylist()[:3], table["description"].to_pylist()[:3])],
+                         quality=quality)
 
 
 def report_stage(run: Run) -> ReportRecord:
@@ -401,7 +415,7 @@ def report_stage(run: Run) -> ReportRecord:
     recs = run.recs_dir if records["infer"].get("published") else None
     samples = report.load_samples(run.prepared.users, run.prepared.items, recs,
                                   (explained or {}).get("explanations"), n=10, seed=run.cfg.explain.seed)
-    storage.write_bytes(uri, report.render(run.run_date, records, history, samples).encode())
+    storage.write_bytes(uri, report.render(run.run_date, records, history, samples, explained).encode())
     log.info("report: %s", uri)
     return ReportRecord(report=uri, history=report.history_uri(run.root))
 

@@ -109,6 +109,7 @@ class ExplainRecord(Record):
     users: int = 0
     model_version: str | None = None
     examples: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    quality: dict[str, float] | None = None  # clean_share, grounded_share, n (ops.explain.description_quality)
 
 
 STAGE_RECORDS: dict[str, type[Record]] = {

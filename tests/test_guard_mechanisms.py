@@ -193,7 +193,11 @@ def test_verdict_blocks_only_when_enforced_and_over_the_limit():
     within = verdict({"ppl_general": 20.0}, {"ppl_general": 20.9}, g, pretrained=True)
     assert within["passed"] and not within["blocks_promotion"]
     scratch = verdict({"ppl_general": 20.0}, {"ppl_general": 30.0}, g, pretrained=False)
-    assert not scratch["passed"] and not scratch["blocks_promotion"] and "not enforced" in scratch["message"]
+    assert not scratch["passed"] and not scratch["blocks_promotion"] and scratch["applicable"] is False
+    assert scratch["message"].startswith("generation guard not applicable: the item tower was not pretrained")
+    assert "passed" not in scratch["message"]  # a random-init LM is never reported as protected
+    never = verdict({"ppl_general": 20.0}, {"ppl_general": 30.0}, dataclasses.replace(g, enforce="never"), True)
+    assert not never["blocks_promotion"] and never["message"].endswith("(not enforced: guard.enforce=never)")
     always = verdict({"ppl_general": 20.0}, {"ppl_general": 30.0}, dataclasses.replace(g, enforce="always"), False)
     assert always["blocks_promotion"]
     with pytest.raises(ValueError, match="guard.enforce"):

