@@ -12,9 +12,10 @@ import difflib
 import re
 import types
 import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import yaml
 
@@ -96,7 +97,10 @@ class PrepareConfig:
 @dataclass(frozen=True)
 class TowerConfig:
     size: Literal["tiny", "mini", "small", "gpt2", "gpt2-medium"] = "tiny"  # recsys_core.model.towers.SIZES
-    pretrained: str | None = None  # hub name, save_pretrained folder or s3:// prefix; None = scratch
+    pretrained: str | None = None  # hub name, save_pretrained folder, s3:// prefix, .gguf, smollm2-135m-instruct; None = scratch
+    # item tower only: the pretrained LM stays frozen; its pooled text features are computed once per catalog
+    # (model.features), cached in storage, and the tower trains a projection (+ ID embedding) on them
+    frozen: bool = False
     dropout: float = 0.1  # dropout inside the tower
 
 
@@ -391,6 +395,20 @@ def check_ranges(cfg: Any, ranges: dict[str, str] = RANGES) -> None:
                 raise ConfigError(f"config key '{key}' must be {words}, got {v!r}")
 
 
+def check_combinations(cfg: NightlyConfig) -> None:
+    """Rules between keys: a frozen item LM must be pretrained, and nothing may train or adapt it."""
+    it = cfg.model.item_tower
+    if it.frozen and not it.pretrained:
+        raise ConfigError("config key 'model.item_tower.frozen' needs model.item_tower.pretrained (a frozen "
+                          "random-init LM has no features worth reading)")
+    if it.frozen and (cfg.guard.lora.enabled or cfg.guard.lm_weight > 0 or cfg.guard.kl_weight > 0
+                      or cfg.guard.item_lm_weight > 0):
+        raise ConfigError("config key 'model.item_tower.frozen' leaves the LM untouched: guard.lora, "
+                          "guard.lm_weight, guard.kl_weight and guard.item_lm_weight must be off")
+    if cfg.model.user_tower.frozen:
+        raise ConfigError("config key 'model.user_tower.frozen': only the item tower reads text features")
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> NightlyConfig:
     data: dict[str, Any] = {}
     if path is not None:
@@ -407,6 +425,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Night
     try:
         cfg = from_dict(NightlyConfig, data)
         check_ranges(cfg)
+        check_combinations(cfg)
         return cfg
     except ConfigError as e:
         raise ConfigError(f"{path or '<defaults>'}: {e}") from None
@@ -424,6 +443,7 @@ def replace(cfg: Any, **dotted: Any) -> Any:
     out = from_dict(type(cfg), data)
     if isinstance(out, NightlyConfig):
         check_ranges(out)
+        check_combinations(out)
     return out
 
 

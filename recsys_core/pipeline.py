@@ -27,13 +27,14 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow as pa
 
 from recsys_core import storage
-from recsys_core.config import NightlyConfig, check_ranges, replace
+from recsys_core.config import NightlyConfig, check_combinations, check_ranges, replace
 from recsys_core.data.prepare import PreparedPaths, catalog_ids, run_prepare
 from recsys_core.data.sources import resolve_source
 from recsys_core.eval.baselines import (
@@ -392,8 +393,10 @@ def explain_stage(run: Run) -> ExplainRecord:
         log.info("explain: %s", NOT_PRETRAINED)
         return ExplainRecord(explanations=None, reason=NOT_PRETRAINED)
     version = published.manifest["model_version"]
+    it = run.cfg.model.item_tower
     table, quality = describe_users(run.model_dir(version), run.prepared.users, run.prepared.items,
-                                    run.cfg.model.tokenizer, run.cfg.explain, version)
+                                    run.cfg.model.tokenizer, run.cfg.explain, version,
+                                    frozen_lm=it.pretrained if it.frozen else None)
     ok, why = description_bar(quality, run.cfg.explain)
     log.info("explain: %s", why)
     if not ok:
@@ -448,6 +451,7 @@ def run_job(job: str, cfg: NightlyConfig, run_date: str, force: bool = False,
     if not storage.is_s3(cfg.storage.root):  # Ray workers run in other folders: pin relative roots
         cfg = replace(cfg, **{"storage.root": os.path.abspath(cfg.storage.root)})
     check_ranges(cfg)  # a config built in code is checked like a loaded one, before Ray and before any stage
+    check_combinations(cfg)
     run = Run(cfg, run_date, force, invocation)
     names = [name for name, _ in STAGES[job]]
     for dep in DEPENDS[names[0]]:  # a stage run out of order fails before Ray starts

@@ -8,8 +8,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import ray
@@ -81,3 +81,29 @@ def synthetic_cfg(tmp_path: Path):
     """The shipped synthetic config, writing under this test's tmp folder."""
 
     return load_config(REPO / "jobs" / "configs" / "synthetic.yaml", [f"storage.root={tmp_path / 'store'}"])
+
+
+def pretrain_tiny_lm(folder: Path, steps: int = 50, seed: int = 0) -> str:
+    """A 2-layer GPT-2 LM trained briefly on the replay corpus, saved with save_pretrained (safetensors)."""
+    # lazy: only the tests that pretrain an LM build one (torch and transformers stay out of the others)
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from recsys_core.data.text import load_tokenizer
+    from recsys_core.train.guard import corpus_ids, read_corpus
+
+    torch.manual_seed(seed)
+    ids = torch.tensor(corpus_ids(read_corpus("builtin", "replay"), load_tokenizer("gpt2-offline")))
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_layer=2, n_embd=64, n_head=2,
+                                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    opt = torch.optim.AdamW(lm.parameters(), lr=5e-3)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        starts = torch.randint(0, ids.numel() - 48, (8,), generator=gen).tolist()
+        x = torch.stack([ids[s:s + 48] for s in starts])  # (8, 48)
+        loss = lm(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    lm.save_pretrained(folder)
+    return str(folder)

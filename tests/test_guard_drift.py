@@ -7,8 +7,6 @@ replay corpus) here: what the starting LM can do is what fine-tuning may destroy
 measures the real case, held-out English on a genuinely pretrained LM."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -16,35 +14,12 @@ import jobs.prepare
 import jobs.train
 from recsys_core import storage
 from recsys_core.config import load_config, replace
-from recsys_core.data.text import load_tokenizer
 from recsys_core.model.checkpoint import load_checkpoint
-from recsys_core.train.guard import BUILTIN, corpus_ids, read_corpus
-from tests.conftest import REPO
+from recsys_core.train.guard import BUILTIN
+from tests.conftest import REPO, pretrain_tiny_lm
 
 pytestmark = pytest.mark.integration
 RUN_DATE = "2026-11-20"
-
-
-def pretrain_tiny_lm(folder: Path, steps: int = 50, seed: int = 0) -> str:
-    """A 2-layer GPT-2 LM trained briefly on the replay corpus, saved with save_pretrained (safetensors)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-
-    torch.manual_seed(seed)
-    ids = torch.tensor(corpus_ids(read_corpus("builtin", "replay"), load_tokenizer("gpt2-offline")))
-    lm = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_layer=2, n_embd=64, n_head=2,
-                                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
-    opt = torch.optim.AdamW(lm.parameters(), lr=5e-3)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        starts = torch.randint(0, ids.numel() - 48, (8,), generator=gen).tolist()
-        x = torch.stack([ids[s:s + 48] for s in starts])  # (8, 48)
-        loss = lm(input_ids=x, labels=x).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    lm.save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")

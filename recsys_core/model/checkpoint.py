@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 WEIGHTS = "model.safetensors"
 CONFIG = "model_config.json"
 MARKER = "_COMPLETE"
+FROZEN_FEATURES = "frozen_features"  # item_backbone of a frozen item tower: {"frozen_features": H}
 
 
 class CheckpointError(FileNotFoundError):
@@ -94,14 +95,18 @@ class ModelSpec:
     user_backbone: dict[str, Any]
 
     @staticmethod
-    def of(model: TwoTower) -> "ModelSpec":
+    def of(model: TwoTower) -> ModelSpec:
         m = unwrap(model)
+        it = m.item_tower
+        item = ({FROZEN_FEATURES: int(it.text_features.size(1))} if it.frozen else it.backbone.config.to_dict())
         return ModelSpec(model=asdict(m.cfg), n_items=m.n_items, temperature=float(m.temperature),
-                         item_backbone=m.item_tower.backbone.config.to_dict(),
-                         user_backbone=m.user_tower.backbone.config.to_dict())
+                         item_backbone=item, user_backbone=m.user_tower.backbone.config.to_dict())
 
     def build(self) -> TwoTower:
         cfg = from_dict(ModelConfig, self.model)
+        if FROZEN_FEATURES in self.item_backbone:  # the frozen LM's features are in the weights, not its body
+            return TwoTower(cfg, self.n_items, None, backbone_from_config(self.user_backbone), self.temperature,
+                            features_dim=int(self.item_backbone[FROZEN_FEATURES]))
         item_bb = backbone_from_config(self.item_backbone)
         head = None
         if not self.item_backbone.get("tie_word_embeddings", True):
@@ -146,7 +151,7 @@ def export_model(model: nn.Module) -> TwoTower:
     """The model as served: LoRA adapters merged into a copy (plain architecture, no peft needed)."""
 
     m = unwrap(model)
-    if not is_lora(m.item_tower.backbone):
+    if m.item_tower.frozen or not is_lora(m.item_tower.backbone):
         return m
     served = copy.deepcopy(m)
     served.item_tower.backbone = served.item_tower.backbone.merge_and_unload()
@@ -157,7 +162,7 @@ def save_model_folder(model: nn.Module, folder: str, metrics: dict[str, Any]) ->
     """Merged weights + config + marker (a loadable checkpoint); under LoRA also the adapters alone
     (``lora_item/``, peft format). Returns what resuming needs beyond the folder (unmerged weights)."""
     m = unwrap(model)
-    lora = is_lora(m.item_tower.backbone)
+    lora = not m.item_tower.frozen and is_lora(m.item_tower.backbone)
     if lora:
         m.item_tower.backbone.save_pretrained(str(Path(folder) / LORA_DIR))
     served = export_model(m)

@@ -8,8 +8,9 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -117,14 +118,24 @@ class TowerLM(nn.Module):
 
 class ItemTower(nn.Module):
     """Item text -> vector; its body is also a causal language model (``lm_logits``), the one the
-    generation guard protects. The LM head is the token embedding (tied) unless ``lm_head`` is given."""
+    generation guard protects. The LM head is the token embedding (tied) unless ``lm_head`` is given.
 
-    def __init__(self, cfg: ModelConfig, n_items: int, backbone: nn.Module, lm_head: nn.Module | None = None):
+    Frozen (``backbone=None``, ``features_dim=H``): the body is a frozen pretrained LM outside the model;
+    its pooled text features of every item (``text_features``, (N, H), filled from the catalog's cached
+    feature pass, ``model.features``) are what the tower reads, so a step costs no LM forward at all."""
+
+    def __init__(self, cfg: ModelConfig, n_items: int, backbone: nn.Module | None, lm_head: nn.Module | None = None,
+                 features_dim: int | None = None):
         super().__init__()
+        if (backbone is None) == (features_dim is None):
+            raise ValueError("an item tower has either a language-model body or frozen text features, not both")
         self.backbone = backbone
         self.lm_head = lm_head
         self.pooling = cfg.pooling
-        self.proj = nn.Linear(hidden_size(self.backbone), cfg.embed_dim)
+        if backbone is None:
+            self.register_buffer("text_features", torch.zeros(n_items, int(features_dim)))  # (N, H)
+        self.proj = nn.Linear(hidden_size(self.backbone) if backbone is not None else int(features_dim),
+                              cfg.embed_dim)
         self.id_emb = nn.Embedding(n_items, cfg.embed_dim) if cfg.id_embedding else None
         if self.id_emb is not None:
             nn.init.normal_(self.id_emb.weight, std=0.02)
@@ -140,12 +151,21 @@ class ItemTower(nn.Module):
         """(N, T, H) -> (N, T, V) next-token logits."""
         return head_logits(self.backbone, self.lm_head, hidden)
 
-    def lm(self) -> "TowerLM":
+    def lm(self) -> TowerLM:
         """A view of this tower's language model (shares its weights)."""
         return TowerLM(self.backbone, self.lm_head)
 
-    def text_embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(N, T) tokens -> (N, D) text embedding."""
+    @property
+    def frozen(self) -> bool:
+        return self.backbone is None
+
+    def text_embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   item_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, T) tokens of items (N,) -> (N, D) text embedding (frozen: their cached features, projected)."""
+        if self.frozen:
+            if item_idx is None:
+                raise ValueError("a frozen item tower embeds items by index (their cached features)")
+            return self.proj(self.text_features[item_idx])
         return self.embed_hidden(self.hidden(input_ids, attention_mask), attention_mask)
 
     def embed_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -178,12 +198,13 @@ class UserTower(nn.Module):
 
 
 class TwoTower(nn.Module):
-    def __init__(self, cfg: ModelConfig, n_items: int, item_backbone: nn.Module, user_backbone: nn.Module,
-                 temperature: float = 1.0, learn_temperature: bool = False, item_lm_head: nn.Module | None = None):
+    def __init__(self, cfg: ModelConfig, n_items: int, item_backbone: nn.Module | None, user_backbone: nn.Module,
+                 temperature: float = 1.0, learn_temperature: bool = False, item_lm_head: nn.Module | None = None,
+                 features_dim: int | None = None):
         super().__init__()
         self.cfg = cfg
         self.n_items = n_items
-        self.item_tower = ItemTower(cfg, n_items, item_backbone, item_lm_head)
+        self.item_tower = ItemTower(cfg, n_items, item_backbone, item_lm_head, features_dim)
         self.user_tower = UserTower(cfg, user_backbone)
         log_t = torch.tensor(float(temperature)).log()
         self.log_temperature = nn.Parameter(log_t, requires_grad=learn_temperature)
@@ -227,12 +248,21 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def build_two_tower(cfg: ModelConfig, n_items: int, temperature: float = 1.0,
-                    learn_temperature: bool = False) -> TwoTower:
-    """A fresh model from config: backbones pretrained or built from named sizes."""
-    item_bb, head = load_backbone(cfg.item_tower, n_positions=max(cfg.max_text_tokens, 8))
+                    learn_temperature: bool = False, text_features: torch.Tensor | None = None) -> TwoTower:
+    """A fresh model from config: backbones pretrained or built from named sizes. A frozen item tower
+    takes the catalog's cached text features (N, H) instead of a body (``model.features``)."""
+    if cfg.item_tower.frozen:
+        if text_features is None or text_features.size(0) != n_items:
+            raise ValueError(f"a frozen item tower needs the text features of all {n_items} items")
+        item_bb, head, dim = None, None, text_features.size(1)
+    else:
+        (item_bb, head), dim = load_backbone(cfg.item_tower, n_positions=max(cfg.max_text_tokens, 8)), None
     # The user tower reads item embeddings, so its own token vocabulary is unused (size 1).
     user_bb, _ = load_backbone(cfg.user_tower, n_positions=cfg.max_seq_len, vocab_size=1)
-    return TwoTower(cfg, n_items, item_bb, user_bb, temperature, learn_temperature, head)
+    model = TwoTower(cfg, n_items, item_bb, user_bb, temperature, learn_temperature, head, dim)
+    if text_features is not None and cfg.item_tower.frozen:
+        model.item_tower.text_features.copy_(text_features)
+    return model
 
 
 def max_positions(backbone: nn.Module) -> int:
@@ -288,7 +318,8 @@ def eval_batches(model: nn.Module, n: int, batch_size: int, fn: Callable[[int, i
 def text_table(model: TwoTower, tokens: torch.Tensor, mask: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """(N, T) item tokens -> (N, D) text embeddings of every item (no ID part), dropout off."""
     return eval_batches(model, tokens.size(0), batch_size,
-                        lambda a, b: model.item_tower.text_embed(tokens[a:b], mask[a:b]),
+                        lambda a, b: model.item_tower.text_embed(tokens[a:b], mask[a:b],
+                                                                 torch.arange(a, b, device=tokens.device)),
                         torch.zeros(0, model.cfg.embed_dim, device=tokens.device))
 
 
@@ -297,8 +328,9 @@ def encode_items(model: TwoTower, tokens: torch.Tensor, mask: torch.Tensor, batc
     dev = next(model.parameters()).device
 
     def batch(a: int, b: int) -> torch.Tensor:
-        text = model.item_tower.text_embed(tokens[a:b].to(dev), mask[a:b].to(dev))  # (b, D)
-        return model.item_embeddings(text, torch.arange(a, b, device=dev))
+        idx = torch.arange(a, b, device=dev)
+        text = model.item_tower.text_embed(tokens[a:b].to(dev), mask[a:b].to(dev), idx)  # (b, D)
+        return model.item_embeddings(text, idx)
 
     return eval_batches(model, tokens.size(0), batch_size, batch, torch.zeros(0, model.cfg.embed_dim, device=dev))
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +27,7 @@ from recsys_core import storage
 from recsys_core.config import ExplainConfig
 from recsys_core.data.text import load_tokenizer
 from recsys_core.model.checkpoint import load_checkpoint
+from recsys_core.model.pretrained import load_causal_lm
 from recsys_core.model.towers import item_causal_lm
 from recsys_core.train.guard import greedy_continuation
 
@@ -57,9 +59,7 @@ def has_chat_template(tokenizer: Any) -> bool:
 
 _WORD = re.compile(r"[a-z]+")
 # Words that never ground a description: function words and the catalog template's own fixed words.
-STOPWORDS = frozenset("""a an and are as at be but by for from genres has have he her his i in is it its me my of
-on or she that the their them they this to was were with you your film films movie movies viewer viewers taste
-""".split())
+STOPWORDS = frozenset(["a", "an", "and", "are", "as", "at", "be", "but", "by", "for", "from", "genres", "has", "have", "he", "her", "his", "i", "in", "is", "it", "its", "me", "my", "of", "on", "or", "she", "that", "the", "their", "them", "they", "this", "to", "was", "were", "with", "you", "your", "film", "films", "movie", "movies", "viewer", "viewers", "taste"])
 
 
 def words(text: str) -> list[str]:
@@ -119,11 +119,15 @@ def sample_users(n_rows: int, n: int, seed: int) -> np.ndarray:
 
 @torch.no_grad()
 def describe_users(model_dir: str, users_uri: str, items_uri: str, tokenizer: str, ecfg: ExplainConfig,
-                   model_version: str) -> tuple[pa.Table, dict[str, float]]:
-    """(user_id, prompt, description, model_version) for a sample of users, and the descriptions' quality."""
+                   model_version: str, frozen_lm: str | None = None) -> tuple[pa.Table, dict[str, float]]:
+    """(user_id, prompt, description, model_version) for a sample of users, and the descriptions' quality.
+    The LM is the checkpoint's item tower, or ``frozen_lm`` (by name) when the tower reads a frozen LM's features."""
     tok = load_tokenizer(tokenizer)
-    model, _ = load_checkpoint(model_dir)
-    lm = item_causal_lm(model.item_tower)
+    if frozen_lm:
+        lm = load_causal_lm(frozen_lm).eval()
+    else:
+        model, _ = load_checkpoint(model_dir)
+        lm = item_causal_lm(model.item_tower)
     chat = has_chat_template(tok)
     texts = storage.read_table(items_uri, columns=["text"])["text"].to_pylist()
     users = storage.read_table(users_uri, columns=["user_id", "items"])

@@ -26,9 +26,10 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -54,6 +55,7 @@ TOKENIZER = "tokenizer"
 CATALOG = "catalog.parquet"
 VERSION_RE = re.compile(r"^\d{8}-\d{6}(-[0-9a-z]{1,16})?$")
 ID_EMB, ID_KNOWN = "item_tower.id_emb.weight", "item_tower.id_known"
+TEXT_FEATURES = "item_tower.text_features"
 
 
 def models_root(root: str) -> str:
@@ -337,8 +339,10 @@ def on_catalog(root: str, version: str, item_ids: pa.Array, today_hash: str, wor
     if weight is not None:
         state[ID_EMB] = weight
     state[ID_KNOWN] = known
+    if TEXT_FEATURES in state:  # a frozen item tower: its features are today's catalog's (the trainer refills them)
+        state[TEXT_FEATURES] = reindex_item_rows(state[TEXT_FEATURES], known, mapping)[0]
     meta = json.loads(storage.read_bytes(storage.join(src, CONFIG)))
-    meta["n_items"] = int(len(mapping))
+    meta["n_items"] = len(mapping)
     meta["reindexed_from"] = version
     files = {WEIGHTS: save({k: np.ascontiguousarray(v) for k, v in state.items()}),
              CONFIG: json.dumps(meta, indent=2, default=str).encode()}

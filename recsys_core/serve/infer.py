@@ -48,7 +48,7 @@ class ItemEmbedder:
     def __call__(self, batch: pa.Table) -> pa.Table:
         ids, mask = pad_token_lists(batch["input_ids"].to_pylist(), pad_id=PAD)
         idx = torch.from_numpy(batch["item_idx"].to_numpy().astype(np.int64))
-        text = self.model.item_tower.text_embed(torch.from_numpy(ids), torch.from_numpy(mask))
+        text = self.model.item_tower.text_embed(torch.from_numpy(ids), torch.from_numpy(mask), idx)
         emb = self.model.item_embeddings(text, idx).float().numpy()  # (b, D)
         return pa.table({"item_idx": batch["item_idx"],
                          "embedding": pa.FixedSizeListArray.from_arrays(emb.reshape(-1), emb.shape[1])})

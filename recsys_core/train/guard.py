@@ -17,9 +17,10 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from recsys_core import storage
 from recsys_core.config import GuardConfig, LoraConfig, NightlyConfig
 from recsys_core.data.text import load_tokenizer
 from recsys_core.model.checkpoint import load_checkpoint
+from recsys_core.model.pretrained import load_causal_lm
 from recsys_core.model.towers import (
     ItemTower,
     build_two_tower,
@@ -293,16 +295,27 @@ def guard_report(cfg: NightlyConfig, items_uri: str, checkpoint: str) -> dict[st
     item_ids = storage.read_table(items_uri, columns=["input_ids"])["input_ids"].to_pylist()
     held = heldout_items(len(item_ids), g.heldout_item_every)
     held_texts = [t for t, h in zip(item_ids, held) if h]
-    torch.manual_seed(cfg.train.seed)  # the same initial weights the workers started from
-    before_model = build_two_tower(cfg.model, len(item_ids))
-    after_model, _ = load_checkpoint(checkpoint)
     out: dict[str, Any] = {}
-    for name, m in (("before", before_model), ("after", after_model)):
-        window = min(g.eval_window, max_positions(m.item_tower.backbone))
-        stride = min(g.eval_stride, max(1, window // 2))
-        out[name] = measure(m.item_tower.lm(), general, held_texts, window, stride, g.eval_tokens)
-        out[f"generations_{name}"] = generations(item_causal_lm(m.item_tower), tok, g.prompts, g.generate_tokens)
+    if cfg.model.item_tower.frozen:  # the model holds none of the LM's weights: one measurement is both
+        lm = load_causal_lm(cfg.model.item_tower.pretrained).eval()
+        window = min(g.eval_window, max_positions(lm))
+        out["before"] = out["after"] = measure(lm, general, held_texts, window, min(g.eval_stride, max(1, window // 2)),
+                                               g.eval_tokens)
+        out["generations_before"] = out["generations_after"] = generations(lm, tok, g.prompts, g.generate_tokens)
+    else:
+        torch.manual_seed(cfg.train.seed)  # the same initial weights the workers started from
+        before_model = build_two_tower(cfg.model, len(item_ids))
+        after_model, _ = load_checkpoint(checkpoint)
+        for name, m in (("before", before_model), ("after", after_model)):
+            window = min(g.eval_window, max_positions(m.item_tower.backbone))
+            stride = min(g.eval_stride, max(1, window // 2))
+            out[name] = measure(m.item_tower.lm(), general, held_texts, window, stride, g.eval_tokens)
+            out[f"generations_{name}"] = generations(item_causal_lm(m.item_tower), tok, g.prompts, g.generate_tokens)
     rec = verdict(out["before"], out["after"], g, pretrained=bool(cfg.model.item_tower.pretrained))
+    if cfg.model.item_tower.frozen:
+        rec["frozen"] = True
+        rec["message"] += (" (the item LM is frozen: the model reads its cached text features and holds none of "
+                           "its weights, so its language is unchanged by construction)")
     rec.update(prompts=list(g.prompts), generations_before=out["generations_before"],
                generations_after=out["generations_after"], heldout_tokens=min(len(general), g.eval_tokens),
                mechanisms={"lora": g.lora.enabled, "lm_weight": g.lm_weight, "item_lm_weight": g.item_lm_weight,

@@ -7,8 +7,9 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import ray
@@ -19,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from recsys_core.config import NightlyConfig, from_dict
+from recsys_core.data.features import read_features, standardise
 from recsys_core.data.prepare import PreparedPaths
 from recsys_core.data.split import load_split
 from recsys_core.eval.holdout import evaluate_histories
@@ -86,12 +88,19 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
-def initial_model(cfg: NightlyConfig, n_items: int, init_from: str | None) -> TwoTower:
-    """Fresh (pretrained/named-size) or warm-started weights, with LoRA adapters when configured."""
+def initial_model(cfg: NightlyConfig, n_items: int, init_from: str | None,
+                  text_features: torch.Tensor | None = None) -> TwoTower:
+    """Fresh (pretrained/named-size) or warm-started weights, with LoRA adapters when configured; a frozen
+    item tower reads ``text_features`` (N, H), today's catalog's (``data.features``)."""
     if init_from:
         model, _ = load_checkpoint(init_from)
+        if model.item_tower.frozen and text_features is not None:
+            model.item_tower.text_features.copy_(text_features)
     else:
-        model = build_two_tower(cfg.model, n_items, cfg.train.temperature, cfg.train.learn_temperature)
+        model = build_two_tower(cfg.model, n_items, cfg.train.temperature, cfg.train.learn_temperature,
+                                text_features)
+    if model.item_tower.frozen:
+        return model
     if cfg.guard.lora.enabled:
         model.item_tower.backbone = apply_lora(model.item_tower.backbone, cfg.guard.lora)
         if model.item_tower.lm_head is not None:
@@ -191,7 +200,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     items = ItemTensors.load(paths.items).to(device)
     n_items = items.tokens.size(0)
     torch.manual_seed(tc.seed)  # identical init on every rank
-    model = initial_model(cfg, n_items, config.get("init_from"))
+    feats = config.get("features")
+    feats = torch.from_numpy(standardise(read_features(feats))) if feats else None  # (N, H), frozen item LM
+    model = initial_model(cfg, n_items, config.get("init_from"), feats)
     torch.manual_seed(tc.seed + rank)  # per-rank randomness (dropout, negatives) after the shared init
     model.log_temperature.requires_grad_(tc.learn_temperature)
     model.item_tower.id_known.copy_(items.known.float())  # items never trained are text-only
@@ -237,7 +248,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                                               local_shuffle_seed=tc.seed + epoch), steps, rank))
         replay = None
         if replay_stream is not None:
-            replay = lambda: replay_windows(replay_stream, cfg.guard.replay_batch_size,  # noqa: E731
+            replay = lambda: replay_windows(replay_stream, cfg.guard.replay_batch_size,
                                             replay_len(cfg.guard, model.item_tower), replay_gen).to(device)
         ep = run_epoch(objective, opt, sched, model.parameters(), tc.grad_clip, autocast, batches, items, cache,
                        replay=replay, on_step=(lambda _: bar.update(1)) if bar is not None else None)

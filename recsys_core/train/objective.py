@@ -22,14 +22,14 @@ class ItemTensors:
     known: torch.Tensor  # (N,) bool: the item occurs in training
 
     @staticmethod
-    def load(items_uri: str) -> "ItemTensors":
+    def load(items_uri: str) -> ItemTensors:
         t = storage.read_table(items_uri, columns=["input_ids", "train_count"])
         ids, mask = pad_token_lists(t["input_ids"].to_pylist(), pad_id=PAD)
         counts = t["train_count"].to_numpy().astype(np.float64)
         prob = torch.from_numpy((counts + 1.0) / (counts + 1.0).sum()).float()
         return ItemTensors(torch.from_numpy(ids), torch.from_numpy(mask), prob, torch.from_numpy(counts > 0))
 
-    def to(self, device: torch.device) -> "ItemTensors":
+    def to(self, device: torch.device) -> ItemTensors:
         return ItemTensors(self.tokens.to(device), self.mask.to(device), self.prob.to(device), self.known.to(device))
 
 
@@ -67,9 +67,13 @@ class Objective(nn.Module):
         fresh = torch.unique(tgt[valid])
         if fresh.numel() > self.text_items_per_step:
             fresh = fresh[torch.randperm(fresh.numel(), device=seq.device)[: self.text_items_per_step]]
-        fresh_hidden = m.item_tower.hidden(items.tokens[fresh], items.mask[fresh])  # (F, T, H)
-        fresh_text = m.item_tower.embed_hidden(fresh_hidden, items.mask[fresh])  # (F, D)
-        text = text_cache[cand].index_put((remap[fresh],), fresh_text.to(text_cache.dtype))  # (C, D)
+        fresh_hidden = None
+        if m.item_tower.frozen:  # a frozen LM's cached features: every candidate projected fresh, no LM terms
+            text = m.item_tower.text_embed(items.tokens[cand], items.mask[cand], cand)  # (C, D)
+        else:
+            fresh_hidden = m.item_tower.hidden(items.tokens[fresh], items.mask[fresh])  # (F, T, H)
+            fresh_text = m.item_tower.embed_hidden(fresh_hidden, items.mask[fresh])  # (F, D)
+            text = text_cache[cand].index_put((remap[fresh],), fresh_text.to(text_cache.dtype))  # (C, D)
         table = m.item_embeddings(text, cand)  # (C, D)
 
         states = m.user_states(table, remap[seq].clamp_min(0), mask)  # (B, L, D)

@@ -26,6 +26,7 @@ from ray.train.torch import TorchTrainer
 
 from recsys_core import storage
 from recsys_core.config import NightlyConfig
+from recsys_core.data.features import catalog_features
 from recsys_core.data.prepare import PreparedPaths, examples_dataset
 from recsys_core.data.text import load_tokenizer
 from recsys_core.runtime import (
@@ -34,6 +35,7 @@ from recsys_core.runtime import (
     ray_train_log_level,
     train_workers,
 )
+from recsys_core.serve.infer import pool_args
 from recsys_core.train.guard import corpus_ids, guard_report, needs_replay, read_corpus
 from recsys_core.train.loop import (
     STATE,
@@ -57,6 +59,11 @@ def run_train(cfg: NightlyConfig, prepared: PreparedPaths, run_dir: str, init_fr
     log.info("training: %d worker(s) x %g CPU on a %g-CPU cluster (%s), input %s, %d steps per epoch on every rank",
              cfg.train.num_workers, plan.cpus, cpus, cfg.train.placement_strategy,
              "streams" if plan.stream else "read up front", steps)
+    features = None
+    if cfg.model.item_tower.frozen:  # the frozen LM's pass over the catalog, once per catalog and model
+        features, _ = catalog_features(prepared.items, cfg.model.item_tower.pretrained, cfg.model.pooling,
+                                       cfg.storage.root, cfg.infer.item_batch_size,
+                                       pool_args("TextFeaturizer", cfg.infer.concurrency))
     replay_ids = None
     if needs_replay(cfg.guard):
         replay_ids = corpus_ids(read_corpus(cfg.guard.replay_corpus, "replay"), load_tokenizer(cfg.model.tokenizer))
@@ -71,7 +78,8 @@ def run_train(cfg: NightlyConfig, prepared: PreparedPaths, run_dir: str, init_fr
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": asdict(cfg), "prepared": prepared.root, "n_examples": n_examples,
-                           "init_from": init_from, "replay_ids": replay_ids, "quiet": not is_verbose()},
+                           "init_from": init_from, "replay_ids": replay_ids, "quiet": not is_verbose(),
+                           "features": features},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": plan.cpus},
                                      placement_strategy=cfg.train.placement_strategy),
@@ -91,7 +99,8 @@ def run_train(cfg: NightlyConfig, prepared: PreparedPaths, run_dir: str, init_fr
     uri = ("s3://" + best_ckpt.path) if storage.is_s3(run_dir) else best_ckpt.path
     guard = guard_report(cfg, prepared.items, uri)
     log.info(guard["message"])
-    return {"checkpoint": uri, "metrics": best_metrics, "history": _history(result, run_dir), "guard": guard}
+    return {"checkpoint": uri, "metrics": best_metrics, "history": _history(result, run_dir), "guard": guard,
+            "features": features}
 
 
 def _history(result: Any, run_dir: str) -> list[dict[str, Any]]:
