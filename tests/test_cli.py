@@ -54,7 +54,7 @@ def test_shipped_configs_found_by_name_or_path(tmp_path):
     own = tmp_path / "ml100k.yaml"  # a file of that name wins over the shipped config
     own.write_text("name: mine\n")
     assert cli.resolve_config(str(own)) == own
-    with pytest.raises(ConfigError, match=r"'nope' not found.*ml100k, ml100k_gpt2, synthetic"):
+    with pytest.raises(ConfigError, match=r"'nope' not found.*ml100k, ml100k_gpt2, ml100k_tiny, synthetic"):
         cli.resolve_config("nope")
 
 
@@ -280,6 +280,8 @@ def test_config_list_names_every_shipped_config_with_its_description(capsys):
     out = dict(ln.split(None, 1) for ln in capsys.readouterr().out.splitlines())
     assert set(out) == set(cli.shipped_configs())
     assert out["ml100k_gpt2"].startswith("GPU cluster: MovieLens-100k with a pretrained GPT-2")
+    assert out["ml100k"].startswith("The embedded demo (`make demo`): MovieLens-100k")
+    assert out["ml100k_tiny"].startswith("MovieLens-100k with RANDOM-INIT tiny GPT-2 towers")
     assert cli.config_summary("# python -m jobs.x\n# (a command)\n# What it is.\nname: x\n# later") == "What it is."
 
 

@@ -48,6 +48,36 @@ def test_storage_roundtrip_on_s3_and_local(moto_s3, tmp_path):
         storage.join("s3://recsys-test/x", "../escape")
 
 
+@pytest.mark.integration
+def test_json_replaced_in_place_is_never_read_torn(moto_s3):
+    """A document rewritten between a short and a long version while it is read (the manifest during
+    two publishes): every read is one whole version, never the old size with the new bytes."""
+    uri = "s3://recsys-test/torn/doc.json"
+    versions = [{"v": "short"}, {"v": "long" * 200, "files": ["x" * 50] * 10}]
+    storage.write_json(uri, versions[0])
+    stop, seen, errors = threading.Event(), [], []
+
+    def write() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            storage.write_json(uri, versions[i % 2])
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        for _ in range(150):
+            try:
+                seen.append(storage.read_json(uri))
+            except ValueError as e:  # a torn read fails to decode
+                errors.append(repr(e))
+    finally:
+        stop.set()
+        writer.join()
+    assert not errors, errors[:3]
+    assert all(doc in versions for doc in seen) and {d["v"][:4] for d in seen} == {"shor", "long"}
+
+
 def bucket_keys(s3, prefix: str = "") -> list[str]:
     return [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="recsys-test", Prefix=prefix)
             for o in page.get("Contents", [])]
