@@ -17,10 +17,24 @@ from pathlib import Path
 import numpy as np
 
 import jobs.nightly
+from recsys_core import storage
 from recsys_core.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 COLS = ["recall@10", "ndcg@10", "recall@50", "mrr@50"]
+
+
+def descriptions(explain: dict, prepared: str, n: int = 5) -> dict:
+    """The explain stage's outcome and its first ``n`` descriptions beside each user's last five items."""
+    out = {"reason": explain.get("reason"), "quality": explain.get("quality"), "examples": []}
+    if explain.get("explanations"):
+        ex = storage.read_table(explain["explanations"]).to_pylist()[:n]
+        users = storage.read_table(storage.join(prepared, "users"), columns=["user_id", "items"]).to_pylist()
+        texts = storage.read_table(storage.join(prepared, "items.parquet"), columns=["text"])["text"].to_pylist()
+        hist = {u["user_id"]: u["items"] for u in users}
+        out["examples"] = [{"user_id": e["user_id"], "last_items": [texts[i] for i in hist[e["user_id"]][-5:]],
+                            "description": e["description"]} for e in ex]
+    return out
 
 
 def main() -> None:
@@ -42,7 +56,15 @@ def main() -> None:
                      "kept_epoch": best["epoch"], "best_val_ndcg10": best["val_ndcg10"],
                      "train_s": out["train"]["wall_s"], "epochs": len(out["train"]["history"]),
                      "model": {c: m["model"][c] for c in COLS},
-                     "baselines": {b: {c: v[c] for c in COLS} for b, v in m["baselines"].items()}})
+                     "model_ci": {c: [m["model"][f"{c}_ci_low"], m["model"][f"{c}_ci_high"]] for c in COLS
+                                  if f"{c}_ci_low" in m["model"]},
+                     "baselines": {b: {c: v[c] for c in COLS} for b, v in m["baselines"].items()},
+                     "stage_s": {s: round(r.get("wall_s", 0.0), 1) for s, r in out.items() if isinstance(r, dict)},
+                     "guard": {k: out["train"]["guard"].get(k) for k in ("ppl_general_before", "ppl_general_after",
+                                                                         "change", "ppl_items_before",
+                                                                         "ppl_items_after", "items_change",
+                                                                         "message")},
+                     "explain": descriptions(out["explain"], out["prepare"]["prepared"])})
         print(json.dumps(rows[-1]), flush=True)
     print(f"\n| run | val ndcg@10 | {' | '.join(COLS)} | nightly wall |\n|---|---|{'---|' * len(COLS)}---|")
     for r in rows:

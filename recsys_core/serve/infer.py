@@ -34,7 +34,10 @@ def pool_args(what: str, concurrency: int) -> dict[str, Any]:
     pool = actor_pool(cpus, concurrency)
     log.info("%s: %d actor(s) x %g CPU on a %g-CPU cluster (asked for %d)", what, pool.size, pool.cpus, cpus,
              concurrency)
-    return {"compute": ray.data.ActorPoolStrategy(size=pool.size), "num_cpus": pool.cpus}
+    # SPREAD: the pool's actors go to every node with room instead of packing the driver's node first
+    # (on one node it changes nothing); each actor loads the model from storage, never from a local path
+    return {"compute": ray.data.ActorPoolStrategy(size=pool.size), "num_cpus": pool.cpus,
+            "scheduling_strategy": "SPREAD"}
 
 
 class ItemEmbedder:
