@@ -3,7 +3,7 @@
     python benchmarks/ml100k_seeds.py --seeds 0 1 2 --root /tmp/ml100k-seeds --json seeds.json [--set key=value ...]
 
 Each seed is a full `jobs.nightly` run (prepare, Ray Train DDP, evaluate, publish) on its own
-storage root; the table shows each seed, the mean and the spread (max - min), and the baselines.
+storage root (the first seed's frozen-LM feature cache is copied to the later ones: the same pass); the table shows each seed, the mean and the spread (max - min), and the baselines.
 Each row also records the best validation NDCG@10 (the kept epoch's): compare configurations
 (``--set train.lr=...``) on that column only; the test columns are read once, for the chosen one.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -46,7 +47,12 @@ def main() -> None:
     p.add_argument("--json", default=None)
     a = p.parse_args()
     rows = []
-    for seed in a.seeds:
+    for i, seed in enumerate(a.seeds):
+        if i:  # later seeds reuse the first one's LM feature cache (same catalog and LM): its pass runs once
+            for done in Path(a.root).glob("seed*/features/*/_COMPLETE"):
+                dest = Path(a.root) / f"seed{seed}" / "features" / done.parent.name
+                if not dest.exists():
+                    shutil.copytree(done.parent, dest)
         cfg = load_config(a.config, [*a.overrides, f"storage.root={a.root}/seed{seed}", f"train.seed={seed}"])
         t0 = time.time()
         out = jobs.nightly.main(cfg=cfg, run_date="2026-11-27", force=True)
