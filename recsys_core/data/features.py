@@ -71,11 +71,9 @@ class TextFeaturizer:
         self.pooling = pooling
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        # lazy: torch and the towers' pooling load in the featurizer actors, where they run
         import torch
-
-        from recsys_core.model.towers import (
-            pool,  # lazy: torch-side code, imported where it runs
-        )
+        from recsys_core.model.towers import pool
 
         ids, mask = pad_token_lists(batch["input_ids"].to_pylist(), pad_id=PAD)  # (b, T)
         with torch.no_grad():
