@@ -21,13 +21,15 @@ def test_ray_job_submit_runs_the_nightly(tmp_path, num_cpus, workers):
         r = cluster.submit("jobs.nightly", "--config", "jobs/configs/synthetic.yaml", "--run-date", "2026-11-27",
                            "--set", f"storage.root={root}", "--set", "train.epochs=1",
                            "--set", f"train.num_workers={workers}", "--set", "infer.concurrency=2",
-                           "--set", "eval.baselines=[popularity]", "--set", "explain.n_users=0")
+                           "--set", "eval.baselines=[popularity]", "--set", "explain.n_users=0",
+                           "--set", "data.synthetic.n_users=150", "--set", "train.val_users=150",
+                           "--set", "guard.eval_tokens=512", "--set", "guard.generate_tokens=4")
     finally:
         cluster.stop()
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "succeeded" in (r.stdout + r.stderr)
     man = storage.read_json(str(root / "recommendations" / "run_date=2026-11-27" / "_MANIFEST.json"))
-    assert man["rows"] == 400 and man["run_date"] == "2026-11-27"
+    assert man["rows"] == 150 and man["run_date"] == "2026-11-27"
     expected_actors = 1  # infer.concurrency=2 asked for; 2 CPUs leave room for one beside a task's CPU
     assert f"UserScorer: {expected_actors} actor(s) x {1 if num_cpus == 2 else 0} CPU on a {num_cpus}-CPU cluster" \
         in r.stdout + r.stderr
