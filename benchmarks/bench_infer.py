@@ -41,9 +41,9 @@ import ray
 import torch
 
 from recsys_core.config import InferConfig, ModelConfig, RayConfig, TowerConfig
-from recsys_core.data.text import pad_token_lists
+from recsys_core.data.text import PAD, pad_token_lists
 from recsys_core.model.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
-from recsys_core.model.towers import PAD, build_two_tower, encode_items, user_vectors
+from recsys_core.model.towers import build_two_tower, encode_items, user_vectors
 from recsys_core.runtime import init_ray
 from recsys_core.serve.infer import embed_items, score_users
 from recsys_core.serve.publish import publish

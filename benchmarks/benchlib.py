@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -163,3 +164,13 @@ def write_json(path: str | Path | None, data: dict[str, Any]) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(data, indent=2, default=float) + "\n")
+
+
+def share_features(root: Path, name: str) -> None:
+    """Seed ``root/name``'s frozen-LM feature cache with every complete one under ``root/*`` (the cache is
+    keyed by catalog and LM, so a run only ever reuses features of its own catalog and LM: the pass runs once
+    for a set of runs)."""
+    for done in Path(root).glob("*/features/*/_COMPLETE"):
+        dest = Path(root) / name / "features" / done.parent.name
+        if not dest.exists():
+            shutil.copytree(done.parent, dest)

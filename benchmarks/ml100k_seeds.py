@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from pathlib import Path
 
+import benchlib
 import numpy as np
 
 import jobs.nightly
@@ -49,10 +49,7 @@ def main() -> None:
     rows = []
     for i, seed in enumerate(a.seeds):
         if i:  # later seeds reuse the first one's LM feature cache (same catalog and LM): its pass runs once
-            for done in Path(a.root).glob("seed*/features/*/_COMPLETE"):
-                dest = Path(a.root) / f"seed{seed}" / "features" / done.parent.name
-                if not dest.exists():
-                    shutil.copytree(done.parent, dest)
+            benchlib.share_features(Path(a.root), f"seed{seed}")
         cfg = load_config(a.config, [*a.overrides, f"storage.root={a.root}/seed{seed}", f"train.seed={seed}"])
         t0 = time.time()
         out = jobs.nightly.main(cfg=cfg, run_date="2026-11-27", force=True)

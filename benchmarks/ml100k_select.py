@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import benchlib  # noqa: E402
 import ray  # noqa: E402
 
 import jobs.prepare  # noqa: E402
@@ -53,17 +53,8 @@ def parse_candidate(text: str) -> tuple[str, str, list[str]]:
     return name, parts[0][len("config:"):], parts[1:]
 
 
-def share_features(root: Path, name: str) -> None:
-    """Seed a candidate's feature cache with the earlier candidates' (keyed by catalog and model, so a
-    candidate only reuses features of its own catalog and LM; the frozen LM's pass runs once)."""
-    for other in root.glob("*/features/*/_COMPLETE"):
-        dest = root / name / "features" / other.parent.name
-        if not dest.exists():
-            shutil.copytree(other.parent, dest)
-
-
 def run_candidate(name: str, config: str, overrides: list[str], root: Path, run_date: str) -> dict[str, Any]:
-    share_features(root, name)
+    benchlib.share_features(root, name)
     cfg = load_config(resolve_config(config), [*overrides, f"storage.root={root / name}"])
     t0 = time.time()
     prep = jobs.prepare.main(cfg=cfg, run_date=run_date)["prepare"]

@@ -409,6 +409,12 @@ def check_combinations(cfg: NightlyConfig) -> None:
         raise ConfigError("config key 'model.user_tower.frozen': only the item tower reads text features")
 
 
+def check_config(cfg: NightlyConfig) -> None:
+    """Every load-time rule: the value ranges, then the rules between keys."""
+    check_ranges(cfg)
+    check_combinations(cfg)
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> NightlyConfig:
     data: dict[str, Any] = {}
     if path is not None:
@@ -424,8 +430,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Night
         apply_override(data, o)
     try:
         cfg = from_dict(NightlyConfig, data)
-        check_ranges(cfg)
-        check_combinations(cfg)
+        check_config(cfg)
         return cfg
     except ConfigError as e:
         raise ConfigError(f"{path or '<defaults>'}: {e}") from None
@@ -442,8 +447,7 @@ def replace(cfg: Any, **dotted: Any) -> Any:
         node[last] = v
     out = from_dict(type(cfg), data)
     if isinstance(out, NightlyConfig):
-        check_ranges(out)
-        check_combinations(out)
+        check_config(out)
     return out
 
 

@@ -34,7 +34,7 @@ from typing import Any
 import pyarrow as pa
 
 from recsys_core import storage
-from recsys_core.config import NightlyConfig, check_combinations, check_ranges, replace
+from recsys_core.config import NightlyConfig, check_config, replace
 from recsys_core.data.prepare import PreparedPaths, catalog_ids, run_prepare
 from recsys_core.data.sources import resolve_source
 from recsys_core.eval.baselines import (
@@ -450,8 +450,7 @@ def run_job(job: str, cfg: NightlyConfig, run_date: str, force: bool = False,
     preflight(cfg)  # PreflightError (a ConfigError): one line naming the key or URI
     if not storage.is_s3(cfg.storage.root):  # Ray workers run in other folders: pin relative roots
         cfg = replace(cfg, **{"storage.root": os.path.abspath(cfg.storage.root)})
-    check_ranges(cfg)  # a config built in code is checked like a loaded one, before Ray and before any stage
-    check_combinations(cfg)
+    check_config(cfg)  # a config built in code is checked like a loaded one, before Ray and before any stage
     run = Run(cfg, run_date, force, invocation)
     names = [name for name, _ in STAGES[job]]
     for dep in DEPENDS[names[0]]:  # a stage run out of order fails before Ray starts

@@ -10,8 +10,9 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
+import numpy as np
 import ray
 import ray.data
 
@@ -179,3 +180,30 @@ def train_workers(cluster_cpus: float, world: int) -> WorkerPlan:
 def cluster_cpus() -> float:
     """Logical CPUs of the connected Ray cluster (all nodes)."""
     return float(ray.cluster_resources().get("CPU", 0.0))
+
+
+def pool_args(what: str, concurrency: int) -> dict[str, Any]:
+    """``map_batches`` arguments for an actor pool of at most ``concurrency`` actors that fits the
+    connected cluster with a CPU left for the read and write tasks (see :func:`actor_pool`)."""
+    cpus = cluster_cpus()
+    pool = actor_pool(cpus, concurrency)
+    log.info("%s: %d actor(s) x %g CPU on a %g-CPU cluster (asked for %d)", what, pool.size, pool.cpus, cpus,
+             concurrency)
+    # SPREAD: the pool's actors go to every node with room instead of packing the driver's node first
+    # (on one node it changes nothing); each actor loads the model from storage, never from a local path
+    return {"compute": ray.data.ActorPoolStrategy(size=pool.size), "num_cpus": pool.cpus,
+            "scheduling_strategy": "SPREAD"}
+
+
+def gather_item_rows(ds: ray.data.Dataset, column: str, n_items: int) -> np.ndarray:
+    """(N, D) float32: the fixed-size vectors in ``column`` of a per-item dataset (``item_idx``, vector),
+    each at its item's row; every one of the ``n_items`` items must come back exactly once."""
+    parts = [(t["item_idx"].to_numpy(), np.stack(t[column].to_numpy(zero_copy_only=False)))
+             for t in ds.iter_batches(batch_format="pyarrow", batch_size=None)]
+    idx = np.concatenate([p[0] for p in parts])
+    if len(idx) != n_items or len(np.unique(idx)) != n_items:
+        raise RuntimeError(f"{column}: {len(np.unique(idx))} distinct items of {len(idx)} rows computed for a "
+                           f"catalog of {n_items}")
+    out = np.zeros((n_items, parts[0][1].shape[1]), dtype=np.float32)
+    out[idx] = np.concatenate([p[1] for p in parts])
+    return out

@@ -43,6 +43,7 @@ from typing import Any, Callable, TypeVar
 import boto3
 import botocore.config
 import botocore.exceptions
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -228,6 +229,17 @@ def write_bytes(uri: str, data: bytes) -> None:
             f.write(data)
 
     _retry(uri, "write", put)
+
+
+def write_npy(uri: str, array: np.ndarray) -> None:
+    """One .npy file (atomic for readers, like every write here)."""
+    buf = io.BytesIO()
+    np.save(buf, array)
+    write_bytes(uri, buf.getvalue())
+
+
+def read_npy(uri: str) -> np.ndarray:
+    return np.load(io.BytesIO(read_bytes(uri)))
 
 
 def read_json(uri: str) -> Any:

@@ -27,7 +27,7 @@ from recsys_core.data.text import load_tokenizer, tokenize_texts
 from recsys_core.model.checkpoint import ModelSpec, load_checkpoint, save_checkpoint
 from recsys_core.model.pretrained import load_causal_lm
 from recsys_core.model.towers import build_two_tower, encode_items, mean_pool
-from recsys_core.serve.infer import pool_args
+from recsys_core.runtime import pool_args
 from recsys_core.train.objective import ItemTensors, Objective
 from tests.conftest import REPO
 

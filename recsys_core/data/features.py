@@ -11,7 +11,6 @@ nightly with an unchanged catalog and model reuses the features, and any change 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import time
@@ -24,12 +23,12 @@ import pyarrow as pa
 import ray
 
 from recsys_core import storage
-from recsys_core.data.text import pad_token_lists
+from recsys_core.data.text import PAD, pad_token_lists
+from recsys_core.runtime import gather_item_rows
 
 log = logging.getLogger(__name__)
 FEATURES = "features.npy"
 MARKER = "_COMPLETE"
-PAD = 0  # right padding, masked (the same pad as the towers)
 
 
 def model_identity(name: str) -> dict[str, Any]:
@@ -92,7 +91,7 @@ def read_features(folder: str) -> np.ndarray:
     """(N, H) float32 features of a complete cache folder."""
     if not storage.exists(storage.join(folder, MARKER)):
         raise FileNotFoundError(f"{folder}: no {MARKER} marker; the feature cache is incomplete")
-    return np.load(io.BytesIO(storage.read_bytes(storage.join(folder, FEATURES))))
+    return storage.read_npy(storage.join(folder, FEATURES))
 
 
 def catalog_features(items_uri: str, lm: str, pooling: str, root: str, batch_size: int,
@@ -109,16 +108,8 @@ def catalog_features(items_uri: str, lm: str, pooling: str, root: str, batch_siz
     ds = ray.data.read_parquet(path, filesystem=fs, columns=["item_idx", "input_ids"])
     out = ds.map_batches(TextFeaturizer, fn_constructor_kwargs={"lm": lm, "pooling": pooling, "loader": loader},
                          batch_size=batch_size, batch_format="pyarrow", **pool)
-    parts = [(t["item_idx"].to_numpy(), np.stack(t["features"].to_numpy(zero_copy_only=False)))
-             for t in out.iter_batches(batch_format="pyarrow", batch_size=None)]
-    idx = np.concatenate([p[0] for p in parts])
-    feats = np.zeros((len(tokens), parts[0][1].shape[1]), dtype=np.float32)
-    feats[idx] = np.concatenate([p[1] for p in parts])
-    if len(np.unique(idx)) != len(tokens):
-        raise RuntimeError(f"features of {len(np.unique(idx))} items computed for a catalog of {len(tokens)}")
-    buf = io.BytesIO()
-    np.save(buf, feats)
-    storage.write_bytes(storage.join(folder, FEATURES), buf.getvalue())
+    feats = gather_item_rows(out, "features", len(tokens))  # (N, H)
+    storage.write_npy(storage.join(folder, FEATURES), feats)
     storage.write_bytes(storage.join(folder, MARKER), json.dumps({"lm": lm, "pooling": pooling, "items": len(tokens),
                                                                   "dim": int(feats.shape[1])}).encode())
     log.info("features: %d items x %d from %s in %.1fs -> %s", len(tokens), feats.shape[1], lm, time.time() - t0,

@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # transformers (and torch) load only where a tokenizer is bui
 
 
 OFFLINE_GPT2 = "gpt2-offline"
+PAD = 0  # padding id of token and item-index sequences (right padding, masked everywhere it appears)
 
 
 def offline_gpt2_folder() -> Path:

@@ -26,7 +26,7 @@ from transformers import (
 )
 
 from recsys_core.config import ModelConfig, TowerConfig
-from recsys_core.data.text import pad_token_lists
+from recsys_core.data.text import PAD, pad_token_lists
 from recsys_core.model.pretrained import load_causal_lm
 
 # Named sizes (big_vision's ``mu`` style): everything but the vocabulary, built offline from GPT2Config.
@@ -301,7 +301,6 @@ def item_causal_lm(tower: ItemTower) -> nn.Module:
     return lm.to(next(tower.parameters()).device).eval()
 
 
-PAD = 0  # padding id of token and item-index sequences (masked everywhere it appears)
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ def guard_ok(guard: dict[str, Any] | None) -> tuple[bool, str]:
     message = str(guard.get("message") or f"generation guard passed={guard.get('passed')}")
     if guard.get("blocks_promotion", bool(guard.get("enforced")) and not guard.get("passed")):
         return False, message
-    if not guard.get("passed") and "not enforced" not in message and "not applicable" not in message:
+    if not guard.get("passed") and guard.get("applicable") is not False and "not enforced" not in message:
         message += " (not enforced)"
     return True, message
 

@@ -7,8 +7,6 @@ Publishing the rows is :mod:`recsys_core.serve.publish`.
 """
 from __future__ import annotations
 
-import io
-import logging
 from typing import Any, Callable
 
 import numpy as np
@@ -17,27 +15,13 @@ import ray
 import torch
 
 from recsys_core import storage
-from recsys_core.data.text import pad_token_lists
+from recsys_core.data.text import PAD, pad_token_lists
 from recsys_core.model.checkpoint import load_checkpoint
-from recsys_core.model.towers import PAD, TwoTower, user_vectors
-from recsys_core.runtime import actor_pool, cluster_cpus
+from recsys_core.model.towers import TwoTower, user_vectors
+from recsys_core.runtime import gather_item_rows, pool_args
 from recsys_core.serve.retrieval import topk_excluding
 
 Loader = Callable[[str], tuple[TwoTower, dict[str, Any]]]
-log = logging.getLogger(__name__)
-
-
-def pool_args(what: str, concurrency: int) -> dict[str, Any]:
-    """``map_batches`` arguments for an actor pool of at most ``concurrency`` actors that fits the
-    connected cluster with a CPU left for the read and write tasks (see :func:`recsys_core.runtime.actor_pool`)."""
-    cpus = cluster_cpus()
-    pool = actor_pool(cpus, concurrency)
-    log.info("%s: %d actor(s) x %g CPU on a %g-CPU cluster (asked for %d)", what, pool.size, pool.cpus, cpus,
-             concurrency)
-    # SPREAD: the pool's actors go to every node with room instead of packing the driver's node first
-    # (on one node it changes nothing); each actor loads the model from storage, never from a local path
-    return {"compute": ray.data.ActorPoolStrategy(size=pool.size), "num_cpus": pool.cpus,
-            "scheduling_strategy": "SPREAD"}
 
 
 class ItemEmbedder:
@@ -68,7 +52,7 @@ class UserScorer:
                  model_version: str, loader: Loader = load_checkpoint, threads: int = 1):
         torch.set_num_threads(threads)
         self.model, _ = loader(model_uri)
-        self.table = torch.from_numpy(np.load(io.BytesIO(storage.read_bytes(item_emb_uri))))  # (N, D)
+        self.table = torch.from_numpy(storage.read_npy(item_emb_uri))  # (N, D)
         self.item_ids = item_ids
         self.k, self.max_seq_len, self.version = k, max_seq_len, model_version
 
@@ -100,14 +84,8 @@ def embed_items(model_uri: str, items_uri: str, out_uri: str, batch_size: int, c
     ds = ray.data.read_parquet(path, filesystem=fs, columns=["item_idx", "input_ids"])
     emb = ds.map_batches(ItemEmbedder, fn_constructor_kwargs={"model_uri": model_uri},
                          batch_size=batch_size, batch_format="pyarrow", **pool_args("ItemEmbedder", concurrency))
-    parts = sorted(((t["item_idx"].to_numpy(), np.stack(t["embedding"].to_numpy(zero_copy_only=False)))
-                    for t in emb.iter_batches(batch_format="pyarrow", batch_size=None)), key=lambda p: p[0][0])
-    idx = np.concatenate([p[0] for p in parts])
-    table = np.zeros((len(idx), parts[0][1].shape[1]), dtype=np.float32)
-    table[idx] = np.concatenate([p[1] for p in parts])
-    buf = io.BytesIO()
-    np.save(buf, table)
-    storage.write_bytes(out_uri, buf.getvalue())
+    table = gather_item_rows(emb, "embedding", storage.parquet_rows(items_uri))  # (N, D)
+    storage.write_npy(out_uri, table)
     return table
 
 

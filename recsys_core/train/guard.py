@@ -296,23 +296,23 @@ def guard_report(cfg: NightlyConfig, items_uri: str, checkpoint: str) -> dict[st
     held = heldout_items(len(item_ids), g.heldout_item_every)
     held_texts = [t for t, h in zip(item_ids, held) if h]
     out: dict[str, Any] = {}
-    if cfg.model.item_tower.frozen:  # the model holds none of the LM's weights: one measurement is both
+
+    def measured(name: str, lm: nn.Module, causal_lm: Any) -> None:
+        window = min(g.eval_window, max_positions(causal_lm))
+        out[name] = measure(lm, general, held_texts, window, min(g.eval_stride, max(1, window // 2)), g.eval_tokens)
+        out[f"generations_{name}"] = generations(causal_lm, tok, g.prompts, g.generate_tokens)
+
+    frozen = cfg.model.item_tower.frozen
+    if frozen:  # the model holds none of the LM's weights: one measurement is both before and after
         lm = load_causal_lm(cfg.model.item_tower.pretrained).eval()
-        window = min(g.eval_window, max_positions(lm))
-        out["before"] = out["after"] = measure(lm, general, held_texts, window, min(g.eval_stride, max(1, window // 2)),
-                                               g.eval_tokens)
-        out["generations_before"] = out["generations_after"] = generations(lm, tok, g.prompts, g.generate_tokens)
+        measured("before", lm, lm)
+        out["after"], out["generations_after"] = out["before"], out["generations_before"]
     else:
         torch.manual_seed(cfg.train.seed)  # the same initial weights the workers started from
-        before_model = build_two_tower(cfg.model, len(item_ids))
-        after_model, _ = load_checkpoint(checkpoint)
-        for name, m in (("before", before_model), ("after", after_model)):
-            window = min(g.eval_window, max_positions(m.item_tower.backbone))
-            stride = min(g.eval_stride, max(1, window // 2))
-            out[name] = measure(m.item_tower.lm(), general, held_texts, window, stride, g.eval_tokens)
-            out[f"generations_{name}"] = generations(item_causal_lm(m.item_tower), tok, g.prompts, g.generate_tokens)
+        for name, m in (("before", build_two_tower(cfg.model, len(item_ids))), ("after", load_checkpoint(checkpoint)[0])):
+            measured(name, m.item_tower.lm(), item_causal_lm(m.item_tower))
     rec = verdict(out["before"], out["after"], g, pretrained=bool(cfg.model.item_tower.pretrained))
-    if cfg.model.item_tower.frozen:
+    if frozen:
         rec["frozen"] = True
         rec["message"] += (" (the item LM is frozen: the model reads its cached text features and holds none of "
                            "its weights, so its language is unchanged by construction)")

@@ -248,7 +248,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                                               local_shuffle_seed=tc.seed + epoch), steps, rank))
         replay = None
         if replay_stream is not None:
-            replay = lambda: replay_windows(replay_stream, cfg.guard.replay_batch_size,
+            replay = lambda: replay_windows(replay_stream, cfg.guard.replay_batch_size,  # noqa: E731
                                             replay_len(cfg.guard, model.item_tower), replay_gen).to(device)
         ep = run_epoch(objective, opt, sched, model.parameters(), tc.grad_clip, autocast, batches, items, cache,
                        replay=replay, on_step=(lambda _: bar.update(1)) if bar is not None else None)

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from recsys_core import storage
-from recsys_core.data.text import pad_token_lists
+from recsys_core.data.text import PAD, pad_token_lists
 from recsys_core.model.losses import get_loss
-from recsys_core.model.towers import PAD, TwoTower
+from recsys_core.model.towers import TwoTower
 from recsys_core.train.guard import GuardTerms
 
 

@@ -32,10 +32,10 @@ from recsys_core.data.text import load_tokenizer
 from recsys_core.runtime import (
     cluster_cpus,
     is_verbose,
+    pool_args,
     ray_train_log_level,
     train_workers,
 )
-from recsys_core.serve.infer import pool_args
 from recsys_core.train.guard import corpus_ids, guard_report, needs_replay, read_corpus
 from recsys_core.train.loop import (
     STATE,
