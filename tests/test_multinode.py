@@ -21,7 +21,7 @@ from tests.conftest import S3_ENV
 from tests.raycluster import Cluster, ray_env
 
 # Marked slow: about 7 minutes on 2 cores (two clusters' worth of Ray processes), beyond the CI budget.
-# It passes since the actor pools are scheduled with SPREAD (recsys_core.serve.infer.pool_args): before
+# It passes since the actor pools are scheduled with SPREAD (recsys_core.runtime.pool_args): before
 # that every Ray Data pool actor sat on the driver's node and the check that serving spans both failed.
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 DATE = "2026-11-27"
