@@ -143,6 +143,11 @@ class TrainConfig:
     # epoch. 0: always stream.
     materialize_mib: int = 256
     placement_strategy: str = "PACK"  # Ray Train workers' placement group: PACK | SPREAD (one per node) | STRICT_*
+    # After model selection, train the same way again on every event (the validation and test events
+    # included) for the selected number of epochs; that model is the one published (its holdout
+    # figures are the selection model's, which never saw the held-out events). Off: the selection model
+    # is published (half the training time; tests and quick checks).
+    refit: bool = True
 
 
 @dataclass(frozen=True)

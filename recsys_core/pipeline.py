@@ -8,6 +8,7 @@ Storage layout under ``storage.root``::
     runs/run_date=D/ray_train/                 Ray Train run (checkpoints)
     runs/run_date=D/production/                the production model re-indexed to today's catalog (when it
                                                changed) and its item embeddings, for warm start and the gate
+    runs/run_date=D/published/                 item embeddings of the published refit (train.refit)
     runs/run_date=D/stages/<stage>.json        completion markers (written last)
     runs/run_date=D/_LEASE.json                held while a job runs for the date (recsys_core.ops.lease)
     models/<version>/, models/PRODUCTION       the registry (see recsys_core.registry)
@@ -112,9 +113,6 @@ class Run:
     def explain_dir(self) -> str:
         return storage.join(self.root, "explanations", f"run_date={self.run_date}")
 
-    def model_dir(self, version: str) -> str:
-        return storage.join(self.root, "models", version)
-
     def marker(self, stage: str) -> str:
         return storage.join(self.run_dir, "stages", f"{stage}.json")
 
@@ -192,11 +190,24 @@ def train_stage(run: Run) -> TrainRecord:
     catalog = {"n_items": len(ids), "sha256": registry.catalog_hash(ids)}
     config = asdict(run.cfg)
     warm = _warm_start(run, ids, catalog["sha256"], config)
-    fit = run_train(run.cfg, run.prepared, run.run_dir, init_from=warm.get("init_from"), fresh=run.force)
-    guard = fit.get("guard")
+    refit_on = run.cfg.train.refit
+    fit = run_train(run.cfg, run.prepared, run.run_dir, init_from=warm.get("init_from"), fresh=run.force,
+                    guard=not refit_on)  # with a refit, the guard measures the weights that are published
+    guard, refit = fit.get("guard"), None
+    if refit_on:
+        epochs = int(fit["metrics"]["epoch"]) + 1  # the selected budget
+        log.info("refit: training again on every event (held-out ones included) for the selected %d epoch(s); "
+                 "that model is published", epochs)
+        again = run_train(run.cfg, run.prepared, run.run_dir, init_from=warm.get("init_from"), fresh=run.force,
+                          refit_epochs=epochs)
+        guard = again["guard"]
+        refit = {"epochs": epochs, "examples": again["examples"], "selection_examples": fit["examples"],
+                 "history": again["history"], "checkpoint": again["checkpoint"],
+                 "trained_on": REFIT_TRAINED_ON}
     version = registry.new_version(run.root, run.run_date)
     metrics = {"best": fit["metrics"], "history": fit["history"], "guard": guard, "run_date": run.run_date,
-               "input": run.prepared.root, "config": config}
+               "input": run.prepared.root, "config": config,
+               "refit": {k: v for k, v in refit.items() if k != "checkpoint"} if refit else None}
     lineage = {
         "version": version, "run_date": run.run_date, "parent": warm.get("from") if warm["used"] else None,
         "warm_start": warm, "catalog": catalog, "code": registry.code_version(),
@@ -206,12 +217,16 @@ def train_stage(run: Run) -> TrainRecord:
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": config,
     }
     model_dir = registry.register_version(run.root, version, fit["checkpoint"], metrics=metrics, lineage=lineage,
-                                          item_ids=ids, tokenizer=run.cfg.model.tokenizer)
+                                          item_ids=ids, tokenizer=run.cfg.model.tokenizer,
+                                          refit=refit["checkpoint"] if refit else None)
     outcome = report.training_outcome(fit["history"], run.cfg.train.epochs, run.cfg.train.patience)
     log.info("training %s", report.training_sentence(outcome))
+    if refit:
+        refit = {**{k: v for k, v in refit.items() if k != "checkpoint"},
+                 "model_dir": registry.published_dir(run.root, version)}
     return TrainRecord(model_version=version, model_dir=model_dir, best=fit["metrics"], history=fit["history"],
                        guard=guard, parent=lineage["parent"], warm_start=warm, epochs_max=run.cfg.train.epochs,
-                       patience=run.cfg.train.patience)
+                       patience=run.cfg.train.patience, refit=refit)
 
 
 def _warm_start(run: Run, ids: pa.Array, today_hash: str, config: dict[str, Any]) -> dict[str, Any]:
@@ -310,6 +325,7 @@ def promote_stage(run: Run) -> PromoteRecord:
         log.warning("model %s NOT promoted: %s", new, decision.reason)
         source, why_source = ON_REJECT[cfg.registry.on_reject](prod_eval, base)
         log.warning("publishing for %s: %s", run.run_date, why_source)
+    source = _published_form(run, source)
     production = registry.production_version(run.root)
     deleted = registry.apply_retention(run.root, cfg.registry.keep_versions, protect=[new, production])
     out = PromoteRecord(decision=decision.to_dict(), model_version=new, production_before=base,
@@ -317,6 +333,23 @@ def promote_stage(run: Run) -> PromoteRecord:
                         publish_reason=why_source, retention_deleted=deleted)
     storage.write_json(storage.join(run.eval_dir, "promotion.json"), out.to_json())
     return out
+
+
+REFIT_TRAINED_ON = ("every event up to the run date, the held-out validation and test events included "
+                    "(train.refit); the holdout figures are those of the selection model, trained without them")
+
+
+def _published_form(run: Run, src: ModelSource | None) -> ModelSource | None:
+    """The chosen model as it is published: its refit on every event when the version has one
+    (re-indexed to today's catalog when that changed), with its own item-embedding file."""
+    if src is None or registry.published_dir(run.root, src.model_version) == registry.version_dir(
+            run.root, src.model_version):
+        return src
+    ids = catalog_ids(run.prepared.items)
+    model_dir, _ = registry.on_catalog(run.root, src.model_version, ids, registry.catalog_hash(ids),
+                                       storage.join(run.run_dir, "production"), published=True)
+    emb = storage.join(run.run_dir, "published", f"{src.model_version}-item_embeddings.npy")
+    return dataclasses.replace(src, model_dir=model_dir, item_embeddings=emb, trained_on=REFIT_TRAINED_ON)
 
 
 def _evaluate_production(run: Run, version: str) -> ModelSource:
@@ -373,6 +406,7 @@ def manifest_metrics(src: ModelSource, baselines: dict[str, dict[str, float]],
     return {"holdout": point_metrics(src.metrics), "baselines": {b: point_metrics(m) for b, m in baselines.items()},
             "ppl_general_before": guard.get("ppl_general_before"), "ppl_general_after": guard.get("ppl_general_after"),
             "guard_passed": guard.get("passed"), "source": src.role,
+            "trained_on": src.trained_on or "the training part of each history (the held-out events excluded)",
             "promotion": {**promoted.decision, "new_version": promoted.model_version,
                           "production_before": promoted.production_before,
                           "production": promoted.production, "publish_reason": promoted.publish_reason}}
@@ -394,8 +428,8 @@ def explain_stage(run: Run) -> ExplainRecord:
         return ExplainRecord(explanations=None, reason=NOT_PRETRAINED)
     version = published.manifest["model_version"]
     it = run.cfg.model.item_tower
-    table, quality = describe_users(run.model_dir(version), run.prepared.users, run.prepared.items,
-                                    run.cfg.model.tokenizer, run.cfg.explain, version,
+    table, quality = describe_users(registry.published_dir(run.root, version), run.prepared.users,
+                                    run.prepared.items, run.cfg.model.tokenizer, run.cfg.explain, version,
                                     frozen_lm=it.pretrained if it.frozen else None)
     ok, why = description_bar(quality, run.cfg.explain)
     log.info("explain: %s", why)

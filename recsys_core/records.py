@@ -53,6 +53,8 @@ class TrainRecord(Record):
     warm_start: dict[str, Any]
     epochs_max: int | None = None  # train.epochs and train.patience of the run (early stopping is stated)
     patience: int | None = None
+    # train.refit: the published weights' training on every event (epochs, examples, history, folder)
+    refit: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class ModelSource(Record):
     metrics: dict[str, Any]  # its holdout summary on today's data
     guard: dict[str, Any] | None = None
     note: str | None = None
+    trained_on: str | None = None  # what the published weights saw (the refit: every event)
 
 
 @dataclass(frozen=True)

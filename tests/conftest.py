@@ -11,11 +11,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import ray
 
+from recsys_core import storage
 from recsys_core.config import RayConfig, load_config
 from recsys_core.runtime import init_ray
+from recsys_core.serve.publish import read_recommendations
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -59,21 +62,48 @@ def moto_s3() -> Iterator[str]:
     proc.wait(timeout=10)
 
 
+class LocalRay:
+    """One in-process local Ray cluster for the whole session, started on first use (about 10 s a start on
+    2 cores, paid once instead of once per module) after the S3 env is set so workers inherit it.
+
+    A test that runs a cluster of its own (tests/raycluster.py: `ray start --head`, `ray job submit`)
+    stops it first: an in-process cluster beside it confuses the job agent lookup. The next module that
+    needs it starts it again."""
+
+    def __init__(self) -> None:
+        self.tmp: str | None = None
+
+    def start(self) -> None:
+        if self.tmp is not None and ray.is_initialized():
+            return
+        self.stop()  # a connection another test left (to a cluster it stopped) is dropped first
+        self.tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+        os.environ["RAY_TMPDIR"] = self.tmp
+        init_ray(RayConfig(num_cpus=4))
+        ray.data.DataContext.get_current().enable_progress_bars = False
+
+    def stop(self) -> None:
+        if ray.is_initialized():
+            ray.shutdown()
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+
+
+LOCAL_RAY = LocalRay()
+
+
+@pytest.fixture(scope="session")
+def _local_ray_session() -> Iterator[LocalRay]:
+    yield LOCAL_RAY
+    LOCAL_RAY.stop()
+
+
 @pytest.fixture(scope="module")
-def ray_local(moto_s3: str) -> Iterator[None]:
-    """A local Ray cluster per test module, started after the S3 env is set so workers inherit it.
-
-    Module scope: no in-process cluster is left running beside the `ray start --head` cluster of
-    tests/test_job_submit.py (the two confuse the job agent lookup)."""
-
-
-    tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    os.environ["RAY_TMPDIR"] = tmp
-    init_ray(RayConfig(num_cpus=4))
-    ray.data.DataContext.get_current().enable_progress_bars = False
+def ray_local(moto_s3: str, _local_ray_session: LocalRay) -> Iterator[None]:
+    """The session's local Ray cluster (:class:`LocalRay`), running for this module's tests."""
+    _local_ray_session.start()
     yield
-    ray.shutdown()
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture
@@ -114,3 +144,14 @@ def pretrain_tiny_lm(folder: Path, steps: int = 50, seed: int = 0) -> str:
         opt.step()
     lm.save_pretrained(folder)
     return str(folder)
+
+
+def assert_id_types(out: dict, id_type: pa.DataType) -> None:
+    """A nightly's users, recommendations and holdout lists keep the input's id type (issue 13)."""
+    users = storage.read_table(storage.join(out["prepare"]["prepared"], "users"))
+    recs, _ = read_recommendations(out["infer"]["recommendations"])
+    holdout = storage.read_table(storage.join(out["evaluate"]["eval_dir"], "holdout_recs.parquet"))
+    for name, table in (("users", users), ("recommendations", recs), ("holdout_recs", holdout)):
+        assert table.schema.field("user_id").type == id_type, (name, table.schema)
+    for name, table in (("recommendations", recs), ("holdout_recs", holdout)):
+        assert table.schema.field("item_ids").type == pa.list_(id_type), (name, table.schema)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from ray.util.state import list_nodes
 
-from tests.conftest import BASE_ENV, REPO, free_port
+from tests.conftest import BASE_ENV, LOCAL_RAY, REPO, free_port
 
 BIN = Path(sys.executable).parent
 OBJECT_STORE_BYTES = 256 * 2**20  # per node: the tests move kilobytes; 5 engineers share 24 GiB
@@ -64,6 +64,7 @@ class Cluster:
                 pass
 
     def start_head(self, num_cpus: int) -> None:
+        LOCAL_RAY.stop()  # the session's in-process cluster would confuse the job agent lookup
         gcs, dash = free_port(), free_port()
         self.gcs, self.dashboard = f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
         args = ["--head", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",

@@ -6,6 +6,7 @@ import pyarrow as pa
 import pytest
 
 from recsys_core.data.prepare import (
+    _block_facts,
     _duplicates,
     _examples,
     _kept,
@@ -76,6 +77,20 @@ def test_examples_equal_the_per_history_windows(seq_len):
     got, want = _examples(hist, seq_len), reference_examples(hist, seq_len)
     assert got.num_rows == want.num_rows > 0
     assert got.to_pylist() == want.to_pylist()  # same windows, same order (users, then newest first)
+
+
+def test_full_examples_cover_the_held_out_events_by_hand():
+    # leave-one-out, seq_len 2: user a has 1 2 3 4 5 (train part 1 2 3), user b 6 7 8 (train part 6)
+    hist = pa.table({"user_id": ["a", "b"], "items": pa.array([[1, 2, 3, 4, 5], [6, 7, 8]], pa.list_(pa.int32()))})
+    assert _examples(hist, 2).to_pylist() == [{"input": [1, 2], "target": [2, 3]}]  # b: one training event
+    assert _examples(hist, 2, full=True).to_pylist() == [
+        {"input": [3, 4], "target": [4, 5]}, {"input": [1, 2], "target": [2, 3]},  # a, newest window first
+        {"input": [6, 7], "target": [7, 8]}]
+    facts = _block_facts(hist.append_column("ts", pa.array([[1, 2, 3, 4, 5], [1, 2, 3]], pa.list_(pa.int64())))
+                         .append_column("val_pos", pa.array([3, 1], pa.int32()))
+                         .append_column("test_pos", pa.array([4, 2], pa.int32())), 9)
+    assert facts["train_count"][0].as_py() == [0, 1, 1, 1, 0, 0, 1, 0, 0]
+    assert facts["event_count"][0].as_py() == [0, 1, 1, 1, 1, 1, 1, 1, 1]
 
 
 def test_train_counts_duplicates_and_kept_equal_the_reference():

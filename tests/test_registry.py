@@ -199,6 +199,40 @@ def test_on_catalog_reindexes_a_real_checkpoint(tmp_path):
     torch.testing.assert_close(new[1], text_only)
 
 
+def test_published_dir_is_the_refit_and_it_is_reindexed_on_its_own(tmp_path):
+    """A version with a refit publishes the refit (re-indexed from its own weights, the version's catalog);
+    without one, its own weights."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(item_tower=TowerConfig(size="tiny", dropout=0.0), user_tower=TowerConfig(size="tiny", dropout=0.0),
+                      embed_dim=8, max_seq_len=4, max_text_tokens=8)
+    selection, refit = build_two_tower(cfg, n_items=3).eval(), build_two_tower(cfg, n_items=3).eval()
+    root, version = str(tmp_path / "root"), "20260101-000000"
+    ids = pa.array([10, 20, 30])
+    for model, folder in ((selection, "a"), (refit, "b")):
+        save_checkpoint(model, ModelSpec.of(model), str(tmp_path / folder))
+    registry.register_version(root, version, str(tmp_path / "a"), metrics={}, item_ids=ids, tokenizer="gpt2-offline",
+                              lineage={"catalog": {"sha256": registry.catalog_hash(ids)}})
+    d = registry.version_dir(root, version)
+    assert registry.published_dir(root, version) == d  # no refit: the selection weights publish
+    other = "20260102-000000"
+    registry.register_version(root, other, str(tmp_path / "a"), metrics={}, item_ids=ids, tokenizer="gpt2-offline",
+                              lineage={"catalog": {"sha256": registry.catalog_hash(ids)}}, refit=str(tmp_path / "b"))
+    pub = registry.published_dir(root, other)
+    assert pub == storage.join(registry.version_dir(root, other), registry.REFIT) and registry.is_complete(root, other)
+    assert registry.on_catalog(root, other, ids, registry.catalog_hash(ids), str(tmp_path / "w"), published=True)[0] == pub
+    new_ids = pa.array([30, 10, 20])
+    dest, _ = registry.on_catalog(root, other, new_ids, registry.catalog_hash(new_ids), str(tmp_path / "w"),
+                                  published=True)
+    sel_dest, _ = registry.on_catalog(root, other, new_ids, registry.catalog_hash(new_ids), str(tmp_path / "w"))
+    assert dest != sel_dest
+    tokens = torch.randint(0, 50257, (3, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(tokens)
+    moved, _ = load_checkpoint(dest)
+    torch.testing.assert_close(encode_items(moved, tokens[[2, 0, 1]], mask), encode_items(refit, tokens, mask)[[2, 0, 1]])
+    assert not torch.allclose(encode_items(load_checkpoint(sel_dest)[0], tokens[[2, 0, 1]], mask),
+                              encode_items(refit, tokens, mask)[[2, 0, 1]])
+
+
 # ----------------------------------------------------------------------------- the gate
 
 

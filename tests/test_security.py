@@ -16,7 +16,7 @@ from recsys_core import storage
 from recsys_core.config import load_config
 from recsys_core.data.sources import synthetic_tables
 from recsys_core.serve.publish import read_recommendations
-from tests.conftest import REPO
+from tests.conftest import REPO, assert_id_types
 
 CODE = sorted([*(REPO / "recsys_core").rglob("*.py"), *(REPO / "jobs").rglob("*.py")])
 UNPICKLING_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
@@ -125,7 +125,7 @@ def test_ids_from_the_data_never_become_paths(ray_local, tmp_path):
         f"storage.root={root}", "data.source=parquet", f"data.interactions={inputs / 'interactions'}",
         f"data.items={inputs / 'items.parquet'}", "train.epochs=1", "eval.baselines=[popularity]", "eval.n_boot=50",
         "guard.eval_tokens=512", "guard.generate_tokens=4"])
-    jobs.nightly.main(cfg=cfg, run_date="2026-11-27")
+    out = jobs.nightly.main(cfg=cfg, run_date="2026-11-27")
 
     # Every new file is under storage.root, and no path below it holds an id.
     new = {p for p in tmp_path.rglob("*") if p.is_file()} - before
@@ -138,3 +138,4 @@ def test_ids_from_the_data_never_become_paths(ray_local, tmp_path):
     assert set(recs["user_id"].to_pylist()) == set(users)
     assert set(pc.list_flatten(recs["item_ids"]).to_pylist()) <= set(item_ids)
     assert manifest["rows"] == len(set(users))
+    assert_id_types(out, pa.string())  # string ids stay strings in every output (issue 13)

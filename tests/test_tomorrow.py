@@ -5,10 +5,15 @@
 - a three-date run on a parquet log that grows by one day per date: day 2 and day 3 score the previous
   date's published recommendations against the events since (the online proxy) in
   history/metrics.parquet, metrics.json and the report;
-- ids keep their type end to end: int64 in -> int64 out (the three-date run), strings stay strings.
+- the published model of dates 1 and 2 is a refit on every event (validation and test included) for
+  the selected epochs, its windows checked by hand; warm start reads the selection weights; date 3
+  (train.refit off) publishes its selection model;
+- ids keep their type end to end: int64 in -> int64 out (the three-date run; strings stay strings in
+  tests/test_security.py, whose hostile ids are strings).
 """
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +24,11 @@ import pytest
 import jobs.nightly
 from recsys_core import storage
 from recsys_core.config import SyntheticConfig, load_config
+from recsys_core.data.prepare import PreparedPaths
 from recsys_core.data.sources import synthetic_tables
 from recsys_core.ops import registry
 from recsys_core.serve.publish import read_recommendations
-from tests.conftest import REPO
+from tests.conftest import REPO, assert_id_types
 
 pytestmark = pytest.mark.integration
 DAYS = ("2026-12-01", "2026-12-02", "2026-12-03")
@@ -77,18 +83,13 @@ def three_dates(ray_local, tmp_path_factory):
     inter, items = daily_log("int64")
     out = {}
     for d, day in enumerate(DAYS):
-        # no baselines: this run is about the online proxy and ids; the first model is promoted
         src = write_cut(base / f"src{d}", inter, items, EVENTS - 2 + d)
-        out[day] = jobs.nightly.main(cfg=cfg_for(base / "store", [*src, "eval.baselines=[]"]), run_date=day)
+        # every date promotes (no baselines, any NDCG within tolerance): this run is not about the gate;
+        # dates 1 and 2 publish a refit (scored by the online proxy on dates 2 and 3), date 3 does not
+        refit = "train.refit=" + ("true" if d < 2 else "false")
+        out[day] = jobs.nightly.main(cfg=cfg_for(base / "store", [*src, "eval.baselines=[]", refit,
+                                                                   "registry.ndcg_tolerance=1.0"]), run_date=day)
     return base / "store", inter, out
-
-
-@pytest.fixture(scope="module")
-def string_run(ray_local, tmp_path_factory):
-    base = tmp_path_factory.mktemp("string")
-    inter, items = daily_log("string")
-    src = write_cut(base / "src", inter, items, EVENTS)
-    return jobs.nightly.main(cfg=cfg_for(base / "store", [*src, "eval.baselines=[]"]), run_date=DAYS[0])
 
 
 def test_first_model_below_the_best_baseline_is_not_promoted(first_run_lr0):
@@ -159,18 +160,42 @@ def test_days_two_and_three_carry_the_online_proxy_row(three_dates):
     assert 'id="online"' in page and f"published on {DAYS[1]}" in page
 
 
-@pytest.mark.parametrize("kind, id_type", [("int64", pa.int64()), ("string", pa.string())])
-def test_ids_keep_their_type_end_to_end(three_dates, string_run, kind, id_type):
-    out = three_dates[2][DAYS[2]] if kind == "int64" else string_run
+def test_published_model_was_refit_on_every_event(three_dates):
+    root, inter, out = three_dates
+    for d, day in enumerate(DAYS[:2]):
+        o, t = out[day], out[day]["train"]
+        refit, version = t["refit"], t["model_version"]
+        assert refit["epochs"] == t["best"]["epoch"] + 1 == len(refit["history"])  # the selected budget
+        assert all("val_ndcg10" not in h for h in refit["history"])  # no validation: its targets are trained on
+        prepared = PreparedPaths(o["prepare"]["prepared"])
+        seqs = storage.read_table(prepared.users)["items"].to_pylist()
+        targets = {which: Counter(pc.list_flatten(storage.read_table(uri)["target"]).to_pylist())
+                   for which, uri in (("full", prepared.full_examples), ("selection", prepared.train_examples))}
+        # one window per history (seq_len 20 > 10 events): every event but the first is a target; the
+        # selection model's windows stop before the validation and test events
+        assert targets["full"] == Counter(i for s in seqs for i in s[1:]) and refit["examples"] == len(seqs)
+        assert targets["selection"] == Counter(i for s in seqs for i in s[1:-2])
+        assert refit["model_dir"] == registry.published_dir(str(root), version) == storage.join(
+            registry.version_dir(str(root), version), registry.REFIT)
+        manifest = o["infer"]["manifest"]
+        assert manifest["model_version"] == version and "train.refit" in manifest["metrics"]["trained_on"]
+        summary = storage.read_bytes(o["report"]["report"]).decode()
+        assert "published weights refit on every event" in summary
+    # warm start reads the selection weights (they never saw today's held-out events); publishing reads the refit
+    first = out[DAYS[0]]["train"]["model_version"]
+    assert out[DAYS[1]]["train"]["warm_start"]["init_from"] == registry.version_dir(str(root), first)
+    # train.refit off (date 3): the selection model publishes, and says so
+    last = out[DAYS[2]]
+    v3 = last["train"]["model_version"]
+    assert last["train"]["refit"] is None and registry.published_dir(str(root), v3) == registry.version_dir(str(root), v3)
+    assert last["infer"]["manifest"]["metrics"]["trained_on"].startswith("the training part of each history")
+    assert not storage.exists(PreparedPaths(last["prepare"]["prepared"]).full_examples)
+
+
+def test_int64_ids_stay_int64_end_to_end(three_dates):
+    out = three_dates[2][DAYS[2]]
     assert out["infer"]["published"], out["promote"]["publish_reason"]
-    users = storage.read_table(storage.join(out["prepare"]["prepared"], "users"))
+    assert_id_types(out, pa.int64())  # (string ids stay strings: tests/test_security.py's hostile ids)
     recs, _ = read_recommendations(out["infer"]["recommendations"])
-    holdout = storage.read_table(storage.join(out["evaluate"]["eval_dir"], "holdout_recs.parquet"))
-    # (explanations keep the type too: tests/test_explain.py; these random-init towers describe no one)
-    for name, table in (("users", users), ("recommendations", recs), ("holdout_recs", holdout)):
-        assert table.schema.field("user_id").type == id_type, (name, table.schema)
-    for name, table in (("recommendations", recs), ("holdout_recs", holdout)):
-        assert table.schema.field("item_ids").type == pa.list_(id_type), (name, table.schema)
-    ids = (lambda n, p: set(range(n))) if kind == "int64" else (lambda n, p: {f"{p}{i}" for i in range(n)})
-    assert set(recs["user_id"].to_pylist()) == ids(N_USERS, "u")
-    assert {i for row in recs["item_ids"].to_pylist() for i in row} <= ids(N_ITEMS, "i")
+    assert set(recs["user_id"].to_pylist()) == set(range(N_USERS))
+    assert {i for row in recs["item_ids"].to_pylist() for i in row} <= set(range(N_ITEMS))

@@ -1,9 +1,12 @@
 """Prepare stage: read, validate, quarantine, split, and build histories and training examples (Ray Data).
 
 Outputs, under ``{root}/runs/run_date=D/prepared/``:
-- ``items.parquet``: item_idx, item_id, text, input_ids (tokenised once per run), train_count
+- ``items.parquet``: item_idx, item_id, text, input_ids (tokenised once per run), train_count, event_count
+  (every kept event, held-out ones included)
 - ``users/``: one row per kept user: user_id, items (list<int32> item_idx, chronological), ts
 - ``train_examples/``: next-item windows over each user's training part: input, target (list<int32>)
+- ``full_examples/`` (``train.refit``): the same windows over each user's whole history, held-out events
+  included, for the model that is published after selection
 - ``quarantine/``: rejected rows (user_id, item_id, ts as text, reason, file), never silently dropped
 - ``stats.json``: row counts, reject counts per reason, user and example counts
 
@@ -87,6 +90,10 @@ class PreparedPaths:
     @property
     def train_examples(self) -> str:
         return storage.join(self.root, "train_examples")
+
+    @property
+    def full_examples(self) -> str:
+        return storage.join(self.root, "full_examples")
 
     @property
     def quarantine(self) -> str:
@@ -414,12 +421,14 @@ def _list_parts(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray
     return arr.offsets.to_numpy().astype(np.int64), arr.values.to_numpy(zero_copy_only=False)
 
 
-def _examples(batch: pa.Table, seq_len: int) -> pa.Table:
-    """Next-item windows (``split.training_windows``) over the training part of every history in the batch."""
+def _examples(batch: pa.Table, seq_len: int, full: bool = False) -> pa.Table:
+    """Next-item windows (``split.training_windows``) over the training part of every history in the batch
+    (``full``: over the whole history, for the refit on every event)."""
     if batch.num_rows == 0:
         return EXAMPLES_SCHEMA.empty_table()
     offsets, values = _list_parts(batch["items"])  # (U+1,), (E,)
-    owner, start, end = training_window_bounds(_n_train(batch, offsets), seq_len)  # (W,) each
+    n = np.diff(offsets) if full else _n_train(batch, offsets)  # (U,) events the windows cover
+    owner, start, end = training_window_bounds(n, seq_len)  # (W,) each
     win_len = end - start - 1  # (W,) positions per window
     first = offsets[:-1][owner] + start  # (W,) index in values of each window's first input
     idx = np.repeat(first, win_len) + _run_positions(win_len)  # (P,)
@@ -453,9 +462,12 @@ def _block_facts(batch: pa.Table, n_items: int) -> pa.Table:
     counts = np.zeros(n_items, dtype=np.int64)  # (N,)
     sparse = _train_counts(batch)
     counts[sparse["item_idx"].to_numpy()] = sparse["count"].to_numpy()
+    events = np.bincount(items.astype(np.int64), minlength=n_items)  # (N,) every kept event
     first = np.full(n_items, NEVER, dtype=np.int64)  # (N,)
     np.minimum.at(first, items.astype(np.int64), ts.astype(np.int64))
-    out = {"train_count": pa.array([counts], pa.list_(pa.int64())), "first_seen": pa.array([first], pa.list_(pa.int64())),
+    out = {"train_count": pa.array([counts], pa.list_(pa.int64())),
+           "event_count": pa.array([events.astype(np.int64)], pa.list_(pa.int64())),
+           "first_seen": pa.array([first], pa.list_(pa.int64())),
            "newest_ts": pa.array([int(ts.max()) if len(ts) else None], pa.int64()),
            "no_history": pa.array([int((_n_train(batch, offsets) == 0).sum())], pa.int64())}
     for which in ("val", "test"):
@@ -687,11 +699,17 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
     storage.delete(out.train_examples)
     epath, efs = storage.ray_location(out.train_examples)
     examples.write_parquet(epath, filesystem=efs)
+    storage.delete(out.full_examples)
+    if cfg.train.refit:
+        fpath, ffs = storage.ray_location(out.full_examples)
+        kept.map_batches(_examples, batch_format="pyarrow",
+                         fn_kwargs={"seq_len": cfg.model.max_seq_len, "full": True}).write_parquet(fpath, filesystem=ffs)
     lap("write_examples")
 
     # Training popularity (for logQ correction and the popularity baseline) and the split's facts, in one
     # pass over the kept users; every block sends item-sized arrays, never its users.
     counts = np.zeros(catalog.num_rows, dtype=np.int64)  # (N,)
+    events = np.zeros(catalog.num_rows, dtype=np.int64)  # (N,)
     first_seen = np.full(catalog.num_rows, NEVER, dtype=np.int64)  # (N,) first event ts of each item
     targets: dict[str, list[int]] = {"val": [], "test": []}
     newest, no_history = None, 0
@@ -699,6 +717,7 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
                               ).iter_batches(batch_format="pyarrow", batch_size=None):
         for row in range(t.num_rows):  # one row per block
             counts += np.asarray(t["train_count"][row].values, dtype=np.int64)
+            events += np.asarray(t["event_count"][row].values, dtype=np.int64)
             np.minimum(first_seen, np.asarray(t["first_seen"][row].values, dtype=np.int64), out=first_seen)
             block_newest = t["newest_ts"][row].as_py()
             if block_newest is not None:
@@ -707,7 +726,8 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
             for which in targets:
                 targets[which] += t[f"{which}_targets"][row].values.to_pylist()
     n_train = int(counts.sum())
-    storage.write_table(catalog.append_column("train_count", pa.array(counts)), out.items)
+    storage.write_table(catalog.append_column("train_count", pa.array(counts))
+                        .append_column("event_count", pa.array(events)), out.items)
     lap("train_counts")
 
     stats = {
@@ -721,6 +741,7 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
         "items": catalog.num_rows,
         "train_interactions": n_train,
         "train_examples": storage_count(out.train_examples),
+        "full_examples": storage_count(out.full_examples) if cfg.train.refit else None,
         "split": split_stats(cfg.eval.protocol, cutoff, targets, first_seen, no_history),
         "newest_event_ts": newest,
         "source": src.description,

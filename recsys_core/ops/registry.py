@@ -9,6 +9,10 @@ Layout under ``storage.root``::
                                                                tokenizer identifier
                          tokenizer/                            the tokenizer (save_pretrained files)
                          catalog.parquet                       item_id in item_idx order (what each row means)
+                         refit/                                (train.refit) the published weights: the same
+                                                               training again on every event, held-out ones
+                                                               included; the folder's own weights are the
+                                                               selection model the holdout and gate measured
                          _COMPLETE                             written last; only complete versions count
     models/PRODUCTION    {"version", "promoted_at", "run_date", "reason", "previous"}: one atomic write,
                          made only after the promotion gate passed
@@ -53,6 +57,7 @@ LINEAGE = "lineage.json"
 METRICS = "metrics.json"
 TOKENIZER = "tokenizer"
 CATALOG = "catalog.parquet"
+REFIT = "refit"
 VERSION_RE = re.compile(r"^\d{8}-\d{6}(-[0-9a-z]{1,16})?$")
 ID_EMB, ID_KNOWN = "item_tower.id_emb.weight", "item_tower.id_known"
 TEXT_FEATURES = "item_tower.text_features"
@@ -74,6 +79,13 @@ def version_dir(root: str, version: str) -> str:
 
 def is_complete(root: str, version: str) -> bool:
     return storage.exists(storage.join(version_dir(root, version), MARKER))
+
+
+def published_dir(root: str, version: str) -> str:
+    """The weights a version publishes and describes with: its refit on every event when it has one,
+    else the version's own (selection) weights."""
+    refit = storage.join(version_dir(root, version), REFIT)
+    return refit if storage.exists(storage.join(refit, MARKER)) else version_dir(root, version)
 
 
 def new_version(root: str, run_date: str, now: float | None = None) -> str:
@@ -245,13 +257,16 @@ def write_version_files(model_dir: str, lineage: dict[str, Any], item_ids: pa.Ar
 
 
 def register_version(root: str, version: str, checkpoint: str, *, metrics: dict[str, Any],
-                     lineage: dict[str, Any], item_ids: pa.Array, tokenizer: str) -> str:
+                     lineage: dict[str, Any], item_ids: pa.Array, tokenizer: str, refit: str | None = None) -> str:
     """The one way a version enters the registry: metrics.json, lineage.json (with the tokenizer it
-    used), catalog.parquet, tokenizer/, the model files, and ``_COMPLETE`` last (a reader trusts a
-    version only through its marker). Returns the version's folder."""
+    used), catalog.parquet, tokenizer/, the refit's model files (``refit/``, marker last), the model
+    files, and ``_COMPLETE`` last (a reader trusts a version only through its marker). Returns the
+    version's folder."""
     model_dir = version_dir(root, version)
     storage.write_json(storage.join(model_dir, METRICS), metrics)
     write_version_files(model_dir, {**lineage, "tokenizer": save_tokenizer(tokenizer, model_dir)}, item_ids)
+    if refit is not None:
+        copy_model_folder(refit, storage.join(model_dir, REFIT))
     copy_model_folder(checkpoint, model_dir)  # the marker last
     return model_dir
 
@@ -311,19 +326,22 @@ def comparable_check(prod_lineage: dict[str, Any] | None, config: dict[str, Any]
     return True, "same tokenizer"
 
 
-def on_catalog(root: str, version: str, item_ids: pa.Array, today_hash: str, workdir: str) -> tuple[str, str]:
+def on_catalog(root: str, version: str, item_ids: pa.Array, today_hash: str, workdir: str,
+               published: bool = False) -> tuple[str, str]:
     """A model folder of ``version`` whose item rows follow today's catalog: the version's own folder
-    when the catalogs match, else a re-indexed copy under ``workdir`` (items it never had: text only).
+    (``published``: its :func:`published_dir`) when the catalogs match, else a re-indexed copy under
+    ``workdir`` (items it never had: text only).
 
     Returns (model folder, note)."""
 
 
-    src = version_dir(root, version)
+    src = published_dir(root, version) if published else version_dir(root, version)
     lineage = read_lineage(root, version) or {}
     if lineage.get("catalog", {}).get("sha256") == today_hash:
         return src, "same catalog"
-    dest = storage.join(workdir, version)
-    old_ids = storage.read_table(storage.join(src, CATALOG), columns=["item_id"])["item_id"].combine_chunks()
+    dest = storage.join(workdir, version + (f"-{REFIT}" if src != version_dir(root, version) else ""))
+    old_ids = storage.read_table(storage.join(version_dir(root, version), CATALOG),
+                                 columns=["item_id"])["item_id"].combine_chunks()
     mapping = id_map(old_ids, item_ids)
     note = (f"catalog changed: {int((mapping >= 0).sum())} of {len(mapping)} of today's items known to "
             f"{version}; the rest are embedded from text alone")

@@ -264,6 +264,7 @@ def render(run_date: str, records: dict[str, dict[str, Any]], history: list[dict
     val_base = metrics.get("validation_baselines") or {}
     parts.append(_section("training", "Training", (
         f"<p class='kept'>{html.escape(training_sentence(outcome))}.</p>"
+        f"<p class='refit'>{html.escape(refit_sentence(trained.get('refit')))}.</p>"
         f"<p>Warm start: {html.escape(_fmt(warm.get('used')))} ({html.escape(str(warm.get('reason', '')))}); "
         f"parent model: {html.escape(_fmt(trained.get('parent')))}. The validation curve is drawn against "
         "the baselines on the same validation users; the test-set baselines are in the next section.</p>"
@@ -397,6 +398,15 @@ def training_sentence(outcome: dict[str, Any]) -> str:
     return text + f"; kept epoch {outcome['kept_epoch']} (validation NDCG@10 {outcome['kept_val_ndcg10']:.4f})"
 
 
+def refit_sentence(refit: dict[str, Any] | None) -> str:
+    """What the published weights were trained on."""
+    if not refit:
+        return ("the selection model is published (train.refit off): trained on each history without its "
+                "held-out events")
+    return (f"published weights refit on every event ({refit['examples']} examples, held-out events included; "
+            f"selection trained on {refit['selection_examples']}) for the selected {refit['epochs']} epoch(s)")
+
+
 def guard_sentence(guard: dict[str, Any] | None) -> str:
     """The guard's verdict in words: an unenforced guard (a random-init LM) is reported as such, not as 'passed'."""
     if not guard:
@@ -499,6 +509,7 @@ def summary_text(job: str, run_date: str, records: dict[str, dict[str, Any]], sk
         t = records["train"]
         outcome = training_outcome(t["history"], t.get("epochs_max"), t.get("patience"))
         lines.append(f"training:  {training_sentence(outcome)}")
+        lines.append(f"refit:     {refit_sentence(t.get('refit'))}")
         lines.append(f"guard:     {guard_sentence(t.get('guard'))}")
     if "promote" in records:
         p = records["promote"]

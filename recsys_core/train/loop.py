@@ -196,8 +196,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     np.random.seed(tc.seed + rank)
     device = ray.train.torch.get_device()
     paths = PreparedPaths(config["prepared"])
+    # The refit on every event: a fixed number of epochs (the selected run's), no validation (its
+    # targets are in the training data), the last epoch kept.
+    refit_epochs = config.get("refit_epochs")
 
-    items = ItemTensors.load(paths.items).to(device)
+    items = ItemTensors.load(paths.items, "event_count" if refit_epochs else "train_count").to(device)
     n_items = items.tokens.size(0)
     torch.manual_seed(tc.seed)  # identical init on every rank
     feats = config.get("features")
@@ -233,11 +236,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     objective = ray.train.torch.prepare_model(Objective(model, tc.loss, tc.num_negatives, tc.text_items_per_step,
                                                         guard))
-    val = load_split(paths.users, "val", tc.val_users, tc.seed) if rank == 0 else None
+    val = load_split(paths.users, "val", tc.val_users, tc.seed) if rank == 0 and not refit_epochs else None
     shard = ray.train.get_dataset_shard("train")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
-    for epoch in range(start_epoch, tc.epochs):
+    for epoch in range(start_epoch, refit_epochs or tc.epochs):  # the lr schedule spans tc.epochs either way
         t0 = time.time()
         cache = text_table(model, items.tokens, items.mask)
         bar = (tqdm(total=steps, desc=f"train epoch {epoch}", leave=False, mininterval=2, disable=quiet)
@@ -256,8 +259,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             bar.close()
         steps_per_rank = gather_steps(ep.steps, world, device)
 
-        flag = torch.zeros(2, dtype=torch.float64, device=device)  # NCCL needs device tensors
-        if rank == 0:
+        flag = torch.full((2,), float("nan"), dtype=torch.float64, device=device)  # NCCL needs device tensors
+        if val is not None:
             vm = evaluate_histories(unwrap(model), items.tokens, items.mask, val[0], val[1], cfg.model.max_seq_len)
             flag[0] = vm["ndcg@10"]
             flag[1] = vm["recall@10"]
@@ -266,10 +269,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ndcg, recall = float(flag[0]), float(flag[1])
         improved = ndcg > best
         best, since_best = (ndcg, 0) if improved else (best, since_best + 1)
-        metrics = {"epoch": epoch, "train_loss": ep.mean_loss, VAL_METRIC: ndcg, "val_recall10": recall,
-                   "epoch_s": time.time() - t0, "lr": sched.get_last_lr()[0], "best_val_ndcg10": best,
-                   "step_s": ep.step_s, "samples_per_worker": ep.samples, "steps": ep.steps,
-                   "steps_per_rank": steps_per_rank, **ep.mean_parts()}
+        metrics = {"epoch": epoch, "train_loss": ep.mean_loss, "epoch_s": time.time() - t0,
+                   "lr": sched.get_last_lr()[0], "step_s": ep.step_s, "samples_per_worker": ep.samples,
+                   "steps": ep.steps, "steps_per_rank": steps_per_rank, **ep.mean_parts()}
+        if not refit_epochs:
+            metrics.update({VAL_METRIC: ndcg, "val_recall10": recall, "best_val_ndcg10": best})
         history.append(metrics)
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
@@ -279,8 +283,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                             "best": best, "since_best": since_best, "history": json.dumps(history)},
                            os.path.join(d, STATE))
                 checkpoint = ray.train.Checkpoint.from_directory(d)
-                log.info("epoch %d loss %.4f val ndcg@10 %.4f recall@10 %.4f (%.1fs)",
-                         epoch, metrics["train_loss"], ndcg, recall, metrics["epoch_s"])
+                log.info("%s %d loss %.4f val ndcg@10 %.4f recall@10 %.4f (%.1fs)", "refit epoch" if refit_epochs
+                         else "epoch", epoch, metrics["train_loss"], ndcg, recall, metrics["epoch_s"])
             ray.train.report(metrics, checkpoint=checkpoint)
-        if since_best >= tc.patience:
+        if since_best >= tc.patience and not refit_epochs:
             break

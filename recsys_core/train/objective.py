@@ -22,10 +22,12 @@ class ItemTensors:
     known: torch.Tensor  # (N,) bool: the item occurs in training
 
     @staticmethod
-    def load(items_uri: str) -> ItemTensors:
-        t = storage.read_table(items_uri, columns=["input_ids", "train_count"])
+    def load(items_uri: str, count: str = "train_count") -> ItemTensors:
+        """The prepared catalog; ``count`` is the column that says how often each item was trained on
+        (``event_count`` for the refit on every event)."""
+        t = storage.read_table(items_uri, columns=["input_ids", count])
         ids, mask = pad_token_lists(t["input_ids"].to_pylist(), pad_id=PAD)
-        counts = t["train_count"].to_numpy().astype(np.float64)
+        counts = t[count].to_numpy().astype(np.float64)
         prob = torch.from_numpy((counts + 1.0) / (counts + 1.0).sum()).float()
         return ItemTensors(torch.from_numpy(ids), torch.from_numpy(mask), prob, torch.from_numpy(counts > 0))
 

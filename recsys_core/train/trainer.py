@@ -47,10 +47,15 @@ from recsys_core.train.loop import (
 log = logging.getLogger(__name__)
 
 def run_train(cfg: NightlyConfig, prepared: PreparedPaths, run_dir: str, init_from: str | None = None,
-              fresh: bool = False) -> dict[str, Any]:
+              fresh: bool = False, refit_epochs: int | None = None, guard: bool = True) -> dict[str, Any]:
     """Fit with Ray Train; returns the best checkpoint's URI, its metrics, the per-epoch history and the
-    generation guard's record. ``fresh`` discards an earlier attempt's checkpoints (``--force``)."""
-    train_ds, n_examples = examples_dataset(prepared.train_examples, cfg.train)
+    generation guard's record (None without ``guard``). ``fresh`` discards an earlier attempt's
+    checkpoints (``--force``).
+
+    ``refit_epochs``: the refit on every event (``prepared.full_examples``, held-out events included)
+    for that many epochs under the same lr schedule, without validation; the last epoch is kept."""
+    examples = prepared.full_examples if refit_epochs else prepared.train_examples
+    train_ds, n_examples = examples_dataset(examples, cfg.train)
     cpus = cluster_cpus()
     plan = train_workers(cpus, cfg.train.num_workers)
     if not plan.stream:  # no CPU beside the workers for read tasks: read the examples before training
@@ -70,22 +75,23 @@ def run_train(cfg: NightlyConfig, prepared: PreparedPaths, run_dir: str, init_fr
     spath, sfs = storage.ray_location(storage.join(run_dir, "ray_train"))
     # Ray Train resumes a run of the same name from its latest checkpoint (a crashed driver's rerun);
     # the name carries the training config, so a rerun with another config starts afresh.
-    ident = json.dumps([asdict(cfg.model), asdict(cfg.train), asdict(cfg.guard), prepared.root, init_from],
-                       sort_keys=True, default=str)
+    ident = json.dumps([asdict(cfg.model), asdict(cfg.train), asdict(cfg.guard), prepared.root, init_from]
+                       + ([refit_epochs] if refit_epochs else []), sort_keys=True, default=str)
     name = "train-" + hashlib.sha256(ident.encode()).hexdigest()[:12]
     if fresh and storage.exists(storage.join(run_dir, "ray_train", name)):
         storage.delete(storage.join(run_dir, "ray_train", name))
+    score = "epoch" if refit_epochs else VAL_METRIC  # the refit keeps its last epoch
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": asdict(cfg), "prepared": prepared.root, "n_examples": n_examples,
                            "init_from": init_from, "replay_ids": replay_ids, "quiet": not is_verbose(),
-                           "features": features},
+                           "features": features, "refit_epochs": refit_epochs},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": plan.cpus},
                                      placement_strategy=cfg.train.placement_strategy),
         run_config=RunConfig(
             name=name, storage_path=spath, storage_filesystem=sfs,
-            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=VAL_METRIC,
+            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=score,
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             logging_config=LoggingConfig(log_level=ray_train_log_level()),  # --verbose: the per-report dumps
@@ -95,12 +101,14 @@ def run_train(cfg: NightlyConfig, prepared: PreparedPaths, run_dir: str, init_fr
     result = trainer.fit()
     if result.error:
         raise result.error
-    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1][VAL_METRIC])
+    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1][score])
     uri = ("s3://" + best_ckpt.path) if storage.is_s3(run_dir) else best_ckpt.path
-    guard = guard_report(cfg, prepared.items, uri)
-    log.info(guard["message"])
-    return {"checkpoint": uri, "metrics": best_metrics, "history": _history(result, run_dir), "guard": guard,
-            "features": features}
+    report = None
+    if guard:
+        report = guard_report(cfg, prepared.items, uri)
+        log.info(report["message"])
+    return {"checkpoint": uri, "metrics": best_metrics, "history": _history(result, run_dir), "guard": report,
+            "features": features, "examples": n_examples}
 
 
 def _history(result: Any, run_dir: str) -> list[dict[str, Any]]:

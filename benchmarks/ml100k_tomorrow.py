@@ -1,0 +1,161 @@
+"""Tomorrow on MovieLens-100k (issue 13): the nightly runs on every event before a cutoff (the log as it
+stood that night) and its published top-10 is scored against what the users did after the cutoff.
+
+The cutoff sits ``--fraction`` of the log's time span before its newest event (the temporal protocol's
+rule, ``split.temporal_cutoff``). The nightly sees only the events before it, and selects its model on
+its own leave-one-out validation (its test split is read by its evaluate stage, as every night). Two
+variants of the shipped config run on the same past:
+
+- ``refit``: ``train.refit=true`` (the default): after selection the model is trained again on every
+  event, held-out ones included, for the selected epochs; that model publishes;
+- ``selection``: ``train.refit=false``: the selection model publishes (it never saw each user's last two
+  events).
+
+Beside them, from the same past, the baselines a practitioner would ship, with the window and lambda the
+nightly's evaluate stage chose on its validation split: popularity of the last N days, EASE, item-kNN,
+all-time popularity. Users scored: prepared users (3+ events before the cutoff) with an event after it.
+Metrics: next item (the first event after the cutoff) Recall@10 / NDCG@10, and the hit rate of the top 10
+on any event after the cutoff (the online proxy's rule), with bootstrap 95% intervals over those users.
+
+    python benchmarks/ml100k_tomorrow.py --root outputs/ml100k-tomorrow --json benchmarks/results/ml100k_tomorrow.json
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+import benchlib
+import jobs.nightly
+from recsys_core import storage
+from recsys_core.config import load_config
+from recsys_core.data.prepare import PreparedPaths, catalog_ids
+from recsys_core.data.sources import movielens_tables
+from recsys_core.data.split import temporal_cutoff
+from recsys_core.eval.baselines import baseline_options, rank_baseline, train_log
+from recsys_core.eval.metrics import per_user_metrics, summarize_values
+from recsys_core.eval.online import per_user_online
+from recsys_core.serve.publish import read_recommendations
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = {"refit": ["train.refit=true"], "selection": ["train.refit=false"]}
+K = 10
+
+
+def future_targets(future: pa.Table) -> tuple[dict, dict]:
+    """Per user: the first item after the cutoff (ties by item id, as prepare sorts) and every item after it."""
+    f = future.sort_by([("user_id", "ascending"), ("ts", "ascending"), ("item_id", "ascending")])
+    first, every = {}, {}
+    for u, i in zip(f["user_id"].to_pylist(), f["item_id"].to_pylist()):
+        first.setdefault(u, i)
+        every.setdefault(u, set()).add(i)
+    return first, every
+
+
+def score_lists(lists: dict, first: dict, every: dict, users: list, n_boot: int) -> dict:
+    """Next-item and any-event metrics of top-10 lists (item ids) over ``users`` (a missing list misses)."""
+    rows = [list(lists.get(u, []))[:K] for u in users]
+    ranked = np.array([r + [-1] * (K - len(r)) for r in rows], dtype=np.int64)  # (U, K) item ids, -1 = none
+    nxt = per_user_metrics(ranked, np.array([first[u] for u in users], dtype=np.int64), ks=(K,))
+    anyev = per_user_online(rows, [every[u] for u in users], K)
+    return summarize_values({f"next_recall@{K}": nxt[f"recall@{K}"], f"next_ndcg@{K}": nxt[f"ndcg@{K}"],
+                             f"any_hit_rate@{K}": anyev[f"hit_rate@{K}"]}, len(users), n_boot)
+
+
+def cpu_model() -> str:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    return out.split("Model name:")[-1].splitlines()[0].strip() if "Model name:" in out else platform.processor()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--root", default="outputs/ml100k-tomorrow")
+    p.add_argument("--config", default=str(REPO / "jobs" / "configs" / "ml100k.yaml"))
+    p.add_argument("--fraction", type=float, default=0.1)
+    p.add_argument("--variants", default="refit,selection")
+    p.add_argument("--features-from", default="outputs/ml100k-seeds",
+                   help="a folder of earlier runs whose frozen-LM feature cache (same catalog and LM) is reused")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    root = Path(a.root).resolve()
+    benchlib.setup_env()
+
+    inter, items = movielens_tables()
+    ts = inter["ts"].to_numpy()
+    cutoff = temporal_cutoff(int(ts.min()), int(ts.max()), a.fraction)
+    past, future = inter.filter(pc.less(inter["ts"], cutoff)), inter.filter(pc.greater_equal(inter["ts"], cutoff))
+    src = root / "src"
+    storage.write_table(past, str(src / "interactions" / "part-0.parquet"))
+    storage.write_table(items, str(src / "items.parquet"))
+    run_date = time.strftime("%Y-%m-%d", time.gmtime(cutoff))
+    first, every = future_targets(future)
+
+    runs, lists_of, prepared = {}, {}, None
+    for name in a.variants.split(","):
+        shutil.rmtree(root / name, ignore_errors=True)  # a first night: no production model from an earlier run
+        for done in Path(a.features_from).glob("**/features/*/_COMPLETE"):  # the LM pass, once per catalog
+            dest = root / name / "features" / done.parent.name
+            if not dest.exists():
+                shutil.copytree(done.parent, dest)
+        cfg = load_config(a.config, [f"storage.root={root / name}", "data.source=parquet",
+                                     f"data.interactions={src / 'interactions'}", f"data.items={src / 'items.parquet'}",
+                                     "explain.n_users=0", *VARIANTS[name], *a.overrides])
+        t0 = time.time()
+        out = jobs.nightly.main(cfg=cfg, run_date=run_date, force=True)
+        if not out["infer"]["published"]:
+            raise SystemExit(f"{name}: nothing published ({out['infer']['reason']})")
+        recs, manifest = read_recommendations(out["infer"]["recommendations"])
+        lists_of[name] = dict(zip(recs["user_id"].to_pylist(), recs["item_ids"].to_pylist()))
+        prepared = PreparedPaths(out["prepare"]["prepared"])
+        m = out["evaluate"]["metrics"]
+        runs[name] = {"wall_s": round(time.time() - t0, 1), "stage_s": {s: out[s]["wall_s"] for s in out},
+                      "kept_epoch": out["train"]["best"]["epoch"], "refit": out["train"].get("refit") and {
+                          k: v for k, v in out["train"]["refit"].items() if k != "history"},
+                      "trained_on": manifest["metrics"]["trained_on"],
+                      "own_holdout_ndcg@10": m["model"]["ndcg@10"], "baseline_selection": m["baseline_selection"]}
+
+    users_t = storage.read_table(prepared.users, columns=["user_id", "items", "ts"])
+    ids = catalog_ids(prepared.items).to_pylist()
+    scored = [u for u in users_t["user_id"].to_pylist() if u in first]  # history before and an event after
+    hist = [np.asarray(h, np.int64) for h in users_t["items"].to_pylist()]
+    log = train_log(hist, [np.asarray(t, np.int64) for t in users_t["ts"].to_pylist()], len(ids))
+    opts = baseline_options(cfg.eval)
+    chosen = next(iter(runs.values()))["baseline_selection"]
+    base_lists = {}
+    for name in ("popularity", "recent_popularity", "itemknn", "ease"):
+        param = (chosen.get(name) or {}).get("param")
+        top = rank_baseline(name, log, hist, K, opts, param)  # (U, K) item_idx, seen excluded
+        base_lists[name] = {u: [ids[i] for i in row] for u, row in zip(users_t["user_id"].to_pylist(), top.tolist())}
+
+    results = {name: score_lists(lists_of[name], first, every, scored, a.n_boot) for name in lists_of}
+    baselines = {name: score_lists(l, first, every, scored, a.n_boot) for name, l in base_lists.items()}
+    best = max(baselines, key=lambda b: baselines[b]["next_ndcg@10"])
+    ratios = {name: {m: r[m] / baselines[best][m] if baselines[best][m] else None
+                     for m in ("next_recall@10", "next_ndcg@10", "any_hit_rate@10")} for name, r in results.items()}
+    cols = ["next_recall@10", "next_ndcg@10", "any_hit_rate@10"]
+    print(benchlib.table(f"ML-100k tomorrow: cutoff {run_date} ({a.fraction:.0%} of the span), {len(scored)} users",
+                         ["", *cols], [[n, *[f"{r[c]:.4f} [{r[c + '_ci_low']:.3f}, {r[c + '_ci_high']:.3f}]"
+                                             for c in cols]] for n, r in {**results, **baselines}.items()]))
+    print(f"best baseline {best}; ratios {ratios}")
+    benchlib.write_json(a.json, {
+        "dataset": "MovieLens-100k (recbole 1.2.1), every rating an interaction", "cpu": cpu_model(),
+        "cutoff": cutoff, "run_date": run_date, "fraction": a.fraction, "events_before": past.num_rows,
+        "events_after": future.num_rows, "users_scored": len(scored),
+        "users_after_without_history": len([u for u in first if u not in set(users_t["user_id"].to_pylist())]),
+        "config": a.config, "overrides": a.overrides, "runs": runs, "model": results, "baselines": baselines,
+        "best_baseline": best, "ratio_to_best_baseline": ratios,
+        "command": "python benchmarks/ml100k_tomorrow.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if v and k not in ("overrides",))})
+
+
+if __name__ == "__main__":
+    main()
