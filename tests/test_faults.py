@@ -39,7 +39,8 @@ from recsys_core.serve.retrieval import topk_from_scores
 from recsys_core.train.objective import ItemTensors
 from tests.conftest import BASE_ENV, REPO
 
-pytestmark = pytest.mark.integration
+# slow: about 150 s of a 2-core CI run (a killed Ray Train worker, a killed driver), beyond its budget
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SYNTHETIC = REPO / "jobs" / "configs" / "synthetic.yaml"
 RESUMED = re.compile(r"resumed from checkpoint at epoch (\d+)")
 

@@ -84,6 +84,7 @@ def test_concurrent_acquires_exactly_one_wins(lease_uri):
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # a whole nightly in a subprocess (about 60 s on 2 cores): beyond the CI budget
 def test_two_nightlies_started_together_one_runs_one_refuses(tmp_path):
     """Two `python -m jobs.nightly` for one root and date, started at the same moment (tiny synthetic
     data): one completes, the other exits 2 before starting Ray, naming the holder and the expiry."""

@@ -12,7 +12,7 @@ from recsys_core import storage
 from recsys_core.config import ConfigError, replace
 from recsys_core.pipeline import run_job
 from recsys_core.preflight import PROBE_PREFIX, PreflightError, preflight
-from tests.conftest import free_port
+from tests.conftest import LOCAL_RAY, free_port
 
 pytestmark = pytest.mark.unit
 
@@ -99,6 +99,7 @@ def test_missing_inputs_are_named(moto_s3, synthetic_cfg, tmp_path):
 
 
 def test_run_job_fails_before_ray_starts(moto_s3, synthetic_cfg, monkeypatch):
+    LOCAL_RAY.stop()  # the session's local cluster (tests/conftest.py) is down: nothing here may start one
     assert not ray.is_initialized()
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://nonexistent.invalid:9000")
     with pytest.raises(PreflightError, match="storage.root=s3://recsys-test/r: cannot reach the bucket"):
