@@ -182,6 +182,11 @@ def prepare_stage(run: Run) -> PrepareRecord:
 
 def train_stage(run: Run) -> TrainRecord:
     stats = run.record("prepare").stats
+    refit_on = run.cfg.train.refit
+    if refit_on and not storage.list_files(run.prepared.full_examples, ".parquet"):
+        raise StageNotDone(f"train.refit is on but {run.prepared.full_examples} is missing (prepared with train.refit "
+                           f"off); run `python -m jobs.prepare {run.invocation} --run-date {run.run_date} --force` "
+                           "first, or set train.refit=false")
     for stale in registry.incomplete_versions(run.root, run.run_date):
         log.info("removing models/%s: an earlier attempt of this date left it incomplete (no _COMPLETE marker, "
                  "or files that do not match it)", stale)
@@ -190,7 +195,6 @@ def train_stage(run: Run) -> TrainRecord:
     catalog = {"n_items": len(ids), "sha256": registry.catalog_hash(ids)}
     config = asdict(run.cfg)
     warm = _warm_start(run, ids, catalog["sha256"], config)
-    refit_on = run.cfg.train.refit
     fit = run_train(run.cfg, run.prepared, run.run_dir, init_from=warm.get("init_from"), fresh=run.force,
                     guard=not refit_on)  # with a refit, the guard measures the weights that are published
     guard, refit = fit.get("guard"), None

@@ -13,7 +13,7 @@ from recsys_core import storage
 from recsys_core.config import load_config, replace
 from recsys_core.data.prepare import PreparedPaths, catalog_ids, examples_dataset
 from recsys_core.ops import registry, report
-from recsys_core.pipeline import NOT_PRETRAINED, Run
+from recsys_core.pipeline import NOT_PRETRAINED, Run, StageNotDone, train_stage
 from recsys_core.serve.infer import score_users
 from recsys_core.serve.publish import publish, read_recommendations
 
@@ -40,6 +40,15 @@ def test_ddp_training_learns_planted_structure(nightly):
     # two DDP workers trained for at least two epochs and validation improved on the first one
     hist = out["train"]["history"]
     assert len(hist) >= 2 and max(h["val_ndcg10"] for h in hist) > hist[0]["val_ndcg10"]
+
+
+def test_refit_on_a_date_prepared_without_it_names_the_prepare_command(nightly):
+    cfg, out = nightly  # synthetic.yaml: train.refit off, so prepare wrote no full_examples/
+    run = Run(replace(cfg, **{"train.refit": True}), RUN_DATE, invocation="--config synthetic")
+    with pytest.raises(StageNotDone, match=r"train.refit is on but .*full_examples is missing .* run `python -m "
+                                           r"jobs.prepare --config synthetic --run-date 2026-11-27 --force` first"):
+        train_stage(run)
+    assert registry.list_versions(cfg.storage.root) == [out["train"]["model_version"]]  # nothing trained
 
 
 def test_recommendations_schema_k_unseen_every_user(nightly):
