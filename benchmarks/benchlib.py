@@ -166,11 +166,12 @@ def write_json(path: str | Path | None, data: dict[str, Any]) -> None:
         Path(path).write_text(json.dumps(data, indent=2, default=float) + "\n")
 
 
-def share_features(root: Path, name: str) -> None:
-    """Seed ``root/name``'s frozen-LM feature cache with every complete one under ``root/*`` (the cache is
-    keyed by catalog and LM, so a run only ever reuses features of its own catalog and LM: the pass runs once
-    for a set of runs)."""
-    for done in Path(root).glob("*/features/*/_COMPLETE"):
+def share_features(root: Path, name: str, source: Path | None = None) -> None:
+    """Seed ``root/name``'s frozen-LM feature cache with every complete one under ``root/*`` (or anywhere
+    below ``source``; the cache is keyed by catalog and LM, so a run only ever reuses features of its own
+    catalog and LM: the pass runs once for a set of runs)."""
+    found = Path(source).glob("**/features/*/_COMPLETE") if source else Path(root).glob("*/features/*/_COMPLETE")
+    for done in found:
         dest = Path(root) / name / "features" / done.parent.name
         if not dest.exists():
             shutil.copytree(done.parent, dest)

@@ -102,10 +102,7 @@ def main() -> None:
     runs, lists_of, prepared = {}, {}, None
     for name in a.variants.split(","):
         shutil.rmtree(root / name, ignore_errors=True)  # a first night: no production model from an earlier run
-        for done in Path(a.features_from).glob("**/features/*/_COMPLETE"):  # the LM pass, once per catalog
-            dest = root / name / "features" / done.parent.name
-            if not dest.exists():
-                shutil.copytree(done.parent, dest)
+        benchlib.share_features(root, name, Path(a.features_from))  # the LM pass, once per catalog
         cfg = load_config(a.config, [f"storage.root={root / name}", "data.source=parquet",
                                      f"data.interactions={src / 'interactions'}", f"data.items={src / 'items.parquet'}",
                                      "explain.n_users=0", *VARIANTS[name], *a.overrides])

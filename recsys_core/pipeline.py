@@ -197,21 +197,19 @@ def train_stage(run: Run) -> TrainRecord:
     warm = _warm_start(run, ids, catalog["sha256"], config)
     fit = run_train(run.cfg, run.prepared, run.run_dir, init_from=warm.get("init_from"), fresh=run.force,
                     guard=not refit_on)  # with a refit, the guard measures the weights that are published
-    guard, refit = fit.get("guard"), None
+    guard, refit, refit_ckpt = fit.get("guard"), None, None
     if refit_on:
         epochs = int(fit["metrics"]["epoch"]) + 1  # the selected budget
         log.info("refit: training again on every event (held-out ones included) for the selected %d epoch(s); "
                  "that model is published", epochs)
         again = run_train(run.cfg, run.prepared, run.run_dir, init_from=warm.get("init_from"), fresh=run.force,
                           refit_epochs=epochs)
-        guard = again["guard"]
+        guard, refit_ckpt = again["guard"], again["checkpoint"]
         refit = {"epochs": epochs, "examples": again["examples"], "selection_examples": fit["examples"],
-                 "history": again["history"], "checkpoint": again["checkpoint"],
-                 "trained_on": REFIT_TRAINED_ON}
+                 "history": again["history"], "trained_on": REFIT_TRAINED_ON}
     version = registry.new_version(run.root, run.run_date)
     metrics = {"best": fit["metrics"], "history": fit["history"], "guard": guard, "run_date": run.run_date,
-               "input": run.prepared.root, "config": config,
-               "refit": {k: v for k, v in refit.items() if k != "checkpoint"} if refit else None}
+               "input": run.prepared.root, "config": config, "refit": refit}
     lineage = {
         "version": version, "run_date": run.run_date, "parent": warm.get("from") if warm["used"] else None,
         "warm_start": warm, "catalog": catalog, "code": registry.code_version(),
@@ -222,12 +220,11 @@ def train_stage(run: Run) -> TrainRecord:
     }
     model_dir = registry.register_version(run.root, version, fit["checkpoint"], metrics=metrics, lineage=lineage,
                                           item_ids=ids, tokenizer=run.cfg.model.tokenizer,
-                                          refit=refit["checkpoint"] if refit else None)
+                                          refit=refit_ckpt)
     outcome = report.training_outcome(fit["history"], run.cfg.train.epochs, run.cfg.train.patience)
     log.info("training %s", report.training_sentence(outcome))
     if refit:
-        refit = {**{k: v for k, v in refit.items() if k != "checkpoint"},
-                 "model_dir": registry.published_dir(run.root, version)}
+        refit = {**refit, "model_dir": registry.published_dir(run.root, version)}
     return TrainRecord(model_version=version, model_dir=model_dir, best=fit["metrics"], history=fit["history"],
                        guard=guard, parent=lineage["parent"], warm_start=warm, epochs_max=run.cfg.train.epochs,
                        patience=run.cfg.train.patience, refit=refit)

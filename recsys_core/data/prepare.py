@@ -466,7 +466,7 @@ def _block_facts(batch: pa.Table, n_items: int) -> pa.Table:
     first = np.full(n_items, NEVER, dtype=np.int64)  # (N,)
     np.minimum.at(first, items.astype(np.int64), ts.astype(np.int64))
     out = {"train_count": pa.array([counts], pa.list_(pa.int64())),
-           "event_count": pa.array([events.astype(np.int64)], pa.list_(pa.int64())),
+           "event_count": pa.array([events], pa.list_(pa.int64())),
            "first_seen": pa.array([first], pa.list_(pa.int64())),
            "newest_ts": pa.array([int(ts.max()) if len(ts) else None], pa.int64()),
            "no_history": pa.array([int((_n_train(batch, offsets) == 0).sum())], pa.int64())}
