@@ -162,6 +162,18 @@ class InferConfig:
 
 
 @dataclass(frozen=True)
+class PriorConfig:
+    """The recency prior of the published score (recsys_core.model.prior), chosen on validation."""
+
+    enabled: bool = True  # choose a prior on validation and publish with it (all-zero weights: the model alone)
+    windows_days: tuple[int, ...] = (7, 14, 30, 90)  # popularity windows chosen from
+    betas: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # prior weights chosen from, per gap bucket
+    gap_edges_s: tuple[int, ...] = (3600, 86400, 604800)  # time-since-last-event bucket edges (1 h, 1 d, 1 w)
+    fraction: float = 0.1  # the tomorrow-like validation's cutoff: this fraction of the fit log's span before its end
+    max_users: int = 5000  # validation queries scored per kind (a seeded sample above it)
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     ks: tuple[int, ...] = (10, 50)  # cutoffs of the holdout metrics (NDCG@k, Recall@k)
     n_boot: int = 1000  # bootstrap resamples for the 95% intervals
@@ -173,6 +185,7 @@ class EvalConfig:
     ease_max_items: int = 20000  # EASE is skipped (a log line) above this catalog size: dense I x I float32 inverse
     protocol: Literal["loo", "temporal"] = "loo"  # loo: each user's last events held out | temporal: a global cutoff
     temporal_fraction: float = 0.1  # temporal: the cutoff sits this fraction of the log's time span before its end
+    prior: PriorConfig = field(default_factory=PriorConfig)  # the recency prior of the published score
 
 
 @dataclass(frozen=True)
@@ -357,6 +370,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "positive": (lambda v: v > 0, "> 0"),
     "non_negative": (lambda v: v >= 0, ">= 0"),
     "fraction": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    "open_fraction": (lambda v: 0.0 < v < 1.0, "in (0, 1)"),
     "at_least_2": (lambda v: v >= 2, ">= 2"),
     "iso_time": (_iso_time, "an ISO date or date-time (YYYY-MM-DD[THH:MM:SS])"),
     "codec": (_codec, "a Python text encoding (e.g. utf-8, latin-1)"),
@@ -378,6 +392,8 @@ RANGES: dict[str, str] = {
     "infer.k": "positive", "infer.batch_size": "positive", "infer.concurrency": "positive",
     "infer.item_batch_size": "positive", "infer.block_mib": "positive",
     "eval.ks": "positive", "eval.n_boot": "positive", "eval.itemknn_neighbors": "positive",
+    "eval.prior.windows_days": "positive", "eval.prior.betas": "non_negative", "eval.prior.gap_edges_s": "positive",
+    "eval.prior.fraction": "open_fraction", "eval.prior.max_users": "positive",
     "guard.lora.r": "positive", "guard.lora.alpha": "positive", "guard.lora.dropout": "fraction",
     "guard.lm_weight": "non_negative", "guard.item_lm_weight": "non_negative", "guard.kl_weight": "non_negative",
     "guard.replay_batch_size": "positive", "guard.replay_seq_len": "positive", "guard.max_ppl_increase": "non_negative",
@@ -410,6 +426,11 @@ def check_combinations(cfg: NightlyConfig) -> None:
                       or cfg.guard.item_lm_weight > 0):
         raise ConfigError("config key 'model.item_tower.frozen' leaves the LM untouched: guard.lora, "
                           "guard.lm_weight, guard.kl_weight and guard.item_lm_weight must be off")
+    pr = cfg.eval.prior
+    if list(pr.gap_edges_s) != sorted(set(pr.gap_edges_s)):
+        raise ConfigError(f"config key 'eval.prior.gap_edges_s' must increase strictly, got {list(pr.gap_edges_s)}")
+    if 0.0 not in pr.betas:
+        raise ConfigError("config key 'eval.prior.betas' must include 0 (the model alone is always a candidate)")
     if cfg.model.user_tower.frozen:
         raise ConfigError("config key 'model.user_tower.frozen': only the item tower reads text features")
 

@@ -46,7 +46,9 @@ from recsys_core.eval.baselines import (
 from recsys_core.eval.holdout import cold_start_metrics, evaluate_model, holdout_users
 from recsys_core.eval.metrics import summarize_values
 from recsys_core.eval.online import newest_event_ts, online_proxy
+from recsys_core.eval.recency import recency_prior, serving_term
 from recsys_core.model.checkpoint import CONFIG
+from recsys_core.model.prior import RecencyPrior
 from recsys_core.ops import gate, lease, registry, report
 from recsys_core.ops.explain import describe_users, description_bar
 from recsys_core.ops.gate import ON_REJECT
@@ -267,13 +269,16 @@ def evaluate_stage(run: Run) -> EvaluateRecord:
     base = {b: summarize_values(pu, n_users, cfg.eval.n_boot) for b, pu in base_pu.items()}
     cold = cold_start_metrics(per_user, base_pu, base_target, items["train_count"].to_numpy() == 0, cfg.eval.n_boot)
     online = online_proxy(run.root, run.run_date, run.prepared.users, run.prepared.items, ONLINE_K, cfg.eval.n_boot)
+    prior = (recency_prior(trained.model_dir, storage.join(trained.model_dir, "item_embeddings.npy"),
+                           run.prepared.users, cfg.model.max_seq_len, cfg.eval, cfg.train.seed, held["rows"], n_users)
+             if cfg.eval.prior.enabled else None)
     val_base = {"popularity": validation_popularity(run.prepared.users, items.num_rows, cfg.train.val_users,
                                                     cfg.train.seed)}
     metrics = {"model": model_m, "baselines": base, "model_version": trained.model_version,
                "online": online, "protocol": stats.get("split", {"protocol": "loo"}),
                # from prepare's stats (a date prepared by an older version has none: read the users)
                "newest_event_ts": stats.get("newest_event_ts") or newest_event_ts(run.prepared.users),
-               "validation_baselines": val_base,
+               "validation_baselines": val_base, "recency_prior": prior,
                "users_scored": n_scored, "cold_start": cold, "baseline_selection": base_chosen,
                "holdout_users": {"scored": n_users, "of": held["of"], "sampled": held["sampled"],
                                  "seed": held.get("seed"), "max_users": cfg.eval.max_users},
@@ -318,7 +323,7 @@ def promote_stage(run: Run) -> PromoteRecord:
     new_source = ModelSource(model_version=new, model_dir=trained.model_dir, role="new",
                              item_embeddings=storage.join(trained.model_dir, "item_embeddings.npy"),
                              max_seq_len=cfg.model.max_seq_len, metrics=evaluated.metrics["model"],
-                             guard=trained.guard)
+                             guard=trained.guard, prior=(evaluated.metrics.get("recency_prior") or {}).get("chosen"))
     if decision.promote:
         registry.promote(run.root, new, run.run_date, decision.reason, previous=base)
         source, why_source = new_source, "the new model passed the promotion gate"
@@ -383,9 +388,16 @@ def infer_stage(run: Run) -> InferRecord:
     if not storage.exists(src.item_embeddings):
         embed_items(src.model_dir, run.prepared.items, src.item_embeddings, cfg.infer.item_batch_size,
                     cfg.infer.concurrency)
-    recs = score_users(src.model_dir, src.item_embeddings, run.prepared.users, catalog_ids(run.prepared.items),
+    ids = catalog_ids(run.prepared.items)
+    prior_kw: dict[str, Any] = {}
+    if src.prior:  # ranked by model + recency prior, asked at the log's end
+        term, now = serving_term(run.prepared.users, len(ids), RecencyPrior.from_dict(src.prior))
+        term_uri = storage.join(run.run_dir, "published", f"{src.model_version}-recency_prior.npy")
+        storage.write_npy(term_uri, term)
+        prior_kw = {"prior": src.prior, "prior_term_uri": term_uri, "now": now, "columns": ("user_id", "items", "ts")}
+    recs = score_users(src.model_dir, src.item_embeddings, run.prepared.users, ids,
                        cfg.infer.k, src.max_seq_len, src.model_version, cfg.infer.batch_size,
-                       cfg.infer.concurrency, block_mib=cfg.infer.block_mib)
+                       cfg.infer.concurrency, block_mib=cfg.infer.block_mib, **prior_kw)
     stats = prepared.stats
     manifest = publish(recs, run.recs_dir, {
         "run_date": run.run_date, "model_version": src.model_version, "k": cfg.infer.k,
@@ -408,6 +420,7 @@ def manifest_metrics(src: ModelSource, baselines: dict[str, dict[str, float]],
             "ppl_general_before": guard.get("ppl_general_before"), "ppl_general_after": guard.get("ppl_general_after"),
             "guard_passed": guard.get("passed"), "source": src.role,
             "trained_on": src.trained_on or "the training part of each history (the held-out events excluded)",
+            "recency_prior": src.prior,
             "promotion": {**promoted.decision, "new_version": promoted.model_version,
                           "production_before": promoted.production_before,
                           "production": promoted.production, "publish_reason": promoted.publish_reason}}

@@ -77,6 +77,7 @@ class ModelSource(Record):
     guard: dict[str, Any] | None = None
     note: str | None = None
     trained_on: str | None = None  # what the published weights saw (the refit: every event)
+    prior: dict[str, Any] | None = None  # the recency prior it publishes with (recsys_core.model.prior), None: none
 
 
 @dataclass(frozen=True)

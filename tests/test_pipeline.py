@@ -182,8 +182,12 @@ def test_summary_block_from_the_stage_records(nightly):
     lines = text.splitlines()
     m = out["evaluate"]["metrics"]
     rows = lines[lines.index("holdout, 400 users (95% bootstrap intervals):") + 2:]
-    table = {ln.split()[0]: ln for ln in rows[:len(cfg.eval.baselines) + 1]}
-    assert set(table) == {"model", *cfg.eval.baselines}
+    table = {ln.split()[0]: ln for ln in rows[:len(cfg.eval.baselines) + 2]}
+    assert set(table) == {"model", "model+prior", *cfg.eval.baselines}
+    prior = m["recency_prior"]  # chosen on validation queries of both kinds, its test figure in the table
+    assert prior["validation"]["queries"]["holdout"] > 0 and prior["validation"]["queries"]["tomorrow"] > 0
+    assert f"{prior['test']['ndcg@10']:.4f}" in table["model+prior"]
+    assert "prior:     window " in text
     for name, metrics in [("model", m["model"]), *m["baselines"].items()]:
         for k in ("ndcg@10", "recall@10", "ndcg@50", "recall@50"):
             cell = f"{metrics[k]:.4f} [{metrics[k + '_ci_low']:.4f}, {metrics[k + '_ci_high']:.4f}]"

@@ -63,6 +63,8 @@ def history_row(run_date: str, records: dict[str, dict[str, Any]]) -> dict[str, 
     row["protocol"] = (metrics.get("protocol") or {}).get("protocol", "loo")  # of the holdout metrics below
     row.update(online_columns(metrics.get("online")))
     row.update({f"model_{k}": v for k, v in point_metrics(metrics["model"]).items()})
+    prior_test = (metrics.get("recency_prior") or {}).get("test")
+    row.update({f"model_prior_{k}": (point_metrics(prior_test).get(k) if prior_test else None) for k in HEADLINE})
     for name, m in metrics["baselines"].items():
         row.update({f"{name}_{k}": v for k, v in point_metrics(m).items() if k in HEADLINE})
     return row
@@ -265,12 +267,16 @@ def render(run_date: str, records: dict[str, dict[str, Any]], history: list[dict
     parts.append(_section("training", "Training", (
         f"<p class='kept'>{html.escape(training_sentence(outcome))}.</p>"
         f"<p class='refit'>{html.escape(refit_sentence(trained.get('refit')))}.</p>"
+        f"<p class='prior'>Recency prior: {html.escape(prior_sentence(metrics.get('recency_prior'), promoted.get('publish')))}."
+        "</p>"
         f"<p>Warm start: {html.escape(_fmt(warm.get('used')))} ({html.escape(str(warm.get('reason', '')))}); "
         f"parent model: {html.escape(_fmt(trained.get('parent')))}. The validation curve is drawn against "
         "the baselines on the same validation users; the test-set baselines are in the next section.</p>"
         + _img(learning_curve_png(trained["history"], val_base, outcome["kept_epoch"]),
                "loss and validation NDCG@10 per epoch"))))
     rows = {"new model": point_metrics(metrics["model"])}
+    if (metrics.get("recency_prior") or {}).get("test"):
+        rows["new model + recency prior"] = point_metrics(metrics["recency_prior"]["test"])
     if prod:
         rows[f"production {prod['model_version']}"] = point_metrics(prod["metrics"])
     rows.update({name: point_metrics(m) for name, m in metrics["baselines"].items()})
@@ -407,6 +413,35 @@ def refit_sentence(refit: dict[str, Any] | None) -> str:
             f"selection trained on {refit['selection_examples']}) for the selected {refit['epochs']} epoch(s)")
 
 
+def _gap_names(edges: list[int]) -> list[str]:
+    def dur(x: int) -> str:
+        for unit, size in (("w", 604800), ("d", 86400), ("h", 3600), ("min", 60)):
+            if x >= size and x % size == 0:
+                return f"{x // size}{unit}"
+        return f"{x}s"
+    names = [dur(e) for e in edges]
+    return [f"<{names[0]}", *(f"{a}-{b}" for a, b in zip(names, names[1:])), f">={names[-1]}"]
+
+
+def prior_sentence(prior: dict[str, Any] | None, published: dict[str, Any] | None = None) -> str:
+    """The recency prior chosen on validation, its test figure and whether the published lists use it."""
+    if not prior:
+        return "off (eval.prior.enabled is false): the published score is the model's alone"
+    sel = prior["selected"]
+    val = prior["validation"]
+    weights = ", ".join(f"{g} {b:g}" for g, b in zip(_gap_names(sel["gap_edges_s"]), sel["betas"]))
+    q = val["queries"]
+    text = (f"window {sel['window_days']} d, weight by time since the user's last event: {weights}; chosen on "
+            f"{q['holdout']} holdout + {q['tomorrow']} tomorrow validation queries (NDCG@10 "
+            f"{val['per_window'][str(sel['window_days'])]['ndcg@10']:.4f} vs the model alone "
+            f"{val['model_alone_ndcg@10']:.4f}); test NDCG@10 with it {prior['test']['ndcg@10']:.4f}")
+    if prior.get("chosen") is None:
+        return text + "; every weight is 0, so the model alone publishes"
+    if published is not None and not published.get("prior"):
+        return text + "; not used: the published model is not the one it was chosen for"
+    return text
+
+
 def guard_sentence(guard: dict[str, Any] | None) -> str:
     """The guard's verdict in words: an unenforced guard (a random-init LM) is reported as such, not as 'passed'."""
     if not guard:
@@ -442,7 +477,10 @@ def holdout_lines(metrics: dict[str, Any]) -> list[str]:
     """The holdout table: model and baselines (by name), each metric with its 95% bootstrap interval."""
     model = metrics["model"]
     cols = sorted((k for k in model if "_ci_" not in k and k != "n_users"), key=metric_order)
-    rows = [("model", model), *sorted(metrics.get("baselines", {}).items())]
+    rows = [("model", model)]
+    if (metrics.get("recency_prior") or {}).get("test"):
+        rows.append(("model+prior", metrics["recency_prior"]["test"]))
+    rows += sorted(metrics.get("baselines", {}).items())
     cells = [[_with_ci(m, c) if c in m else "–" for c in cols] for _, m in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
     name_w = max(len(n) for n, _ in rows)
@@ -511,6 +549,9 @@ def summary_text(job: str, run_date: str, records: dict[str, dict[str, Any]], sk
         lines.append(f"training:  {training_sentence(outcome)}")
         lines.append(f"refit:     {refit_sentence(t.get('refit'))}")
         lines.append(f"guard:     {guard_sentence(t.get('guard'))}")
+    if "evaluate" in records:
+        publish = (records.get("promote") or {}).get("publish")
+        lines.append(f"prior:     {prior_sentence(records['evaluate']['metrics'].get('recency_prior'), publish)}")
     if "promote" in records:
         p = records["promote"]
         verdict = "PROMOTED" if p["decision"]["promote"] else "NOT PROMOTED"

@@ -17,6 +17,7 @@ import torch
 from recsys_core import storage
 from recsys_core.data.text import PAD, pad_token_lists
 from recsys_core.model.checkpoint import load_checkpoint
+from recsys_core.model.prior import RecencyPrior, augment
 from recsys_core.model.towers import TwoTower, user_vectors
 from recsys_core.runtime import gather_item_rows, pool_args
 from recsys_core.serve.retrieval import topk_excluding
@@ -46,15 +47,26 @@ class UserScorer:
 
     ``histories`` turns a batch's item lists into the user tower's inputs (all of them when serving);
     the holdout evaluator (:class:`recsys_core.eval.holdout.HoldoutScorer`) reuses the loading and
-    ranking with the split's inputs. The loader is injectable (tests, other checkpoint formats)."""
+    ranking with the split's inputs. The loader is injectable (tests, other checkpoint formats).
+
+    With a recency ``prior`` (a :class:`RecencyPrior` dict), serving ranks by model + prior asked at
+    ``now``: ``prior_term_uri`` holds the (N,) item term ``log(1 + c_W(i, now))`` and each user's weight
+    comes from ``now`` minus the user's last event (the batch's ``ts`` column)."""
 
     def __init__(self, model_uri: str, item_emb_uri: str, item_ids: pa.Array, k: int, max_seq_len: int,
-                 model_version: str, loader: Loader = load_checkpoint, threads: int = 1):
+                 model_version: str, loader: Loader = load_checkpoint, threads: int = 1,
+                 prior: dict[str, Any] | None = None, prior_term_uri: str | None = None, now: int | None = None):
         torch.set_num_threads(threads)
         self.model, _ = loader(model_uri)
         self.table = torch.from_numpy(storage.read_npy(item_emb_uri))  # (N, D)
         self.item_ids = item_ids
         self.k, self.max_seq_len, self.version = k, max_seq_len, model_version
+        self.prior = RecencyPrior.from_dict(prior) if prior else None
+        if self.prior is not None:
+            if prior_term_uri is None or now is None:
+                raise ValueError("UserScorer: a recency prior needs prior_term_uri and now")
+            self.term = torch.from_numpy(storage.read_npy(prior_term_uri)).float()  # (N,)
+            self.now = int(now)
 
     def rank(self, hist: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Top-k item indices (-1 where fewer candidates) and scores, both (b, k)."""
@@ -72,9 +84,22 @@ class UserScorer:
             "model_version": pa.array([self.version] * batch.num_rows, pa.string()),
         }
 
+    @torch.no_grad()
+    def rank_with_prior(self, hist: list[np.ndarray], last_ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`rank` by model + prior: the prior is one more inner-product dimension (its weight in
+        the units of ``u @ v``: beta times the temperature)."""
+        assert self.prior is not None
+        users = user_vectors(self.model, self.table, hist, self.max_seq_len)  # (b, D)
+        weight = torch.from_numpy(self.prior.weights(self.now - last_ts)) * float(self.model.temperature)  # (b,)
+        aug_users, aug_table = augment(users, self.table, weight, self.term)  # (b, D+1), (N, D+1)
+        return topk_excluding(aug_users, aug_table, hist, self.k)
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         hist = [np.asarray(s, dtype=np.int64) for s in batch["items"].to_pylist()]
-        return pa.table(self.rows(batch, *self.rank(hist)))
+        if self.prior is None:
+            return pa.table(self.rows(batch, *self.rank(hist)))
+        last = np.array([t[-1] for t in batch["ts"].to_pylist()], dtype=np.int64)  # (b,)
+        return pa.table(self.rows(batch, *self.rank_with_prior(hist, last)))
 
 
 def embed_items(model_uri: str, items_uri: str, out_uri: str, batch_size: int, concurrency: int) -> np.ndarray:

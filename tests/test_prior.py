@@ -1,0 +1,82 @@
+"""The recency prior (recsys_core.model.prior) and its choice on validation (recsys_core.eval.recency),
+checked against hand-computed counts, buckets, scores and choices."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from recsys_core.eval.recency import choose_prior, fit_log, holdout_queries, tomorrow_queries
+from recsys_core.model.prior import RecencyPrior, apply_prior, augment, prior_term, window_counts
+
+pytestmark = pytest.mark.unit
+
+
+def test_window_counts_by_hand():
+    items = np.array([0, 1, 0, 2, 0])
+    ts = np.array([10, 20, 30, 40, 50])
+    got = window_counts(items, ts, 3, np.array([35, 50, 5, 51]), window_s=25)
+    # t=35: [10, 35) -> ts 10 (0), 20 (1), 30 (0); t=50: [25, 50) -> 30 (0), 40 (2), 50 excluded;
+    # t=5: nothing; t=51: [26, 51) -> 30 (0), 40 (2), 50 (0)
+    assert got.tolist() == [[2, 1, 0], [1, 0, 1], [0, 0, 0], [2, 0, 1]]
+
+
+def test_window_counts_match_a_brute_force_count_on_shuffled_events():
+    rng = np.random.default_rng(0)
+    items, ts = rng.integers(0, 7, 300), rng.integers(0, 1000, 300)
+    q = rng.integers(-50, 1100, 40)
+    got = window_counts(items, ts, 7, q, window_s=120)
+    want = np.array([[((items == i) & (ts >= t - 120) & (ts < t)).sum() for i in range(7)] for t in q])
+    assert np.array_equal(got, want)
+
+
+def test_buckets_and_weights_by_gap():
+    p = RecencyPrior(14, (0.0, 1.0, 4.0), (3600, 86400))
+    gaps = np.array([0, 3599, 3600, 86399, 86400, 10**7])
+    assert p.buckets(gaps).tolist() == [0, 0, 1, 1, 2, 2]
+    assert p.weights(gaps).tolist() == [0, 0, 1, 1, 4, 4]
+    assert not p.off and RecencyPrior(7, (0.0, 0.0, 0.0), (3600, 86400)).off
+    assert RecencyPrior.from_dict(p.to_dict()) == p
+    with pytest.raises(ValueError, match="3 betas for 2 gap buckets"):
+        RecencyPrior(14, (0.0, 1.0, 2.0), (3600,))
+
+
+def test_apply_and_augment_add_the_weighted_log_count():
+    logits = np.array([[1.0, 2.0], [0.0, 0.0]], np.float32)
+    term = prior_term(np.array([0.0, np.e - 1]))  # log1p -> [0, 1]
+    assert np.allclose(apply_prior(logits, np.array([2.0, 0.5]), term), [[1.0, 4.0], [0.0, 0.5]])
+    u, t = torch.randn(3, 4), torch.randn(5, 4)
+    w, it = torch.tensor([0.0, 1.0, 3.0]), torch.rand(5)
+    au, at = augment(u, t, w, it)
+    assert au.shape == (3, 5) and at.shape == (5, 5)
+    assert torch.allclose(au @ at.T, u @ t.T + w[:, None] * it[None, :], atol=1e-6)
+
+
+def test_choose_prior_per_bucket_then_window_by_hand():
+    betas = (0.0, 1.0, 2.0)
+    buckets = np.array([0, 0, 1, 1])
+    ndcg = {7: np.array([[1, 1, 0, 0], [0, 1, 1, 1], [0, 0, 1, 1]], float),  # bucket 0 -> 0; bucket 1 -> tie 1 vs 2 -> 1
+            30: np.full((3, 4), 0.5)}
+    prior, curve = choose_prior(ndcg, buckets, betas, (3600,))
+    assert prior == RecencyPrior(7, (0.0, 1.0), (3600,))
+    assert curve["7"] == {"ndcg@10": 1.0, "betas": [0.0, 1.0]}
+    assert curve["30"] == {"ndcg@10": 0.5, "betas": [0.0, 0.0]}
+
+
+def _users() -> pa.Table:
+    return pa.table({"user_id": [1, 2], "items": [[1, 2, 3, 4], [5, 6, 7]], "ts": [[0, 100, 200, 300], [0, 50, 400]]})
+
+
+def test_holdout_and_tomorrow_queries_by_hand():
+    users = _users()
+    val = holdout_queries(users, "val")  # leave-one-out: the second-to-last event, asked at its own time
+    assert [h.tolist() for h in val.hist] == [[1, 2], [5]]
+    assert val.target.tolist() == [3, 6] and val.query_ts.tolist() == [200, 50] and val.gap_s.tolist() == [100, 50]
+    test = holdout_queries(users, "test")
+    assert test.target.tolist() == [4, 7] and test.gap_s.tolist() == [100, 350]
+    items, ts = fit_log(users, "val")  # every user's events before the validation target
+    assert items.tolist() == [1, 2, 5] and ts.tolist() == [0, 100, 0]
+    # fitting log span [0, 100], half of it: cut at 50; user 1 has events on both sides, user 2 only before
+    tom = tomorrow_queries(users, "val", 0.5)
+    assert [h.tolist() for h in tom.hist] == [[1]]
+    assert tom.target.tolist() == [2] and tom.query_ts.tolist() == [50] and tom.gap_s.tolist() == [50]
