@@ -46,7 +46,7 @@ from recsys_core.eval.baselines import (
 from recsys_core.eval.holdout import cold_start_metrics, evaluate_model, holdout_users
 from recsys_core.eval.metrics import summarize_values
 from recsys_core.eval.online import newest_event_ts, online_proxy
-from recsys_core.eval.recency import recency_prior, serving_term
+from recsys_core.eval.recency import published_prior, recency_prior, serving_term
 from recsys_core.model.checkpoint import CONFIG
 from recsys_core.model.prior import RecencyPrior
 from recsys_core.ops import gate, lease, registry, report
@@ -323,7 +323,7 @@ def promote_stage(run: Run) -> PromoteRecord:
     new_source = ModelSource(model_version=new, model_dir=trained.model_dir, role="new",
                              item_embeddings=storage.join(trained.model_dir, "item_embeddings.npy"),
                              max_seq_len=cfg.model.max_seq_len, metrics=evaluated.metrics["model"],
-                             guard=trained.guard, prior=(evaluated.metrics.get("recency_prior") or {}).get("chosen"))
+                             guard=trained.guard, prior=published_prior(evaluated.metrics.get("recency_prior")))
     if decision.promote:
         registry.promote(run.root, new, run.run_date, decision.reason, previous=base)
         source, why_source = new_source, "the new model passed the promotion gate"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from recsys_core.eval.recency import choose_prior, fit_log, holdout_queries, tomorrow_queries
-from recsys_core.model.prior import RecencyPrior, apply_prior, augment, prior_term, window_counts
+from recsys_core.model.prior import RecencyPrior, apply_prior, augment_items, augment_users, prior_term, window_counts
 
 pytestmark = pytest.mark.unit
 
@@ -47,7 +47,7 @@ def test_apply_and_augment_add_the_weighted_log_count():
     assert np.allclose(apply_prior(logits, np.array([2.0, 0.5]), term), [[1.0, 4.0], [0.0, 0.5]])
     u, t = torch.randn(3, 4), torch.randn(5, 4)
     w, it = torch.tensor([0.0, 1.0, 3.0]), torch.rand(5)
-    au, at = augment(u, t, w, it)
+    au, at = augment_users(u, w), augment_items(t, it)
     assert au.shape == (3, 5) and at.shape == (5, 5)
     assert torch.allclose(au @ at.T, u @ t.T + w[:, None] * it[None, :], atol=1e-6)
 
@@ -74,9 +74,9 @@ def test_holdout_and_tomorrow_queries_by_hand():
     assert val.target.tolist() == [3, 6] and val.query_ts.tolist() == [200, 50] and val.gap_s.tolist() == [100, 50]
     test = holdout_queries(users, "test")
     assert test.target.tolist() == [4, 7] and test.gap_s.tolist() == [100, 350]
-    items, ts = fit_log(users, "val")  # every user's events before the validation target
+    items, ts = fit_log(users, "val").flat()  # every user's events before the validation target
     assert items.tolist() == [1, 2, 5] and ts.tolist() == [0, 100, 0]
     # fitting log span [0, 100], half of it: cut at 50; user 1 has events on both sides, user 2 only before
-    tom = tomorrow_queries(users, "val", 0.5)
+    tom = tomorrow_queries(fit_log(users, "val"), 0.5)
     assert [h.tolist() for h in tom.hist] == [[1]]
     assert tom.target.tolist() == [2] and tom.query_ts.tolist() == [50] and tom.gap_s.tolist() == [50]

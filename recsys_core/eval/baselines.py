@@ -17,6 +17,7 @@ from recsys_core import storage
 from recsys_core.config import EvalConfig
 from recsys_core.data.split import fit_prefixes, load_split, split_rows
 from recsys_core.eval.metrics import per_user_metrics
+from recsys_core.model.prior import DAY_S
 from recsys_core.serve.retrieval import topk_from_scores
 
 # Upper bound on dense float32 entries materialised at once while building similarities (~32 MiB).
@@ -143,7 +144,6 @@ def itemknn_score_chunks(
 
 
 BLOCK_USERS = 4096  # query users per dense score block of a baseline
-DAY_S = 86_400
 
 
 def windowed_popularity_scores(train_items: np.ndarray, train_ts: np.ndarray, n_items: int, window_days: int,

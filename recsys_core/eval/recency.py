@@ -18,6 +18,7 @@ the model against the prior, so the chosen weights err towards the model alone.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +32,8 @@ from recsys_core.config import EvalConfig, PriorConfig
 from recsys_core.data.split import Which, fit_prefixes, sample_rows, split_rows, temporal_cutoff
 from recsys_core.eval.metrics import per_user_metrics, summarize_values
 from recsys_core.model.checkpoint import load_checkpoint
-from recsys_core.model.prior import DAY_S, RecencyPrior, apply_prior, prior_term, window_counts
+from recsys_core.model.losses import logits as scaled_logits
+from recsys_core.model.prior import DAY_S, RecencyPrior, TimeSortedLog, apply_prior, gap_buckets, prior_term
 from recsys_core.model.towers import user_vectors
 from recsys_core.serve.retrieval import topk_from_scores
 
@@ -49,16 +51,45 @@ class Queries:
     target: np.ndarray  # (Q,) item_idx
     query_ts: np.ndarray  # (Q,) epoch seconds the question is asked at
     gap_s: np.ndarray  # (Q,) query_ts minus the history's last event
+    rows: np.ndarray  # (Q,) row of the asking user in the users table
 
     def __len__(self) -> int:
         return len(self.hist)
 
     def take(self, rows: np.ndarray) -> "Queries":
-        return Queries([self.hist[r] for r in rows], self.target[rows], self.query_ts[rows], self.gap_s[rows])
+        return Queries([self.hist[r] for r in rows], self.target[rows], self.query_ts[rows], self.gap_s[rows],
+                       self.rows[rows])
 
     def concat(self, other: "Queries") -> "Queries":
-        return Queries(self.hist + other.hist, np.concatenate([self.target, other.target]),
-                       np.concatenate([self.query_ts, other.query_ts]), np.concatenate([self.gap_s, other.gap_s]))
+        return Queries(self.hist + other.hist, *(np.concatenate([getattr(self, f), getattr(other, f)])
+                                                 for f in ("target", "query_ts", "gap_s", "rows")))
+
+    def chunks(self, size: int = CHUNK) -> Iterator["Queries"]:
+        for s in range(0, len(self), size):
+            yield self.take(np.arange(s, min(s + size, len(self))))
+
+
+@dataclass(frozen=True)
+class FitLog:
+    """Every user's fitting events of a split (per user, time order): the tomorrow queries' source and,
+    flattened, what the prior's counts are taken from."""
+
+    items: list[np.ndarray]  # (U,) item_idx per user
+    ts: list[np.ndarray]  # (U,) epoch seconds per user
+
+    def flat(self) -> tuple[np.ndarray, np.ndarray]:
+        """(E,) items and ts of every fitting event."""
+        if not self.items:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(self.items).astype(np.int64), np.concatenate(self.ts).astype(np.int64)
+
+    def sorted(self, n_items: int) -> TimeSortedLog:
+        return TimeSortedLog(*self.flat(), n_items)
+
+
+def fit_log(users: pa.Table, which: Which) -> FitLog:
+    """The fitting events of ``which`` (the split's rule, :func:`recsys_core.data.split.fit_prefixes`)."""
+    return FitLog(fit_prefixes(users, "items", which), fit_prefixes(users, "ts", which))
 
 
 def holdout_queries(users: pa.Table, which: Which) -> Queries:
@@ -67,34 +98,27 @@ def holdout_queries(users: pa.Table, which: Which) -> Queries:
     ts = users["ts"].to_pylist()
     q = np.array([ts[r][len(h)] for r, h in zip(rows, hist)], dtype=np.int64)
     last = np.array([ts[r][len(h) - 1] for r, h in zip(rows, hist)], dtype=np.int64)
-    return Queries(hist, np.asarray(target, dtype=np.int64), q, q - last)
+    return Queries(hist, np.asarray(target, dtype=np.int64), q, q - last, np.asarray(rows, np.int64))
 
 
-def tomorrow_queries(users: pa.Table, which: Which, fraction: float) -> Queries:
-    """The fitting log of ``which`` cut ``fraction`` of its span before its newest event: per user with
-    events on both sides, the history before the cut and the first event after it, asked at the cut."""
-    items, ts = fit_prefixes(users, "items", which), fit_prefixes(users, "ts", which)
-    flat = np.concatenate(ts) if ts else np.zeros(0, np.int64)
+def tomorrow_queries(log: FitLog, fraction: float) -> Queries:
+    """A fitting log cut ``fraction`` of its span before its newest event: per user with events on both
+    sides, the history before the cut and the first event after it, asked at the cut."""
+    _, flat = log.flat()
     if flat.size == 0 or flat.min() == flat.max():
-        return Queries([], np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
+        return Queries([], *(np.zeros(0, np.int64) for _ in range(4)))
     cut = temporal_cutoff(int(flat.min()), int(flat.max()), fraction)
-    hist, target, last = [], [], []
-    for it, t in zip(items, ts):
+    hist, target, last, rows = [], [], [], []
+    for r, (it, t) in enumerate(zip(log.items, log.ts)):
         before = int(np.searchsorted(t, cut, side="left"))
         if 0 < before < len(t):
             hist.append(it[:before])
             target.append(it[before])
             last.append(t[before - 1])
+            rows.append(r)
     n = len(hist)
-    return Queries(hist, np.asarray(target, np.int64), np.full(n, cut, np.int64), cut - np.asarray(last, np.int64))
-
-
-def fit_log(users: pa.Table, which: Which) -> tuple[np.ndarray, np.ndarray]:
-    """(E,) items and ts of every fitting event of ``which``: what the prior's counts are taken from."""
-    items, ts = fit_prefixes(users, "items", which), fit_prefixes(users, "ts", which)
-    if not items:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(items).astype(np.int64), np.concatenate(ts).astype(np.int64)
+    return Queries(hist, np.asarray(target, np.int64), np.full(n, cut, np.int64), cut - np.asarray(last, np.int64),
+                   np.asarray(rows, np.int64))
 
 
 def choose_prior(ndcg: dict[int, np.ndarray], buckets: np.ndarray, betas: tuple[float, ...],
@@ -129,27 +153,26 @@ class QueryScorer:
         self.model, _ = load_checkpoint(model_dir)
         self.table = torch.from_numpy(storage.read_npy(item_emb_uri))  # (N, D)
         self.max_seq_len = max_seq_len
-        self.tau = float(self.model.temperature)
 
     @torch.no_grad()
     def logits(self, hist: list[np.ndarray]) -> np.ndarray:
         users = user_vectors(self.model, self.table, hist, self.max_seq_len)  # (q, D)
-        return (users @ self.table.T / self.tau).float().numpy()  # (q, N)
+        return scaled_logits(users, self.table, self.model.temperature).numpy()  # (q, N)
 
 
-def _grid(scorer: QueryScorer, qs: Queries, log_items: np.ndarray, log_ts: np.ndarray,
-          pc: PriorConfig) -> dict[int, np.ndarray]:
-    n_items = scorer.table.shape[0]
-    out = {w: np.zeros((len(pc.betas), len(qs)), np.float64) for w in pc.windows_days}
-    for s in range(0, len(qs), CHUNK):
-        part = qs.take(np.arange(s, min(s + CHUNK, len(qs))))
+def _grid(scorer: QueryScorer, qs: Queries, log: TimeSortedLog, pr: PriorConfig) -> dict[int, np.ndarray]:
+    """Per window, (len(betas), Q) per-query NDCG@10 of model + prior with each weight for every query."""
+    out = {w: np.zeros((len(pr.betas), len(qs)), np.float64) for w in pr.windows_days}
+    s = 0
+    for part in qs.chunks():
         logits = scorer.logits(part.hist)  # (q, N)
-        for w in pc.windows_days:
-            term = prior_term(window_counts(log_items, log_ts, n_items, part.query_ts, w * DAY_S))  # (q, N)
-            for j, beta in enumerate(pc.betas):
+        for w in pr.windows_days:
+            term = prior_term(log.window_counts(part.query_ts, w * DAY_S))  # (q, N)
+            for j, beta in enumerate(pr.betas):
                 top = topk_from_scores(apply_prior(logits, np.full(len(part), beta, np.float32), term),
                                        part.hist, SELECT_K)  # (q, 10)
                 out[w][j, s:s + len(part)] = per_user_metrics(top, part.target, (SELECT_K,))[f"ndcg@{SELECT_K}"]
+        s += len(part)
     return out
 
 
@@ -157,49 +180,52 @@ def _sample(qs: Queries, max_users: int, seed: int) -> Queries:
     return qs if len(qs) <= max_users else qs.take(sample_rows(len(qs), max_users, seed))
 
 
-def rank_with_prior(scorer: QueryScorer, qs: Queries, prior: RecencyPrior, log_items: np.ndarray,
-                    log_ts: np.ndarray, k: int) -> np.ndarray:
+def rank_with_prior(scorer: QueryScorer, qs: Queries, prior: RecencyPrior, log: TimeSortedLog,
+                    k: int) -> np.ndarray:
     """(Q, k) top-k item_idx of model + prior (each history's items excluded)."""
-    n_items, ranked = scorer.table.shape[0], []
-    for s in range(0, len(qs), CHUNK):
-        part = qs.take(np.arange(s, min(s + CHUNK, len(qs))))
-        term = prior_term(window_counts(log_items, log_ts, n_items, part.query_ts, prior.window_days * DAY_S))
+    ranked = []
+    for part in qs.chunks():
+        term = prior_term(log.window_counts(part.query_ts, prior.window_days * DAY_S))  # (q, N)
         scores = apply_prior(scorer.logits(part.hist), prior.weights(part.gap_s), term)  # (q, N)
         ranked.append(topk_from_scores(scores, part.hist, k))
     return np.concatenate(ranked) if ranked else np.zeros((0, k), np.int64)
+
+
+def published_prior(evaluated: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The prior the new model publishes with (``metrics["recency_prior"]``): the selected one, None when
+    the prior is off or every chosen weight is 0."""
+    sel = (evaluated or {}).get("selected")
+    return None if sel is None or RecencyPrior.from_dict(sel).off else sel
 
 
 def recency_prior(model_dir: str, item_emb_uri: str, users_uri: str, max_seq_len: int, ev: EvalConfig,
                   seed: int, test_rows: np.ndarray | None, n_test_users: int) -> dict[str, Any]:
     """Choose the prior on validation (the selection model in ``model_dir``) and measure model + prior on
     the test split (``test_rows``: the holdout's sample; None: every test user). Returns a JSON-able
-    dict: ``chosen`` (a :class:`RecencyPrior` dict, None when the weights are all zero), the
-    ``validation`` curve per window, query counts and ``test`` (summary with CIs, ``n_test_users``)."""
-    pc = ev.prior
-    users = storage.read_table(users_uri, columns=None)
+    dict: ``selected`` (a :class:`RecencyPrior` dict; :func:`published_prior` says whether it is used),
+    the ``validation`` curve per window, query counts and ``test`` (summary with CIs over ``n_test_users``)."""
+    pr = ev.prior
+    users = storage.read_table(users_uri)
     scorer = QueryScorer(model_dir, item_emb_uri, max_seq_len)
-    val = _sample(holdout_queries(users, "val"), pc.max_users, seed)
-    tom = _sample(tomorrow_queries(users, "val", pc.fraction), pc.max_users, seed)
+    n_items = scorer.table.shape[0]
+    val_log = fit_log(users, "val")
+    val = _sample(holdout_queries(users, "val"), pr.max_users, seed)
+    tom = _sample(tomorrow_queries(val_log, pr.fraction), pr.max_users, seed)
     qs = val.concat(tom)
-    items, ts = fit_log(users, "val")
-    grid = _grid(scorer, qs, items, ts, pc)
-    probe = RecencyPrior(pc.windows_days[0], tuple(0.0 for _ in range(len(pc.gap_edges_s) + 1)), pc.gap_edges_s)
-    buckets = probe.buckets(qs.gap_s)
-    prior, curve = choose_prior(grid, buckets, pc.betas, pc.gap_edges_s)
-    zero = list(pc.betas).index(0.0)
-    model_alone = float(grid[prior.window_days][zero].mean()) if len(qs) else 0.0
+    grid = _grid(scorer, qs, val_log.sorted(n_items), pr)
+    buckets = gap_buckets(qs.gap_s, pr.gap_edges_s)
+    prior, curve = choose_prior(grid, buckets, pr.betas, pr.gap_edges_s)
+    model_alone = float(grid[prior.window_days][list(pr.betas).index(0.0)].mean()) if len(qs) else 0.0
     log.info("recency prior: window %d d, weights %s by gap (edges %s s): validation NDCG@10 %.4f "
              "(model alone %.4f) on %d holdout + %d tomorrow queries", prior.window_days, list(prior.betas),
              list(prior.gap_edges_s), curve[str(prior.window_days)]["ndcg@10"], model_alone, len(val), len(tom))
     test = holdout_queries(users, "test")
     if test_rows is not None:  # the holdout's sample, by row of the users table
-        _, _, rows = split_rows(users, "test")
-        test = test.take(np.flatnonzero(np.isin(rows, np.asarray(test_rows, dtype=np.int64))))
-    t_items, t_ts = fit_log(users, "test")
-    top = rank_with_prior(scorer, test, prior, t_items, t_ts, max(ev.ks))
+        test = test.take(np.flatnonzero(np.isin(test.rows, np.asarray(test_rows, dtype=np.int64))))
+    top = rank_with_prior(scorer, test, prior, fit_log(users, "test").sorted(n_items), max(ev.ks))
     test_m = summarize_values(per_user_metrics(top, test.target, ev.ks), n_test_users, ev.n_boot)
-    bucket_counts = np.bincount(buckets, minlength=len(pc.gap_edges_s) + 1).tolist()
-    return {"chosen": None if prior.off else prior.to_dict(), "selected": prior.to_dict(),
+    bucket_counts = np.bincount(buckets, minlength=len(pr.gap_edges_s) + 1).tolist()
+    return {"selected": prior.to_dict(),
             "validation": {"per_window": curve, "model_alone_ndcg@10": model_alone,
                            "queries": {"holdout": len(val), "tomorrow": len(tom), "per_gap_bucket": bucket_counts}},
             "test": test_m, "test_users": len(test)}
@@ -212,5 +238,5 @@ def serving_term(users_uri: str, n_items: int, prior: RecencyPrior) -> tuple[np.
     items = pc.list_flatten(t["items"]).to_numpy().astype(np.int64)  # (E,)
     ts = pc.list_flatten(t["ts"]).to_numpy().astype(np.int64)  # (E,)
     now = (int(ts.max()) if ts.size else 0) + 1
-    counts = window_counts(items, ts, n_items, np.array([now]), prior.window_days * DAY_S)[0]  # (N,)
+    counts = TimeSortedLog(items, ts, n_items).window_counts(np.array([now]), prior.window_days * DAY_S)[0]  # (N,)
     return prior_term(counts), now

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recsys_core import storage
+from recsys_core.model.prior import RecencyPrior
 from recsys_core.serve.publish import read_recommendations
 
 HEADLINE = ("ndcg@10", "recall@10")
@@ -435,7 +436,7 @@ def prior_sentence(prior: dict[str, Any] | None, published: dict[str, Any] | Non
             f"{q['holdout']} holdout + {q['tomorrow']} tomorrow validation queries (NDCG@10 "
             f"{val['per_window'][str(sel['window_days'])]['ndcg@10']:.4f} vs the model alone "
             f"{val['model_alone_ndcg@10']:.4f}); test NDCG@10 with it {prior['test']['ndcg@10']:.4f}")
-    if prior.get("chosen") is None:
+    if RecencyPrior.from_dict(sel).off:
         return text + "; every weight is 0, so the model alone publishes"
     if published is not None and not published.get("prior"):
         return text + "; not used: the published model is not the one it was chosen for"

@@ -17,7 +17,7 @@ import torch
 from recsys_core import storage
 from recsys_core.data.text import PAD, pad_token_lists
 from recsys_core.model.checkpoint import load_checkpoint
-from recsys_core.model.prior import RecencyPrior, augment
+from recsys_core.model.prior import RecencyPrior, augment_items, augment_users
 from recsys_core.model.towers import TwoTower, user_vectors
 from recsys_core.runtime import gather_item_rows, pool_args
 from recsys_core.serve.retrieval import topk_excluding
@@ -65,13 +65,19 @@ class UserScorer:
         if self.prior is not None:
             if prior_term_uri is None or now is None:
                 raise ValueError("UserScorer: a recency prior needs prior_term_uri and now")
-            self.term = torch.from_numpy(storage.read_npy(prior_term_uri)).float()  # (N,)
             self.now = int(now)
+            # the prior as one more inner-product dimension, the item side built once: (N, D+1)
+            self.prior_table = augment_items(self.table, torch.from_numpy(storage.read_npy(prior_term_uri)))
 
-    def rank(self, hist: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k item indices (-1 where fewer candidates) and scores, both (b, k)."""
+    def rank(self, hist: list[np.ndarray], last_ts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k item indices (-1 where fewer candidates) and scores, both (b, k). With a prior and each
+        user's last event time ``last_ts`` (b,), by model + prior: the user side's extra dimension is
+        beta times the temperature (the prior's weight in the units of ``u @ v``)."""
         users = user_vectors(self.model, self.table, hist, self.max_seq_len)  # (b, D)
-        return topk_excluding(users, self.table, hist, self.k)
+        if self.prior is None or last_ts is None:
+            return topk_excluding(users, self.table, hist, self.k)
+        weight = torch.from_numpy(self.prior.weights(self.now - last_ts)) * float(self.model.temperature)  # (b,)
+        return topk_excluding(augment_users(users, weight), self.prior_table, hist, self.k)  # (b, D+1) x (N, D+1)
 
     def rows(self, batch: pa.Table, idx: np.ndarray, scores: np.ndarray) -> dict[str, pa.Array]:
         """The published columns: user_id, item_ids and scores (best first), model_version."""
@@ -84,22 +90,11 @@ class UserScorer:
             "model_version": pa.array([self.version] * batch.num_rows, pa.string()),
         }
 
-    @torch.no_grad()
-    def rank_with_prior(self, hist: list[np.ndarray], last_ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`rank` by model + prior: the prior is one more inner-product dimension (its weight in
-        the units of ``u @ v``: beta times the temperature)."""
-        assert self.prior is not None
-        users = user_vectors(self.model, self.table, hist, self.max_seq_len)  # (b, D)
-        weight = torch.from_numpy(self.prior.weights(self.now - last_ts)) * float(self.model.temperature)  # (b,)
-        aug_users, aug_table = augment(users, self.table, weight, self.term)  # (b, D+1), (N, D+1)
-        return topk_excluding(aug_users, aug_table, hist, self.k)
-
     def __call__(self, batch: pa.Table) -> pa.Table:
         hist = [np.asarray(s, dtype=np.int64) for s in batch["items"].to_pylist()]
-        if self.prior is None:
-            return pa.table(self.rows(batch, *self.rank(hist)))
-        last = np.array([t[-1] for t in batch["ts"].to_pylist()], dtype=np.int64)  # (b,)
-        return pa.table(self.rows(batch, *self.rank_with_prior(hist, last)))
+        last = (np.array([t[-1] for t in batch["ts"].to_pylist()], dtype=np.int64)  # (b,)
+                if self.prior is not None else None)
+        return pa.table(self.rows(batch, *self.rank(hist, last)))
 
 
 def embed_items(model_uri: str, items_uri: str, out_uri: str, batch_size: int, concurrency: int) -> np.ndarray:
