@@ -167,10 +167,10 @@ def write_json(path: str | Path | None, data: dict[str, Any]) -> None:
 
 
 def share_features(root: Path, name: str, source: Path | None = None) -> None:
-    """Seed ``root/name``'s frozen-LM feature cache with every complete one under ``root/*`` (or anywhere
-    below ``source``; the cache is keyed by catalog and LM, so a run only ever reuses features of its own
+    """Seed ``root/name``'s frozen-LM feature cache with every complete one under ``root/*`` and anywhere
+    below ``source`` (the cache is keyed by catalog and LM, so a run only ever reuses features of its own
     catalog and LM: the pass runs once for a set of runs)."""
-    found = Path(source).glob("**/features/*/_COMPLETE") if source else Path(root).glob("*/features/*/_COMPLETE")
+    found = [*Path(root).glob("*/features/*/_COMPLETE"), *(Path(source).glob("**/features/*/_COMPLETE") if source else [])]
     for done in found:
         dest = Path(root) / name / "features" / done.parent.name
         if not dest.exists():

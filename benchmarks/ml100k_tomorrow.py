@@ -13,7 +13,9 @@ variants of the shipped config run on the same past:
 
 Beside them, from the same past, the baselines a practitioner would ship, with the window and lambda the
 nightly's evaluate stage chose on its validation split: popularity of the last N days, EASE, item-kNN,
-all-time popularity. Users scored: prepared users (3+ events before the cutoff) with an event after it.
+all-time popularity. And popularity of the last N days with N chosen the way someone shipping tomorrow's
+list would: on the validation fitting log cut the same fraction of its span earlier
+(``recency.tomorrow_popularity_window``; the test period is never read). Users scored: prepared users (3+ events before the cutoff) with an event after it.
 Metrics: next item (the first event after the cutoff) Recall@10 / NDCG@10, and the hit rate of the top 10
 on any event after the cutoff (the online proxy's rule), with bootstrap 95% intervals over those users.
 
@@ -41,6 +43,7 @@ from recsys_core.data.sources import movielens_tables
 from recsys_core.data.split import temporal_cutoff
 from recsys_core.eval.baselines import baseline_options, rank_baseline, train_log
 from recsys_core.eval.metrics import per_user_metrics, summarize_values
+from recsys_core.eval.recency import tomorrow_popularity_window
 from recsys_core.eval.online import per_user_online
 from recsys_core.serve.publish import read_recommendations
 
@@ -118,9 +121,13 @@ def main() -> None:
                       "kept_epoch": out["train"]["best"]["epoch"], "refit": out["train"].get("refit") and {
                           k: v for k, v in out["train"]["refit"].items() if k != "history"},
                       "trained_on": manifest["metrics"]["trained_on"],
-                      "own_holdout_ndcg@10": m["model"]["ndcg@10"], "baseline_selection": m["baseline_selection"]}
+                      "own_holdout_ndcg@10": m["model"]["ndcg@10"], "baseline_selection": m["baseline_selection"],
+                      "recency_prior": m.get("recency_prior") and {k: v for k, v in m["recency_prior"].items()
+                                                                   if k != "test"},
+                      "own_holdout_with_prior_ndcg@10": (m.get("recency_prior") or {}).get("test", {}).get("ndcg@10"),
+                      "published_prior": manifest["metrics"].get("recency_prior")}
 
-    users_t = storage.read_table(prepared.users, columns=["user_id", "items", "ts"])
+    users_t = storage.read_table(prepared.users)
     ids = catalog_ids(prepared.items).to_pylist()
     scored = [u for u in users_t["user_id"].to_pylist() if u in first]  # history before and an event after
     hist = [np.asarray(h, np.int64) for h in users_t["items"].to_pylist()]
@@ -132,6 +139,11 @@ def main() -> None:
         param = (chosen.get(name) or {}).get("param")
         top = rank_baseline(name, log, hist, K, opts, param)  # (U, K) item_idx, seen excluded
         base_lists[name] = {u: [ids[i] for i in row] for u, row in zip(users_t["user_id"].to_pylist(), top.tolist())}
+    window, curve = tomorrow_popularity_window(users_t, len(ids), opts.pop_windows_days, a.fraction)
+    top = rank_baseline("recent_popularity", log, hist, K, opts, window)
+    base_lists["recent_popularity_tomorrow_val"] = {
+        u: [ids[i] for i in row] for u, row in zip(users_t["user_id"].to_pylist(), top.tolist())}
+    print(f"tomorrow-like validation: popularity window {window} d; NDCG@10 per window {curve}")
 
     results = {name: score_lists(lists_of[name], first, every, scored, a.n_boot) for name in lists_of}
     baselines = {name: score_lists(l, first, every, scored, a.n_boot) for name, l in base_lists.items()}
@@ -150,6 +162,7 @@ def main() -> None:
         "users_after_without_history": len([u for u in first if u not in set(users_t["user_id"].to_pylist())]),
         "config": a.config, "overrides": a.overrides, "runs": runs, "model": results, "baselines": baselines,
         "best_baseline": best, "ratio_to_best_baseline": ratios,
+        "tomorrow_validation_popularity": {"window_days": window, "ndcg@10_per_window": curve},
         "command": "python benchmarks/ml100k_tomorrow.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if v and k not in ("overrides",))})
 

@@ -6,8 +6,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from recsys_core.eval.recency import choose_prior, fit_log, holdout_queries, tomorrow_queries
-from recsys_core.model.prior import RecencyPrior, apply_prior, augment_items, augment_users, prior_term, window_counts
+from recsys_core.eval.recency import (choose_prior, fit_log, holdout_queries, tomorrow_popularity_window,
+                                     tomorrow_queries)
+from recsys_core.model.prior import DAY_S, RecencyPrior, apply_prior, augment_items, augment_users, prior_term, window_counts
 
 pytestmark = pytest.mark.unit
 
@@ -80,3 +81,19 @@ def test_holdout_and_tomorrow_queries_by_hand():
     tom = tomorrow_queries(fit_log(users, "val"), 0.5)
     assert [h.tolist() for h in tom.hist] == [[1]]
     assert tom.target.tolist() == [2] and tom.query_ts.tolist() == [50] and tom.gap_s.tolist() == [50]
+
+
+def test_tomorrow_popularity_window_by_hand():
+    # (item, day) per user; each user's last two events are the leave-one-out targets, out of the fitting log.
+    # Fitting log: item 0 long ago (days 0, 1, 2), item 1 lately (days 8, 9), span [0, 16]: a quarter of it
+    # cuts at day 12. Only user 6 has fitting events on both sides: history [2], target 1.
+    rows = [[(0, 0), (3, 1)], [(0, 1), (4, 2)], [(0, 2)], [(1, 8)], [(1, 9)], [(2, 4), (1, 16)]]
+    rows = [r + [(10, 40), (11, 41)] for r in rows]
+    users = pa.table({"user_id": list(range(1, 7)), "items": [[i for i, _ in r] for r in rows],
+                      "ts": [[d * DAY_S for _, d in r] for r in rows]})
+    window, curve = tomorrow_popularity_window(users, 12, (0, 7, 30), 0.25)
+    # all time (and 30 days) at the cut: item 0 (3 events) above item 1 (2): the target ranks 2nd -> 1/log2(3);
+    # the last 7 days [day 5, day 12): item 1 alone -> 1st -> 1
+    assert curve == pytest.approx({"0": 1 / np.log2(3), "7": 1.0, "30": 1 / np.log2(3)})
+    assert window == 7
+    assert tomorrow_popularity_window(users, 12, (30, 0), 0.25)[0] == 30  # a tie goes to the first

@@ -176,6 +176,27 @@ def _grid(scorer: QueryScorer, qs: Queries, log: TimeSortedLog, pr: PriorConfig)
     return out
 
 
+def tomorrow_popularity_window(users: pa.Table, n_items: int, windows_days: tuple[int, ...],
+                               fraction: float) -> tuple[int, dict[str, float]]:
+    """The popularity window a practitioner shipping tomorrow's list would pick: on the validation
+    fitting log's ``tomorrow`` queries, the window (days; 0 = all time) whose counts of the events in the
+    last W days before the cut rank the targets best by NDCG@10, seen items excluded (ties: the first).
+    Returns the window and the mean NDCG@10 per window."""
+    val_log = fit_log(users, "val")
+    qs = tomorrow_queries(val_log, fraction)
+    if not len(qs):
+        raise ValueError(f"tomorrow_popularity_window: no user has fitting events on both sides of the cut "
+                         f"{fraction:.0%} of the span before the newest event")
+    log = val_log.sorted(n_items)
+    curve: dict[str, float] = {}
+    for w in windows_days:
+        span = w * DAY_S if w else int(qs.query_ts.max() - log.ts.min()) + 1  # 0: every event before the cut
+        ndcg = [per_user_metrics(topk_from_scores(log.window_counts(part.query_ts, span), part.hist, SELECT_K),
+                                 part.target, (SELECT_K,))[f"ndcg@{SELECT_K}"] for part in qs.chunks()]
+        curve[str(w)] = float(np.concatenate(ndcg).mean())
+    return max(windows_days, key=lambda w: curve[str(w)]), curve
+
+
 def _sample(qs: Queries, max_users: int, seed: int) -> Queries:
     return qs if len(qs) <= max_users else qs.take(sample_rows(len(qs), max_users, seed))
 
