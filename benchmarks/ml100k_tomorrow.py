@@ -15,7 +15,8 @@ Beside them, from the same past, the baselines a practitioner would ship, with t
 nightly's evaluate stage chose on its validation split: popularity of the last N days, EASE, item-kNN,
 all-time popularity. And popularity of the last N days with N chosen the way someone shipping tomorrow's
 list would: on the validation fitting log cut the same fraction of its span earlier
-(``recency.tomorrow_popularity_window``; the test period is never read). Users scored: prepared users (3+ events before the cutoff) with an event after it.
+(``recency.tomorrow_popularity_window``; the test period is never read). Users scored: prepared users
+(3+ events before the cutoff) with an event after it.
 Metrics: next item (the first event after the cutoff) Recall@10 / NDCG@10, and the hit rate of the top 10
 on any event after the cutoff (the online proxy's rule), with bootstrap 95% intervals over those users.
 
@@ -117,32 +118,35 @@ def main() -> None:
         lists_of[name] = dict(zip(recs["user_id"].to_pylist(), recs["item_ids"].to_pylist()))
         prepared = PreparedPaths(out["prepare"]["prepared"])
         m = out["evaluate"]["metrics"]
+        prior = m.get("recency_prior") or {}
         runs[name] = {"wall_s": round(time.time() - t0, 1), "stage_s": {s: out[s]["wall_s"] for s in out},
                       "kept_epoch": out["train"]["best"]["epoch"], "refit": out["train"].get("refit") and {
                           k: v for k, v in out["train"]["refit"].items() if k != "history"},
                       "trained_on": manifest["metrics"]["trained_on"],
                       "own_holdout_ndcg@10": m["model"]["ndcg@10"], "baseline_selection": m["baseline_selection"],
-                      "recency_prior": m.get("recency_prior") and {k: v for k, v in m["recency_prior"].items()
-                                                                   if k != "test"},
-                      "own_holdout_with_prior_ndcg@10": (m.get("recency_prior") or {}).get("test", {}).get("ndcg@10"),
+                      "recency_prior": {k: v for k, v in prior.items() if k != "test"} or None,
+                      "own_holdout_with_prior_ndcg@10": prior.get("test", {}).get("ndcg@10"),
                       "published_prior": manifest["metrics"].get("recency_prior")}
 
     users_t = storage.read_table(prepared.users)
     ids = catalog_ids(prepared.items).to_pylist()
-    scored = [u for u in users_t["user_id"].to_pylist() if u in first]  # history before and an event after
+    user_ids = users_t["user_id"].to_pylist()
+    scored = [u for u in user_ids if u in first]  # history before and an event after
     hist = [np.asarray(h, np.int64) for h in users_t["items"].to_pylist()]
     log = train_log(hist, [np.asarray(t, np.int64) for t in users_t["ts"].to_pylist()], len(ids))
     opts = baseline_options(cfg.eval)
     chosen = next(iter(runs.values()))["baseline_selection"]
+    def as_lists(top: np.ndarray) -> dict:  # (U, K) item_idx -> item ids per user id
+        return {u: [ids[i] for i in row] for u, row in zip(user_ids, top.tolist())}
+
     base_lists = {}
     for name in ("popularity", "recent_popularity", "itemknn", "ease"):
         param = (chosen.get(name) or {}).get("param")
         top = rank_baseline(name, log, hist, K, opts, param)  # (U, K) item_idx, seen excluded
-        base_lists[name] = {u: [ids[i] for i in row] for u, row in zip(users_t["user_id"].to_pylist(), top.tolist())}
+        base_lists[name] = as_lists(top)
     window, curve = tomorrow_popularity_window(users_t, len(ids), opts.pop_windows_days, a.fraction)
-    top = rank_baseline("recent_popularity", log, hist, K, opts, window)
-    base_lists["recent_popularity_tomorrow_val"] = {
-        u: [ids[i] for i in row] for u, row in zip(users_t["user_id"].to_pylist(), top.tolist())}
+    base_lists["recent_popularity_tomorrow_val"] = as_lists(rank_baseline("recent_popularity", log, hist, K, opts,
+                                                                           window))
     print(f"tomorrow-like validation: popularity window {window} d; NDCG@10 per window {curve}")
 
     results = {name: score_lists(lists_of[name], first, every, scored, a.n_boot) for name in lists_of}
@@ -159,7 +163,7 @@ def main() -> None:
         "dataset": "MovieLens-100k (recbole 1.2.1), every rating an interaction", "cpu": cpu_model(),
         "cutoff": cutoff, "run_date": run_date, "fraction": a.fraction, "events_before": past.num_rows,
         "events_after": future.num_rows, "users_scored": len(scored),
-        "users_after_without_history": len([u for u in first if u not in set(users_t["user_id"].to_pylist())]),
+        "users_after_without_history": len([u for u in first if u not in set(user_ids)]),
         "config": a.config, "overrides": a.overrides, "runs": runs, "model": results, "baselines": baselines,
         "best_baseline": best, "ratio_to_best_baseline": ratios,
         "tomorrow_validation_popularity": {"window_days": window, "ndcg@10_per_window": curve},
