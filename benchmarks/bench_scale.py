@@ -1,7 +1,8 @@
 """Prepare at production scale: the Ray Data prepare stage vs a single-process pyarrow + numpy anchor.
 
-    python benchmarks/bench_scale.py [--sizes 1000000 6500000] [--items 30000] [--days 30]
-                                     [--per-user-events 200000] [--json benchmarks/results/scale.json]
+    python benchmarks/bench_scale.py [--sizes 1000000 6500000 20000000] [--items 30000] [--days 30]
+                                     [--nightly-sizes 1000000] [--per-user-events 200000]
+                                     [--json benchmarks/results/scale.json]
 
 Each size runs in a fresh process. It writes a generated log of that many events
 (``data.sources.write_scale_log``: Zipf item popularity, Pareto user activity, ``--days`` daily hive
@@ -17,7 +18,10 @@ issue's 6.5M events / 300k users), then times, in this order:
    (``stats["seconds"]``).
 
 A sampler thread reads the RSS of the driver and every Ray process every 0.2 s; object-store spill
-is read from ``ray memory --stats-only``. ``--per-user-events`` (0: off) also times, on a log of that
+is read from ``ray memory --stats-only``. ``--nightly-sizes`` (sizes among ``--sizes``) then runs, in the same
+Ray cluster, the whole nightly on that log (``NIGHTLY``: 1 epoch, sampled softmax, the holdout on a
+sample of ``eval.max_users``) and records per stage its wall time, events/s, the peak RSS of driver and
+workers (the sampler's segment per stage) and, after the job, the object store's spill. ``--per-user-events`` (0: off) also times, on a log of that
 size, the previous history build (``groupby("user_id").map_groups(build_user)``, one Python call per
 user) against the bucketed one (``groupby("bucket").map_groups(build_histories)``) on the same
 validated rows in the same cluster.
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import logging
 import math
 import os
 import re
@@ -62,9 +67,15 @@ from recsys_core.data.prepare import (
 from recsys_core.data.sources import LogShape, SourceData, write_scale_log
 from recsys_core.data.split import MIN_EVENTS
 from recsys_core.data.text import load_tokenizer
+from recsys_core.pipeline import run_job
 from recsys_core.runtime import init_ray
 
 EVENTS_PER_USER = 6_500_000 / 300_000  # the issue's log
+# The whole nightly at scale (issue 17): one epoch of sampled softmax, larger batches than the test config's
+# 16, the holdout on a sample of users (evaluate says so), no taste descriptions (random-init LM).
+NIGHTLY = ["train.epochs=1", "train.loss=sampled_softmax", "train.batch_size=128", "eval.max_users=20000",
+           "explain.n_users=0"]
+RUN_DATE = "2026-12-01"
 
 
 def cpu_model() -> str:
@@ -162,6 +173,50 @@ def anchor(src: SourceData, cfg: NightlyConfig, out: Path) -> dict[str, Any]:
             "train_examples": examples.num_rows, "train_interactions": int(counts.sum())}
 
 
+class StageMarks(logging.Handler):
+    """Starts an RSS segment when the pipeline logs "stage X started"."""
+
+    def __init__(self, rss: benchlib.RssSampler) -> None:
+        super().__init__(logging.INFO)
+        self.rss = rss
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if msg.startswith("stage ") and msg.endswith(" started"):
+            self.rss.mark(msg.split()[1])
+
+
+def nightly_run(root: Path, src: SourceData, n: int) -> dict[str, Any]:
+    """The whole nightly (NIGHTLY overrides) on the log, in the running Ray cluster: per-stage wall time,
+    events/s, peak RSS of driver + workers, and the spill after it."""
+    cfg = load_config(benchlib.REPO / "jobs" / "configs" / "synthetic.yaml", [
+        f"storage.root={root / 'nightly'}", "data.source=parquet", f"data.interactions={src.interactions}",
+        f"data.items={src.items}", "model.max_seq_len=50", *NIGHTLY])
+    marks = logging.getLogger("recsys_core.pipeline")
+    with benchlib.RssSampler() as rss, CpuMeter() as cpu:
+        handler = StageMarks(rss)
+        marks.addHandler(handler)
+        t = time.perf_counter()
+        try:
+            out = run_job("nightly", cfg, RUN_DATE, force=True)
+        finally:
+            marks.removeHandler(handler)
+        wall = time.perf_counter() - t
+    summary = rss.summary()
+    segments = summary.pop("segments_mib", {})
+    stages = {name: {"wall_s": rec["wall_s"], "events_per_s": n / rec["wall_s"] if rec["wall_s"] else None,
+                     "peak_rss_mib": segments.get(name)} for name, rec in out.items()}
+    spill, mem = spilled_mib()
+    ev = out["evaluate"]["metrics"]
+    return {"overrides": NIGHTLY, "wall_s": wall, "cpu_s": cpu.cpu_s, "stages": stages, "peak_rss": summary,
+            "spilled_mib": spill, "memory_summary": mem, "published": out["infer"]["published"],
+            "users_published": (out["infer"].get("manifest") or {}).get("rows"),
+            "train": {"steps_per_rank": out["train"]["history"][-1].get("steps_per_rank"),
+                      "examples": out["prepare"]["stats"]["train_examples"]},
+            "holdout": {"users_scored": ev.get("users_scored"), "model_ndcg@10": ev["model"]["ndcg@10"],
+                        "baselines_ndcg@10": {b: v["ndcg@10"] for b, v in ev["baselines"].items()}}}
+
+
 def spilled_mib() -> tuple[float | None, str]:
     try:
         text = ray._private.internal_api.memory_summary(  # what `ray memory --stats-only` prints
@@ -212,7 +267,7 @@ def per_user_vs_bucketed(root: Path, n: int, items: int, days: int) -> dict[str,
     return out
 
 
-def scale_run(root: Path, n: int, items: int, days: int, per_user_events: int) -> dict[str, Any]:
+def scale_run(root: Path, n: int, items: int, days: int, per_user_events: int, nightly: bool) -> dict[str, Any]:
     res: dict[str, Any] = {"events": n, "load_before": benchlib.load()}
     t = time.perf_counter()
     log_shape = shape(n, items, days)
@@ -253,6 +308,8 @@ def scale_run(root: Path, n: int, items: int, days: int, per_user_events: int) -
                                                         "train_interactions")}
     res["same_counts_as_anchor"] = all(a == b for a, b in same.values())
     res["counts_prepare_vs_anchor"] = same
+    if nightly:
+        res["nightly"] = nightly_run(root, src, n)
     if per_user_events:
         res["history_build"] = per_user_vs_bucketed(root, per_user_events, items, days)
     ray.shutdown()
@@ -267,13 +324,17 @@ def main() -> None:
     p.add_argument("--days", type=int, default=30)
     p.add_argument("--per-user-events", type=int, default=200_000,
                    help="log size of the per-user vs bucketed history build comparison (smallest size's run); 0: off")
+    p.add_argument("--nightly-sizes", type=int, nargs="*", default=[],
+                   help="sizes (among --sizes) at which the whole nightly also runs on the log (NIGHTLY overrides)")
+    p.add_argument("--nightly", action="store_true", help=argparse.SUPPRESS)  # child mode
     p.add_argument("--timeout-s", type=float, default=1800, help="per size")
     p.add_argument("--root", default=None, help="data folder (default: a temporary one, removed at the end)")
     p.add_argument("--scale-run", type=int, default=None, help=argparse.SUPPRESS)  # child mode: one size
     p.add_argument("--json", default=str(benchlib.REPO / "benchmarks" / "results" / "scale.json"))
     a = p.parse_args()
     if a.scale_run is not None:
-        benchlib.write_json(a.json, scale_run(Path(a.root), a.scale_run, a.items, a.days, a.per_user_events))
+        benchlib.write_json(a.json, scale_run(Path(a.root), a.scale_run, a.items, a.days, a.per_user_events,
+                                              a.nightly))
         return
     t0, load0 = time.time(), benchlib.load()
     runs: list[dict[str, Any]] = []
@@ -284,7 +345,8 @@ def main() -> None:
             child = root / f"size_{n}"
             child.mkdir(parents=True, exist_ok=True)
             args = ["--root", str(child), "--scale-run", str(n), "--items", str(a.items), "--days", str(a.days),
-                    "--per-user-events", str(a.per_user_events if i == 0 else 0)]
+                    "--per-user-events", str(a.per_user_events if i == 0 else 0),
+                    *(["--nightly"] if n in a.nightly_sizes else [])]
             try:
                 runs.append(benchlib.run_child("bench_scale.py", args, child / "run.json", timeout_s=a.timeout_s))
             except RuntimeError as e:  # a size past --timeout-s on a loaded machine: recorded, not fatal
@@ -314,6 +376,16 @@ def main() -> None:
     aphases = list(runs[0]["anchor"]["seconds"])
     print(benchlib.table("Anchor phases, wall s", ["events", *aphases],
                          [[r["events"], *[r["anchor"]["seconds"][k] for k in aphases]] for r in runs]), flush=True)
+    for r in runs:
+        if "nightly" in r:
+            nr = r["nightly"]
+            print(benchlib.table(
+                f"Whole nightly on {r['events']:,} events ({' '.join(nr['overrides'])}): {nr['wall_s']:.0f} s, "
+                f"spilled {nr['spilled_mib']} MiB",
+                ["stage", "wall s", "events/s", "peak RSS driver+workers MiB", "peak RSS driver MiB"],
+                [[name, st["wall_s"], st["events_per_s"] or "",
+                  (st["peak_rss_mib"] or {}).get("driver_plus_workers", ""),
+                  (st["peak_rss_mib"] or {}).get("driver", "")] for name, st in nr["stages"].items()]), flush=True)
     hb = runs[0].get("history_build")
     if hb:
         print(benchlib.table(
@@ -325,8 +397,11 @@ def main() -> None:
         raise SystemExit(f"every size failed: {failed}")
     out: dict[str, Any] = {"cpu_model": cpu_model(), "cores": os.cpu_count(), "runs": runs, "failed": failed,
                            "wall_s": time.time() - t0, "load_before": load0, "load_after": benchlib.load()}
-    if len(runs) > 1:
-        small, big = runs[0], runs[-1]
+    if len(runs) > 1:  # the largest size against the issue's 6.5M events (or the smallest size)
+        big = max(runs, key=lambda r: r["events"])
+        small = next((r for r in runs if r["events"] == 6_500_000 and r is not big),
+                     min(runs, key=lambda r: r["events"]))
+        out["growth_between_events"] = [small["events"], big["events"]]
         out["prepare_cost_per_event_growth"] = (big["prepare_s"] / big["events"]) / (small["prepare_s"] / small["events"])
         out["prepare_cpu_per_event_growth"] = ((big["prepare_cpu_s"] / big["events"])
                                                / (small["prepare_cpu_s"] / small["events"]))

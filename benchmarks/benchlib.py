@@ -74,8 +74,17 @@ class RssSampler:
                      "driver_private": 0, "workers_private_total": 0, "driver_plus_workers_private": 0}
         self.per_worker: dict[int, tuple[int, int, str]] = {}  # pid -> (peak rss, peak private, title)
         self.samples = 0
+        self.segment: str | None = None  # mark(): peaks of the sum per named segment (a pipeline stage)
+        self.segments: dict[str, dict[str, int]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def mark(self, name: str) -> None:
+        """From now on, samples also count towards the peaks of segment ``name`` (until the next mark)."""
+        self._sample()  # the previous segment's last reading
+        self.segment = name
+        self.segments.setdefault(name, {"driver": 0, "workers_total": 0, "driver_plus_workers": 0,
+                                        "driver_plus_workers_private": 0})
 
     def __enter__(self) -> "RssSampler":
         self._thread.start()
@@ -119,6 +128,9 @@ class RssSampler:
         self.samples += 1
         for k, v in now.items():
             self.peak[k] = max(self.peak[k], v)
+        seg = self.segments.get(self.segment) if self.segment is not None else None
+        for k in seg or ():
+            seg[k] = max(seg[k], now[k])
 
     def summary(self) -> dict[str, Any]:
         mib = 1 << 20
@@ -127,7 +139,9 @@ class RssSampler:
         return {**{f"{k}_mib": v / mib for k, v in self.peak.items()},
                 "max_worker_mib": top[0] / mib, "max_worker_title": top[2][:80],
                 "max_worker_private_mib": top_private[1] / mib, "max_worker_private_title": top_private[2][:80],
-                "samples": self.samples, "worker_processes": len(self.per_worker)}
+                "samples": self.samples, "worker_processes": len(self.per_worker),
+                **({"segments_mib": {name: {k: v / mib for k, v in peaks.items()}
+                                     for name, peaks in self.segments.items()}} if self.segments else {})}
 
 
 def run_child(script: str, args: Sequence[str], out_json: Path, timeout_s: float) -> dict[str, Any]:

@@ -52,6 +52,12 @@ class RayConfig:
     # Local cluster only: Ray starts workers at nice 15 (below the driver); here the workers do all of
     # the job's work, and niced workers starve behind any other busy process. None: Ray's default.
     local_worker_niceness: int | None = 0
+    # A Ray Data actor pool (sized to fit the cluster, recsys_core.runtime.pool_args) starts all of its
+    # actors before it takes work (DataContext.wait_for_min_actors_s), so the whole pool, spread over the
+    # nodes, shares the work; a pool the cluster cannot place fails after this many seconds instead of
+    # waiting forever. 0: Ray's default (actors start asynchronously; a small dataset may finish on the
+    # first actors up, all on one node).
+    pool_start_timeout_s: int = 600
 
 
 @dataclass(frozen=True)
@@ -376,7 +382,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "codec": (_codec, "a Python text encoding (e.g. utf-8, latin-1)"),
 }
 RANGES: dict[str, str] = {
-    "ray.shuffle_parallelism": "positive",
+    "ray.shuffle_parallelism": "positive", "ray.pool_start_timeout_s": "non_negative",
     "data.synthetic.n_users": "positive", "data.synthetic.n_items": "positive", "data.synthetic.n_topics": "positive",
     "data.synthetic.events_per_user": "positive", "data.text_encoding": "codec",
     "prepare.min_user_interactions": "positive", "prepare.bucket_rows": "positive", "prepare.max_history": "positive",

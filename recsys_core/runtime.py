@@ -83,10 +83,13 @@ def quiet_train_worker() -> None:
 
 
 def configure_ray_data(cfg: RayConfig) -> None:
-    """The driver's Ray Data context (datasets carry it to the workers): the parquet reader, and without
-    --verbose no progress bars and no 'Execution plan of Dataset ...' lines."""
+    """The driver's Ray Data context (datasets carry it to the workers): the parquet reader, whole actor
+    pools before work (``ray.pool_start_timeout_s``), and without --verbose no progress bars and no
+    'Execution plan of Dataset ...' lines."""
     ctx = ray.data.DataContext.get_current()
     ctx.use_datasource_v2 = cfg.parquet_datasource_v2
+    # > 0: every actor pool starts whole before taking work (and fails after this long if it cannot)
+    ctx.wait_for_min_actors_s = cfg.pool_start_timeout_s if cfg.pool_start_timeout_s > 0 else -1
     if not is_verbose():
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False

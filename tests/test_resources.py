@@ -48,3 +48,50 @@ def test_bad_requests_are_refused():
         actor_pool(4, 0)
     with pytest.raises(ValueError, match="at least 1 worker"):
         train_workers(4, 0)
+
+
+def test_pools_start_whole_before_taking_work():
+    """ray.pool_start_timeout_s reaches Ray Data's context (0: Ray's asynchronous default, -1)."""
+    import ray.data
+
+    from recsys_core.config import RayConfig
+    from recsys_core.runtime import configure_ray_data
+
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.wait_for_min_actors_s
+    try:
+        configure_ray_data(RayConfig())
+        assert ctx.wait_for_min_actors_s == RayConfig().pool_start_timeout_s == 600
+        configure_ray_data(RayConfig(pool_start_timeout_s=0))
+        assert ctx.wait_for_min_actors_s == -1
+    finally:
+        ctx.wait_for_min_actors_s = before
+
+
+@pytest.mark.integration
+def test_a_pool_the_cluster_cannot_place_fails_instead_of_waiting(ray_local):
+    """An actor pool asking for more CPUs than the cluster has ends in an error after
+    ray.pool_start_timeout_s, not in a job that waits forever."""
+    import ray
+    import ray.data
+
+    from recsys_core.config import RayConfig
+    from recsys_core.runtime import configure_ray_data
+
+    class Echo:
+        def __call__(self, batch):
+            return batch
+
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.wait_for_min_actors_s
+    cpus = ray.cluster_resources()["CPU"]
+    try:
+        configure_ray_data(RayConfig(pool_start_timeout_s=3))
+        ds = ray.data.range(4).map_batches(Echo, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=cpus + 1)
+        with pytest.raises(Exception, match="Timed out while starting actors"):
+            ds.take_all()
+        configure_ray_data(RayConfig(pool_start_timeout_s=3))  # a pool that fits starts and finishes
+        ds = ray.data.range(4).map_batches(Echo, compute=ray.data.ActorPoolStrategy(size=2), num_cpus=1)
+        assert sorted(r["id"] for r in ds.take_all()) == [0, 1, 2, 3]
+    finally:
+        ctx.wait_for_min_actors_s = before
