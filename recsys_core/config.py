@@ -165,6 +165,14 @@ class InferConfig:
     # Cap on a Ray Data block of users (MiB in memory). A users file is small on disk, so without a cap it
     # arrives as one block: one scorer actor does all the work and buffers its whole output.
     block_mib: float = 8.0
+    # How each user's top-k is found: exact (every item scored, recsys_core.serve.retrieval) or a FAISS
+    # index over the item vectors built in each scorer actor (recsys_core.serve.ann.BUILDERS; needs
+    # faiss-cpu): flat (exact, FAISS's kernel), ivf, hnsw. The holdout always ranks exactly.
+    retrieval: Literal["exact", "flat", "ivf", "hnsw"] = "exact"  # exact | flat | ivf | hnsw (FAISS: faiss-cpu)
+    ann_nlist: int = 0  # ivf: coarse clusters; 0: 4 * sqrt(items), at most items / 39
+    ann_nprobe: int = 8  # ivf: clusters scanned per user (benchmarks/README.md: recall against exact)
+    ann_hnsw_m: int = 32  # hnsw: graph degree
+    ann_ef_search: int = 128  # hnsw: candidates kept while searching
 
 
 @dataclass(frozen=True)
@@ -395,6 +403,8 @@ RANGES: dict[str, str] = {
     "train.num_negatives": "positive", "train.temperature": "positive", "train.text_items_per_step": "positive",
     "train.patience": "positive", "train.val_users": "positive", "train.max_failures": "non_negative",
     "train.materialize_mib": "non_negative",
+    "infer.ann_nlist": "non_negative", "infer.ann_nprobe": "positive", "infer.ann_hnsw_m": "positive",
+    "infer.ann_ef_search": "positive",
     "infer.k": "positive", "infer.batch_size": "positive", "infer.concurrency": "positive",
     "infer.item_batch_size": "positive", "infer.block_mib": "positive",
     "eval.ks": "positive", "eval.n_boot": "positive", "eval.itemknn_neighbors": "positive",

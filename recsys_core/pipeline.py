@@ -35,7 +35,7 @@ from typing import Any
 import pyarrow as pa
 
 from recsys_core import storage
-from recsys_core.config import NightlyConfig, check_config, replace
+from recsys_core.config import InferConfig, NightlyConfig, check_config, replace
 from recsys_core.data.prepare import PreparedPaths, catalog_ids, run_prepare
 from recsys_core.data.sources import resolve_source
 from recsys_core.eval.baselines import (
@@ -395,14 +395,16 @@ def infer_stage(run: Run) -> InferRecord:
         term_uri = storage.join(run.run_dir, "published", f"{src.model_version}-recency_prior.npy")
         storage.write_npy(term_uri, term)
         prior_kw = {"prior": src.prior, "prior_term_uri": term_uri, "now": now, "columns": ("user_id", "items", "ts")}
+    ann = ann_spec(cfg.infer)
     recs = score_users(src.model_dir, src.item_embeddings, run.prepared.users, ids,
                        cfg.infer.k, src.max_seq_len, src.model_version, cfg.infer.batch_size,
-                       cfg.infer.concurrency, block_mib=cfg.infer.block_mib, **prior_kw)
+                       cfg.infer.concurrency, block_mib=cfg.infer.block_mib, ann=ann, **prior_kw)
     stats = prepared.stats
     manifest = publish(recs, run.recs_dir, {
         "run_date": run.run_date, "model_version": src.model_version, "k": cfg.infer.k,
         "users": stats["users_kept"],
-        "metrics": manifest_metrics(src, evaluated.metrics["baselines"], promoted),
+        "metrics": {**manifest_metrics(src, evaluated.metrics["baselines"], promoted),
+                    "retrieval": {"kind": cfg.infer.retrieval, **(ann or {})}},
         "input_snapshot": {"interactions": stats["interactions_uri"], "items": stats["items_uri"],
                            "rows_read": stats["rows_read"], "newest_event_ts": evaluated.metrics.get("newest_event_ts")},
     })
@@ -410,6 +412,14 @@ def infer_stage(run: Run) -> InferRecord:
              src.model_version, src.role, run.recs_dir)
     return InferRecord(recommendations=run.recs_dir, manifest=manifest, published=True,
                        reason=promoted.publish_reason)
+
+
+def ann_spec(ic: InferConfig) -> dict[str, Any] | None:
+    """The scorers' FAISS index settings (an AnnSpec dict) for ``infer.retrieval``; None: exact top-k."""
+    if ic.retrieval == "exact":
+        return None
+    return {"kind": ic.retrieval, "nlist": ic.ann_nlist, "nprobe": ic.ann_nprobe, "hnsw_m": ic.ann_hnsw_m,
+            "ef_search": ic.ann_ef_search}
 
 
 def manifest_metrics(src: ModelSource, baselines: dict[str, dict[str, float]],

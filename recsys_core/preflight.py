@@ -24,6 +24,7 @@ import pyarrow.fs as pafs
 
 from recsys_core import storage
 from recsys_core.config import ConfigError, NightlyConfig
+from recsys_core.serve.ann import require_faiss
 
 PROBE_CONNECT_TIMEOUT_S = 3.0
 PROBE_REQUEST_TIMEOUT_S = 5.0
@@ -165,9 +166,21 @@ def check_input(target: Target, fs: pafs.S3FileSystem | None) -> None:
         raise PreflightError(f"{target.key}={target.uri}: not found")
 
 
+def check_retrieval(cfg: NightlyConfig) -> None:
+    """A FAISS retrieval (infer.retrieval) needs faiss importable here (the job's image)."""
+    if cfg.infer.retrieval == "exact":
+        return
+    try:
+        require_faiss()
+    except ImportError:
+        raise PreflightError(f"infer.retrieval={cfg.infer.retrieval} needs FAISS, which is not installed: "
+                             "pip install faiss-cpu (or set infer.retrieval=exact)") from None
+
+
 def preflight(cfg: NightlyConfig) -> None:
     """Every check above, in order; raises :class:`PreflightError` at the first failure."""
     check_root_form(cfg)
+    check_retrieval(cfg)
     uris = [cfg.storage.root, *(t.uri for t in inputs(cfg))]
     fs = probe_filesystem() if any(storage.is_s3(u) for u in uris) else None
     if storage.is_s3(cfg.storage.root):

@@ -107,3 +107,58 @@ def test_recall_at_k_hand_case():
 def test_unknown_kind_names_the_choices():
     with pytest.raises(ValueError, match="hnsw"):
         AnnIndex(np.zeros((4, 2), np.float32), AnnSpec(kind="lsh"))
+
+
+def _scorer_inputs(tmp_path, n_items: int = 200, dim: int = 16):
+    """A tiny two-tower model (loader injected), its item table and a recency-prior term on disk."""
+    from recsys_core.config import ModelConfig, TowerConfig
+    from recsys_core.model.towers import build_two_tower
+    from recsys_core import storage
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(item_tower=TowerConfig(size="tiny", dropout=0.0), user_tower=TowerConfig(size="tiny", dropout=0.0),
+                      embed_dim=dim, max_seq_len=8, max_text_tokens=8)
+    model = build_two_tower(cfg, n_items=n_items, temperature=0.5).eval()
+    items, _ = clustered(n_items, 1, dim=dim)
+    storage.write_npy(str(tmp_path / "items.npy"), items)
+    rng = np.random.default_rng(3)
+    storage.write_npy(str(tmp_path / "term.npy"), np.log1p(rng.integers(0, 50, n_items)).astype(np.float32))
+    hist = [rng.choice(n_items, size=int(rng.integers(1, 12)), replace=False).astype(np.int64) for _ in range(64)]
+    last_ts = rng.integers(0, 20 * 86_400, size=64).astype(np.int64)
+    return (lambda uri: (model, {})), hist, last_ts
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("with_prior", [False, True])
+def test_user_scorer_through_an_ann_index_matches_exact(tmp_path, with_prior):
+    """infer.retrieval: the serving scorer's FAISS path (an exhaustive IVF: nprobe = nlist, and the flat
+    index) returns the exact path's top-k, seen items excluded, with and without the recency prior."""
+    import pyarrow as pa
+
+    from recsys_core.model.prior import RecencyPrior
+    from recsys_core.serve.infer import UserScorer
+
+    loader, hist, last_ts = _scorer_inputs(tmp_path)
+    prior = {}
+    if with_prior:
+        prior = {"prior": RecencyPrior(window_days=14, gap_edges_s=(3600, 86_400, 604_800),
+                                       betas=(0.0, 2.0, 1.0, 8.0)).to_dict(),
+                 "prior_term_uri": str(tmp_path / "term.npy"), "now": 20 * 86_400}
+    common = dict(model_uri="m", item_emb_uri=str(tmp_path / "items.npy"), item_ids=pa.array(range(200)), k=10,
+                  max_seq_len=8, model_version="v", loader=loader, **prior)
+    exact = UserScorer(**common).rank(hist, last_ts if with_prior else None)
+    for ann in ({"kind": "flat"}, {"kind": "ivf", "nlist": 5, "nprobe": 5}):
+        got = UserScorer(**common, ann=ann).rank(hist, last_ts if with_prior else None)
+        np.testing.assert_array_equal(got[0], exact[0])
+        np.testing.assert_allclose(got[1], exact[1], rtol=1e-4, atol=1e-4)
+        assert not any(set(r.tolist()) & set(h.tolist()) for r, h in zip(got[0], hist))  # seen never returned
+
+
+@pytest.mark.unit
+def test_retrieval_config_reaches_the_scorers():
+    from recsys_core.config import InferConfig
+    from recsys_core.pipeline import ann_spec
+
+    assert ann_spec(InferConfig()) is None
+    spec = ann_spec(InferConfig(retrieval="ivf", ann_nlist=64, ann_nprobe=4))
+    assert AnnSpec(**spec) == AnnSpec(kind="ivf", nlist=64, nprobe=4, hnsw_m=32, ef_search=128)

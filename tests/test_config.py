@@ -184,6 +184,7 @@ def test_literal_choices_match_the_registries():
     from recsys_core.model.losses import LOSSES
     from recsys_core.model.towers import POOLING, SIMILARITY, SIZES
     from recsys_core.ops.gate import ON_REJECT
+    from recsys_core.serve.ann import BUILDERS
     from recsys_core.train.guard import ENFORCE
 
     hints = lambda cls: typing.get_type_hints(cls)  # noqa: E731
@@ -198,6 +199,7 @@ def test_literal_choices_match_the_registries():
         (hints(C.GuardConfig)["enforce"], ENFORCE),
         (hints(C.RegistryConfig)["on_reject"], ON_REJECT),
         (hints(C.DataConfig)["ts_unit"], {*TS_UNITS, "auto"}),
+        (hints(C.InferConfig)["retrieval"], {"exact", *BUILDERS}),
     ]
     for tp, registry in pairs:
         assert set(_literal_choices(tp)) == set(registry), tp

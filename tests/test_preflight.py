@@ -105,3 +105,16 @@ def test_run_job_fails_before_ray_starts(moto_s3, synthetic_cfg, monkeypatch):
     with pytest.raises(PreflightError, match="storage.root=s3://recsys-test/r: cannot reach the bucket"):
         run_job("nightly", with_root(synthetic_cfg, "s3://recsys-test/r"), "2026-11-27")
     assert not ray.is_initialized()
+
+
+def test_ann_retrieval_without_faiss_is_named(synthetic_cfg, monkeypatch):
+    """infer.retrieval=ivf on a machine without FAISS fails before Ray, naming the key and the install."""
+    import recsys_core.preflight as pf
+
+    def missing():
+        raise ImportError("No module named 'faiss'")
+
+    monkeypatch.setattr(pf, "require_faiss", missing)
+    expect(replace(synthetic_cfg, **{"infer.retrieval": "ivf"}), "infer.retrieval=ivf needs FAISS",
+           "pip install faiss-cpu")
+    preflight(synthetic_cfg)  # exact retrieval does not need it

@@ -21,6 +21,7 @@ import ray
 import jobs.nightly
 from recsys_core import storage
 from recsys_core.config import load_config
+from recsys_core.data.prepare import catalog_ids
 from recsys_core.serve.publish import read_recommendations
 from tests.conftest import REPO, S3_ENV
 
@@ -90,10 +91,18 @@ def test_nightly_pipeline_on_s3(ray_local, moto_s3, capfd):
     keys_before = set(bucket_keys(s3))
     cfg = load_config(REPO / "jobs" / "configs" / "synthetic.yaml",
                       [f"storage.root={root}", "train.epochs=2", "eval.baselines=[popularity]",
-                       "guard.eval_tokens=512", "guard.generate_tokens=4"])
+                       "guard.eval_tokens=512", "guard.generate_tokens=4", "infer.retrieval=ivf"])
     out = jobs.nightly.main(cfg=cfg, run_date="2026-11-27")
     recs, manifest = read_recommendations(f"{root}/recommendations/run_date=2026-11-27")
     assert recs.num_rows == manifest["rows"] == out["prepare"]["stats"]["users_kept"]
+    # served through a FAISS IVF index in every scorer actor (infer.retrieval), seen items still excluded
+    assert manifest["metrics"]["retrieval"]["kind"] == "ivf" and manifest["metrics"]["retrieval"]["nprobe"] == 8
+    users = storage.read_table(f"{root}/runs/run_date=2026-11-27/prepared/users", columns=["user_id", "items"])
+    ids = catalog_ids(f"{root}/runs/run_date=2026-11-27/prepared/items.parquet").to_pylist()
+    seen = {u: {ids[i] for i in h} for u, h in zip(users["user_id"].to_pylist(), users["items"].to_pylist())}
+    lists = recs["item_ids"].to_pylist()
+    assert all(len(r) == cfg.infer.k for r in lists)
+    assert not any(set(r) & seen[u] for u, r in zip(recs["user_id"].to_pylist(), lists))
 
     # The real boto3 client sees what pyarrow wrote: manifest, parts, model registry, Ray Train checkpoints.
     keys = bucket_keys(s3, "nightly/")

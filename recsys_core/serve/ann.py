@@ -1,8 +1,9 @@
 """Approximate top-k by inner product with FAISS (IVF or HNSW), each user's seen items excluded.
 
 For catalogs of millions of items, where exact scoring (:mod:`recsys_core.retrieval`, U x N x D
-multiply-adds) is the bottleneck. FAISS is optional (``pip install 'recsys-core[bench]'`` or
-``faiss-cpu``); nothing else in the package imports this module.
+multiply-adds) is the bottleneck; the serving scorer uses it when ``infer.retrieval`` names an index.
+FAISS is optional (``pip install faiss-cpu``; in the dev and bench extras) and imported only when an
+index is built; the preflight checks it is there when the config asks for one.
 
 Seen items: a FAISS search applies one filter to a whole query batch, so per-user exclusion is done
 by over-fetching. Each block of users asks for ``k + q`` neighbours, ``q`` being a quantile of the

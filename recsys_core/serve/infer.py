@@ -20,6 +20,7 @@ from recsys_core.model.checkpoint import load_checkpoint
 from recsys_core.model.prior import RecencyPrior, augment_items, augment_users
 from recsys_core.model.towers import TwoTower, user_vectors
 from recsys_core.runtime import gather_item_rows, pool_args
+from recsys_core.serve.ann import AnnIndex, AnnSpec
 from recsys_core.serve.retrieval import topk_excluding
 
 Loader = Callable[[str], tuple[TwoTower, dict[str, Any]]]
@@ -51,11 +52,15 @@ class UserScorer:
 
     With a recency ``prior`` (a :class:`RecencyPrior` dict), serving ranks by model + prior asked at
     ``now``: ``prior_term_uri`` holds the (N,) item term ``log(1 + c_W(i, now))`` and each user's weight
-    comes from ``now`` minus the user's last event (the batch's ``ts`` column)."""
+    comes from ``now`` minus the user's last event (the batch's ``ts`` column).
+
+    With ``ann`` (an :class:`AnnSpec` dict), the top-k comes from a FAISS index over the item side
+    (built once per actor, on ``threads`` threads) instead of scoring every item."""
 
     def __init__(self, model_uri: str, item_emb_uri: str, item_ids: pa.Array, k: int, max_seq_len: int,
                  model_version: str, loader: Loader = load_checkpoint, threads: int = 1,
-                 prior: dict[str, Any] | None = None, prior_term_uri: str | None = None, now: int | None = None):
+                 prior: dict[str, Any] | None = None, prior_term_uri: str | None = None, now: int | None = None,
+                 ann: dict[str, Any] | None = None):
         torch.set_num_threads(threads)
         self.model, _ = loader(model_uri)
         self.table = torch.from_numpy(storage.read_npy(item_emb_uri))  # (N, D)
@@ -68,6 +73,14 @@ class UserScorer:
             self.now = int(now)
             # the prior as one more inner-product dimension, the item side built once: (N, D+1)
             self.prior_table = augment_items(self.table, torch.from_numpy(storage.read_npy(prior_term_uri)))
+        items = self.prior_table if self.prior is not None else self.table  # (N, D) or (N, D+1)
+        self.ann = AnnIndex(items.numpy(), AnnSpec(**{"threads": threads, **ann})) if ann else None
+
+    def _topk(self, users: torch.Tensor, items: torch.Tensor, hist: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(b, D') users against the (N, D') item side: exact, or through the FAISS index built on it."""
+        if self.ann is not None:
+            return self.ann.search(users.numpy(), hist, self.k)
+        return topk_excluding(users, items, hist, self.k)
 
     def rank(self, hist: list[np.ndarray], last_ts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k item indices (-1 where fewer candidates) and scores, both (b, k). With a prior and each
@@ -75,9 +88,11 @@ class UserScorer:
         beta times the temperature (the prior's weight in the units of ``u @ v``)."""
         users = user_vectors(self.model, self.table, hist, self.max_seq_len)  # (b, D)
         if self.prior is None or last_ts is None:
-            return topk_excluding(users, self.table, hist, self.k)
+            if self.ann is not None and self.prior is not None:
+                raise ValueError("UserScorer: the ANN index holds the prior's dimension; rank needs last_ts")
+            return self._topk(users, self.table, hist)
         weight = torch.from_numpy(self.prior.weights(self.now - last_ts)) * float(self.model.temperature)  # (b,)
-        return topk_excluding(augment_users(users, weight), self.prior_table, hist, self.k)  # (b, D+1) x (N, D+1)
+        return self._topk(augment_users(users, weight), self.prior_table, hist)  # (b, D+1) x (N, D+1)
 
     def rows(self, batch: pa.Table, idx: np.ndarray, scores: np.ndarray) -> dict[str, pa.Array]:
         """The published columns: user_id, item_ids and scores (best first), model_version."""
