@@ -56,14 +56,13 @@ from recsys_core.data.prepare import (
     _examples,
     _good,
     _kept,
-    _read_interactions,
     _train_counts,
     build_histories,
     build_user,
+    catalog_id_values,
     load_catalog,
-    plausible_range,
+    read_validated,
     run_prepare,
-    validate_batch,
 )
 from recsys_core.data.sources import LogShape, SourceData, write_scale_log
 from recsys_core.data.split import MIN_EVENTS
@@ -91,10 +90,10 @@ def shape(n: int, items: int, days: int) -> LogShape:
     return LogShape(n_events=n, n_users=max(1, round(n / EVENTS_PER_USER)), n_items=items, n_days=days, seed=0)
 
 
-def config(root: Path, src: SourceData) -> NightlyConfig:
+def config(root: Path, src: SourceData, store: str = "store", extra: tuple[str, ...] = ()) -> NightlyConfig:
     return load_config(benchlib.REPO / "jobs" / "configs" / "synthetic.yaml", [
-        f"storage.root={root / 'store'}", "data.source=parquet", f"data.interactions={src.interactions}",
-        f"data.items={src.items}", "data.item_template={title}. Topic: {genres}.", "model.max_seq_len=50"])
+        f"storage.root={root / store}", "data.source=parquet", f"data.interactions={src.interactions}",
+        f"data.items={src.items}", "data.item_template={title}. Topic: {genres}.", "model.max_seq_len=50", *extra])
 
 
 class Laps:
@@ -192,9 +191,7 @@ class StageMarks(logging.Handler):
 def nightly_run(root: Path, src: SourceData, n: int) -> dict[str, Any]:
     """The whole nightly (NIGHTLY overrides) on the log, in the running Ray cluster: per-stage wall time,
     events/s, peak RSS of driver + workers, and the spill after it."""
-    cfg = load_config(benchlib.REPO / "jobs" / "configs" / "synthetic.yaml", [
-        f"storage.root={root / 'nightly'}", "data.source=parquet", f"data.interactions={src.interactions}",
-        f"data.items={src.items}", "model.max_seq_len=50", *NIGHTLY])
+    cfg = config(root, src, store="nightly", extra=tuple(NIGHTLY))
     marks = logging.getLogger("recsys_core.pipeline")
     level = marks.level
     marks.setLevel(logging.INFO)  # the stage lines, whatever the benchmark's own logging
@@ -237,14 +234,8 @@ def per_user_vs_bucketed(root: Path, n: int, items: int, days: int) -> dict[str,
     """The previous history build (one call per user) vs the bucketed one, on the same validated rows."""
     src = write_scale_log(shape(n, items, days), str(root / f"log_{n}"))
     cfg = config(root, src)
-    catalog = load_catalog(src.items, cfg)
-    ids = pc.cast(catalog["item_id"], pa.string()).combine_chunks()
     n_buckets = max(cfg.ray.shuffle_parallelism, math.ceil(n / cfg.prepare.bucket_rows))
-    ts_range = plausible_range(cfg.prepare.min_ts, cfg.prepare.max_ts)  # as run_prepare validates
-    good = (_read_interactions(src, cfg, ts_range)
-            .map_batches(validate_batch, batch_format="pyarrow",
-                         fn_kwargs={"columns": vars(cfg.data.columns), "catalog_ids": ids,
-                                    "ts_unit": cfg.data.ts_unit, "ts_range": ts_range})
+    good = (read_validated(src, cfg, catalog_id_values(load_catalog(src.items, cfg)))  # as run_prepare validates
             .map_batches(_good, batch_format="pyarrow", fn_kwargs={"n_buckets": n_buckets}).materialize())
     out: dict[str, Any] = {"events": n, "rows_good": good.count(), "bucketed_runs_s": []}
 

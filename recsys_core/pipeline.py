@@ -404,7 +404,7 @@ def infer_stage(run: Run) -> InferRecord:
         "run_date": run.run_date, "model_version": src.model_version, "k": cfg.infer.k,
         "users": stats["users_kept"],
         "metrics": {**manifest_metrics(src, evaluated.metrics["baselines"], promoted),
-                    "retrieval": {"kind": cfg.infer.retrieval, **(ann or {})}},
+                    "retrieval": ann or {"kind": "exact"}},
         "input_snapshot": {"interactions": stats["interactions_uri"], "items": stats["items_uri"],
                            "rows_read": stats["rows_read"], "newest_event_ts": evaluated.metrics.get("newest_event_ts")},
     })

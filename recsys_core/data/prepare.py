@@ -583,6 +583,22 @@ def check_footers(files: list[str], columns: dict[str, str], ts_unit: str, ts_ra
     return keep
 
 
+def catalog_id_values(catalog: pa.Table) -> pa.Array:
+    """The catalog's item ids as one text array, in catalog order (what validation looks ids up in)."""
+    ids = _canonical_ids(catalog["item_id"])
+    return ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+
+
+def read_validated(src: SourceData, cfg: NightlyConfig, catalog_ids: pa.Array) -> ray.data.Dataset:
+    """The interactions read (footers checked first) and validated, one block (one file's rows) per
+    batch: every row with its reason, null for good rows (:func:`validate_batch`). Lazy."""
+    ts_range = plausible_range(cfg.prepare.min_ts, cfg.prepare.max_ts)
+    return _read_interactions(src, cfg, ts_range).map_batches(
+        validate_batch, batch_format="pyarrow", batch_size=None,
+        fn_kwargs={"columns": vars(cfg.data.columns), "catalog_ids": catalog_ids, "ts_unit": cfg.data.ts_unit,
+                   "ts_range": ts_range})
+
+
 def _read_interactions(src: SourceData, cfg: NightlyConfig, ts_range: tuple[float, float]) -> ray.data.Dataset:
     """The interactions as Ray Data, after :func:`check_footers`: only the files with rows and the
     contract columns, each row tagged with its file."""
@@ -625,16 +641,8 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
 
     catalog = load_catalog(src.items, cfg)
     lap("catalog")
-    catalog_ids = _canonical_ids(catalog["item_id"])
-    if isinstance(catalog_ids, pa.ChunkedArray):
-        catalog_ids = catalog_ids.combine_chunks()
-    columns = vars(cfg.data.columns)
-
-    ts_range = plausible_range(cfg.prepare.min_ts, cfg.prepare.max_ts)
-    validated = _read_interactions(src, cfg, ts_range).map_batches(
-        validate_batch, batch_format="pyarrow", batch_size=None,  # one block (one file's rows) per batch
-        fn_kwargs={"columns": columns, "catalog_ids": catalog_ids, "ts_unit": cfg.data.ts_unit, "ts_range": ts_range},
-    ).materialize()
+    catalog_ids = catalog_id_values(catalog)
+    validated = read_validated(src, cfg, catalog_ids).materialize()
     rows_read = validated.count()
     lap("validate")
     if rows_read == 0:
