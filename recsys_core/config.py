@@ -107,6 +107,11 @@ class TowerConfig:
     # item tower only: the pretrained LM stays frozen; its pooled text features are computed once per catalog
     # (model.features), cached in storage, and the tower trains a projection (+ ID embedding) on them
     frozen: bool = False
+    # item tower, fine-tuned: only the top k transformer blocks (and the final norm) train, under LoRA only
+    # they get adapters; the blocks below and the embeddings stay frozen, and the hidden states entering
+    # block L-k are computed once per training run for every item's text, so a step's LM cost on item
+    # text is about k/L of a full pass. 0: every layer trains.
+    train_top_layers: int = 0
     dropout: float = 0.1  # dropout inside the tower
 
 
@@ -231,6 +236,11 @@ class GuardConfig:
     eval_stride: int = 64  # stride of the sliding-window perplexity
     eval_tokens: int = 4096  # held-out tokens scored (before and after)
     max_ppl_increase: float = 0.05  # the gate: general-English perplexity may rise at most +5%
+    # WiSE-FT strength scan after fine-tuning (recsys_core.train.strength): the item LM's weights
+    # base + alpha * (tuned - base) for each alpha (0 = the base LM, always scanned); the alpha with the best
+    # validation NDCG@10 within max_ppl_increase is kept. () = no scan, the fine-tuned weights as trained.
+    # Runs for a fine-tuned (not frozen) item LM whose guard is enforced.
+    alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     enforce: Literal["always", "pretrained", "never"] = "pretrained"  # always | pretrained (a random-init LM has nothing to protect) | never
     # prompts whose greedy generations are shown before and after training
     prompts: tuple[str, ...] = ("The film begins with", "My favourite kind of movie is")
@@ -395,7 +405,7 @@ RANGES: dict[str, str] = {
     "data.synthetic.events_per_user": "positive", "data.text_encoding": "codec",
     "prepare.min_user_interactions": "positive", "prepare.bucket_rows": "positive", "prepare.max_history": "positive",
     "prepare.max_reject_fraction": "fraction", "prepare.min_ts": "iso_time", "prepare.max_ts": "iso_time",
-    "model.item_tower.dropout": "fraction", "model.user_tower.dropout": "fraction", "model.embed_dim": "positive",
+    "model.item_tower.dropout": "fraction", "model.item_tower.train_top_layers": "non_negative", "model.user_tower.dropout": "fraction", "model.embed_dim": "positive",
     "model.max_text_tokens": "at_least_2", "model.max_seq_len": "positive",
     "train.num_workers": "positive", "train.threads_per_worker": "positive", "train.epochs": "positive",
     "train.batch_size": "positive", "train.lr": "non_negative", "train.item_backbone_lr": "non_negative",
@@ -413,6 +423,7 @@ RANGES: dict[str, str] = {
     "guard.lora.r": "positive", "guard.lora.alpha": "positive", "guard.lora.dropout": "fraction",
     "guard.lm_weight": "non_negative", "guard.item_lm_weight": "non_negative", "guard.kl_weight": "non_negative",
     "guard.replay_batch_size": "positive", "guard.replay_seq_len": "positive", "guard.max_ppl_increase": "non_negative",
+    "guard.alphas": "fraction",
     "registry.keep_versions": "positive", "registry.ndcg_tolerance": "fraction",
     "explain.n_users": "non_negative", "explain.max_history": "positive", "explain.max_new_tokens": "positive",
     "explain.min_clean_share": "fraction", "explain.min_grounded_share": "fraction",
@@ -447,6 +458,11 @@ def check_combinations(cfg: NightlyConfig) -> None:
         raise ConfigError(f"config key 'eval.prior.gap_edges_s' must increase strictly, got {list(pr.gap_edges_s)}")
     if 0.0 not in pr.betas:
         raise ConfigError("config key 'eval.prior.betas' must include 0 (the model alone is always a candidate)")
+    if it.frozen and it.train_top_layers:
+        raise ConfigError("config key 'model.item_tower.train_top_layers' trains the top blocks of the item LM, "
+                          "which model.item_tower.frozen leaves untouched: set one of them")
+    if cfg.model.user_tower.train_top_layers:
+        raise ConfigError("config key 'model.user_tower.train_top_layers': only the item tower reads text")
     if cfg.model.user_tower.frozen:
         raise ConfigError("config key 'model.user_tower.frozen': only the item tower reads text features")
 

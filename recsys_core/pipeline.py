@@ -204,9 +204,13 @@ def train_stage(run: Run) -> TrainRecord:
         epochs = int(fit["metrics"]["epoch"]) + 1  # the selected budget
         log.info("refit: training again on every event (held-out ones included) for the selected %d epoch(s); "
                  "that model is published", epochs)
+        strength = fit.get("strength")  # the alpha chosen on the selection model's validation, if scanned
         again = run_train(run.cfg, run.prepared, run.run_dir, init_from=warm.get("init_from"), fresh=run.force,
-                          refit_epochs=epochs)
+                          refit_epochs=epochs, alpha=strength["alpha"] if strength else None)
         guard, refit_ckpt = again["guard"], again["checkpoint"]
+        if strength and guard is not None:
+            guard["strength"] = {**strength, "refit_checkpoint": again["checkpoint"],
+                                 "refit_point": again["strength"]["curve"][0]}
         refit = {"epochs": epochs, "examples": again["examples"], "selection_examples": fit["examples"],
                  "history": again["history"], "trained_on": REFIT_TRAINED_ON}
     version = registry.new_version(run.root, run.run_date)

@@ -32,6 +32,7 @@ def runs(ray_local, tiny_pretrained_lm, tmp_path_factory):
         "data.synthetic.n_users=200", "train.epochs=3", "train.patience=3", "train.lr=0.002", "train.val_users=200",
         "registry.warm_start=false", "guard.enforce=always", f"guard.heldout_corpus={BUILTIN['replay']}",
         "guard.eval_tokens=768", "guard.replay_batch_size=2", "guard.replay_seq_len=32", "guard.generate_tokens=6",
+        "guard.alphas=[]",  # the mechanisms alone, as trained (tests/test_strength.py scans the strength)
     ])
     jobs.prepare.main(cfg=cfg, run_date=RUN_DATE)
     plain = jobs.train.main(cfg=cfg, run_date=RUN_DATE)["train"]

@@ -63,3 +63,22 @@ def test_epochs_learn_a_constant_next_item():
                        text_table(model, items.tokens, items.mask))
         first = ep.losses[0] if first is None else first  # the very first step: about ln(12)
     assert first > 2.0 and ep.mean_loss < 0.5 * first  # a loop that never stepped would stay at ~ln(12)
+
+
+def test_every_step_clips_the_gradient_even_given_a_generator(monkeypatch):
+    """``model.parameters()`` is a generator: the clip must see every parameter at every step, not only at the
+    first (a spent generator clips nothing, silently)."""
+    model, items, obj, opt = _setup()
+    n_params = len(list(model.parameters()))
+    seen: list[int] = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm):
+        params = list(params)
+        seen.append(len(params))
+        return real(params, max_norm)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    run_epoch(obj, opt, None, model.parameters(), 1.0, contextlib.nullcontext(), _batches(3), items,
+              text_table(model, items.tokens, items.mask))
+    assert seen == [n_params] * 3

@@ -103,6 +103,68 @@ def head_logits(backbone: nn.Module, lm_head: nn.Module | None, hidden: torch.Te
     return F.linear(hidden, backbone.get_input_embeddings().weight)
 
 
+def decoder_blocks(body: nn.Module) -> tuple[nn.Module, str]:
+    """The module that holds a body's transformer blocks and that list's attribute name (GPT-2 ``h``, Llama
+    ``layers``): its ``nn.ModuleList`` child of ``config.num_hidden_layers`` blocks (under LoRA, the wrapped
+    base model's)."""
+    base = body.get_base_model() if is_lora(body) else body
+    n = int(base.config.num_hidden_layers)
+    for name, child in base.named_children():
+        if isinstance(child, nn.ModuleList) and len(child) == n:
+            return base, name
+    raise ValueError(f"{type(base).__name__}: no list of {n} transformer blocks found")
+
+
+class _Stop(Exception):
+    """Ends a forward pass once the hidden states entering a block are captured."""
+
+
+def _replace_hidden(h: torch.Tensor):
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            return (h, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": h}
+    return hook
+
+
+@torch.no_grad()
+def hidden_entering(body: nn.Module, block: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(N, T) tokens -> (N, T, H): the hidden states entering transformer block ``block`` (0: the embedding
+    output); the pass stops there, so blocks ``block`` and above never run."""
+    holder, name = decoder_blocks(body)
+    seen: list[torch.Tensor] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        seen.append(args[0] if args else kwargs["hidden_states"])
+        raise _Stop
+
+    handle = getattr(holder, name)[block].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        body(input_ids=input_ids, attention_mask=attention_mask)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def forward_from(body: nn.Module, block: int, hidden: torch.Tensor, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor) -> torch.Tensor:
+    """(N, T, H) hidden states entering block ``block`` (from :func:`hidden_entering`) -> (N, T, H) last hidden
+    states: only blocks ``block`` and above (and the final norm) run. The body's own forward runs with its
+    block list cut to those blocks, so positions, masks and rotary embeddings are its own; the tokens are
+    embedded (a lookup) and that output replaced by ``hidden`` where block ``block`` starts."""
+    holder, name = decoder_blocks(body)
+    blocks = getattr(holder, name)
+    handle = blocks[block].register_forward_pre_hook(_replace_hidden(hidden), with_kwargs=True)
+    holder._modules[name] = nn.ModuleList(list(blocks)[block:])
+    try:
+        return body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    finally:
+        holder._modules[name] = blocks
+        handle.remove()
+
+
 class TowerLM(nn.Module):
     """A body + head as a causal LM: ``(N, T)`` ids -> ``.logits`` (N, T, V) (the guard's interface)."""
 
@@ -145,9 +207,48 @@ class ItemTower(nn.Module):
         # 1 for items seen in training; an item never trained has an untrained ID vector, so it is
         # embedded from its text alone (cold start). Saved with the weights.
         self.register_buffer("id_known", torch.ones(n_items))
+        # Top-k-layer training (model.item_tower.train_top_layers): the first trained block, and the hidden
+        # states entering it for every item's text (N, T, H), computed once (:meth:`cache_lower`). A plain
+        # attribute, not a buffer: never saved, never broadcast by DDP.
+        self.first_trained: int = 0
+        self.lower: torch.Tensor | None = None
 
-    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(N, T) tokens -> (N, T, H) last hidden states of the language model body."""
+    def train_top_layers(self, k: int) -> None:
+        """Only the top ``k`` transformer blocks (and what follows them: the final norm) train; the blocks
+        below and the embeddings are frozen. 0: every layer trains."""
+        if k <= 0:
+            return
+        holder, name = decoder_blocks(self.backbone)
+        n = len(getattr(holder, name))
+        if k > n:
+            raise ValueError(f"model.item_tower.train_top_layers={k}: the item LM has {n} blocks")
+        self.first_trained = n - k
+        self.backbone.get_input_embeddings().requires_grad_(False)
+        for block in list(getattr(holder, name))[: self.first_trained]:
+            block.requires_grad_(False)
+        for mod in holder.children():  # learned position embeddings (GPT-2 wpe) feed the frozen blocks too
+            if isinstance(mod, nn.Embedding):
+                mod.requires_grad_(False)
+
+    @torch.no_grad()
+    def cache_lower(self, tokens: torch.Tensor, mask: torch.Tensor, batch_size: int = 64) -> None:
+        """Compute the hidden states entering the first trained block for every item (N, T) once, dropout off:
+        afterwards a step runs only the top blocks for the items it embeds (about k/L of a full pass)."""
+        was = self.training
+        self.eval()
+        try:
+            self.lower = torch.cat([hidden_entering(self.backbone, self.first_trained, tokens[a:a + batch_size],
+                                                    mask[a:a + batch_size])
+                                    for a in range(0, tokens.size(0), batch_size)])  # (N, T, H)
+        finally:
+            self.train(was)
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               item_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, T) tokens -> (N, T, H) last hidden states of the language model body. Items (``item_idx`` (N,))
+        whose lower-block states are cached run only the trained top blocks."""
+        if self.lower is not None and item_idx is not None:
+            return forward_from(self.backbone, self.first_trained, self.lower[item_idx], input_ids, attention_mask)
         return self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -169,7 +270,7 @@ class ItemTower(nn.Module):
             if item_idx is None:
                 raise ValueError("a frozen item tower embeds items by index (their cached features)")
             return self.proj(self.text_features[item_idx])
-        return self.embed_hidden(self.hidden(input_ids, attention_mask), attention_mask)
+        return self.embed_hidden(self.hidden(input_ids, attention_mask, item_idx), attention_mask)
 
     def embed_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(N, T, H) hidden states -> (N, D) text embedding."""

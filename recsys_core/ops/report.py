@@ -298,6 +298,7 @@ def render(run_date: str, records: dict[str, dict[str, Any]], history: list[dict
             ["general-English perplexity", guard.get("ppl_general_before"), guard.get("ppl_general_after")],
             ["item-text perplexity", guard.get("ppl_items_before"), guard.get("ppl_items_after")]])
             + _img(perplexity_png(guard), "perplexity before and after"))
+        body += strength_table(guard.get("strength"))
         if gens:
             body += "<h3>Greedy generations</h3>" + _table(["prompt", "before", "after"], [list(g) for g in gens])
     else:
@@ -443,6 +444,20 @@ def prior_sentence(prior: dict[str, Any] | None, published: dict[str, Any] | Non
     return text
 
 
+def strength_table(strength: dict[str, Any] | None) -> str:
+    """The WiSE-FT scan (recsys_core.train.strength): perplexity and validation NDCG@10 per alpha, the kept one."""
+    if not strength:
+        return ""
+    rows = [[f"{p['alpha']:g}" + (" (kept)" if p["alpha"] == strength["alpha"] else ""), p.get("ppl_general"),
+             f"{p['ppl_general'] / p['ppl_general_base'] - 1.0:+.1%}" if p.get("ppl_general_base") else "",
+             p.get("ppl_items"), p.get("val_ndcg10"), "yes" if p.get("within_bound") else "no"]
+            for p in strength.get("curve") or []]
+    return ("<h3>Fine-tuning strength (alpha 0: the base LM, 1: as fine-tuned)</h3>"
+            + f"<p>{html.escape(str(strength.get('rule', '')))}; kept alpha {strength['alpha']:g}.</p>"
+            + _table(["alpha", "general-English perplexity", "rise", "item-text perplexity", "validation NDCG@10",
+                      f"within {strength.get('max_increase', 0):+.0%}"], rows))
+
+
 def guard_sentence(guard: dict[str, Any] | None) -> str:
     """The guard's verdict in words: an unenforced guard (a random-init LM) is reported as such, not as 'passed'."""
     if not guard:
@@ -456,7 +471,9 @@ def guard_sentence(guard: dict[str, Any] | None) -> str:
         msg = str(guard.get("message", ""))
         why = msg[msg.index("not enforced"):].rstrip(")") if "not enforced" in msg else "not enforced"
         return f"{why}; measured {ppl}"
-    return ("passed: " if guard.get("passed") else "FAILED (blocks promotion): ") + ppl
+    kept = (guard.get("strength") or {}).get("alpha")
+    return (("passed: " if guard.get("passed") else "FAILED (blocks promotion): ") + ppl
+            + (f"; fine-tuning strength alpha {kept:g} kept on validation" if kept is not None else ""))
 
 
 def _with_ci(m: dict[str, Any], k: str) -> str:

@@ -35,6 +35,7 @@ from recsys_core.model.pretrained import load_causal_lm
 from recsys_core.model.towers import (
     ItemTower,
     build_two_tower,
+    decoder_blocks,
     is_lora,
     item_causal_lm,
     max_positions,
@@ -113,15 +114,25 @@ def lora_target_modules(lcfg: LoraConfig) -> str | list[str]:
     return "all-linear" if tuple(lcfg.target_modules) == ("all-linear",) else list(lcfg.target_modules)
 
 
-def apply_lora(backbone: nn.Module, lcfg: LoraConfig) -> nn.Module:
-    """Wrap a body with peft LoRA adapters; its own weights are frozen (only adapters train)."""
+def apply_lora(backbone: nn.Module, lcfg: LoraConfig, top_layers: int = 0) -> nn.Module:
+    """Wrap a body with peft LoRA adapters; its own weights are frozen (only adapters train). ``top_layers`` k > 0:
+    adapters on the top k transformer blocks only (``model.item_tower.train_top_layers``)."""
     # lazy: peft (and its transformers integrations) loads only when LoRA is on
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
     conv1d = getattr(backbone.config, "model_type", "") == "gpt2"  # GPT-2's Conv1D stores weights (in, out)
+    targets, extra = lora_target_modules(lcfg), {}
+    if top_layers > 0:
+        holder, name = decoder_blocks(backbone)
+        blocks = getattr(holder, name)
+        if targets == "all-linear":  # peft takes a layer subset only with named modules: the blocks' linears
+            targets = sorted({n.rsplit(".", 1)[-1] for n, m in blocks[-1].named_modules()
+                              if type(m).__name__ in ("Linear", "Conv1D")})
+        extra = {"layers_to_transform": list(range(max(0, len(blocks) - top_layers), len(blocks))),
+                 "layers_pattern": name}
     pc = PeftLoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
-                        target_modules=lora_target_modules(lcfg), fan_in_fan_out=conv1d)
+                        target_modules=targets, fan_in_fan_out=conv1d, **extra)
     return get_peft_model(backbone, pc)
 
 
@@ -285,21 +296,34 @@ def verdict(before: dict[str, float], after: dict[str, float], gcfg: GuardConfig
     return rec
 
 
+def guard_inputs(cfg: NightlyConfig, items_uri: str) -> tuple[list[int], list[list[int]]]:
+    """The guard's measurement text: held-out general English and the held-out items' texts, as token ids."""
+    g = cfg.guard
+    general = corpus_ids(read_corpus(g.heldout_corpus, "heldout"), load_tokenizer(cfg.model.tokenizer))
+    item_ids = storage.read_table(items_uri, columns=["input_ids"])["input_ids"].to_pylist()
+    held = heldout_items(len(item_ids), g.heldout_item_every)
+    return general, [t for t, h in zip(item_ids, held) if h]
+
+
+def measure_tower(g: GuardConfig, lm: nn.Module, general: list[int], held_texts: list[list[int]]) -> dict[str, float]:
+    """:func:`measure` of a causal LM (an item tower's :meth:`ItemTower.lm`, or a transformers LM) with the
+    guard's window, stride and token budget (the window at most the LM's positions)."""
+    body = lm.backbone if hasattr(lm, "backbone") else lm
+    window = min(g.eval_window, max_positions(body))
+    return measure(lm, general, held_texts, window, min(g.eval_stride, max(1, window // 2)), g.eval_tokens)
+
+
 def guard_report(cfg: NightlyConfig, items_uri: str, checkpoint: str) -> dict[str, Any]:
     """Perplexity of the item tower's LM before fine-tuning (the original pretrained or named-size
     weights, whatever the warm start) and after (the checkpoint), greedy generations, and the gate."""
 
     g, t0 = cfg.guard, time.time()
     tok = load_tokenizer(cfg.model.tokenizer)
-    general = corpus_ids(read_corpus(g.heldout_corpus, "heldout"), tok)
-    item_ids = storage.read_table(items_uri, columns=["input_ids"])["input_ids"].to_pylist()
-    held = heldout_items(len(item_ids), g.heldout_item_every)
-    held_texts = [t for t, h in zip(item_ids, held) if h]
+    general, held_texts = guard_inputs(cfg, items_uri)
     out: dict[str, Any] = {}
 
     def measured(name: str, lm: nn.Module, causal_lm: Any) -> None:
-        window = min(g.eval_window, max_positions(causal_lm))
-        out[name] = measure(lm, general, held_texts, window, min(g.eval_stride, max(1, window // 2)), g.eval_tokens)
+        out[name] = measure_tower(g, lm, general, held_texts)
         out[f"generations_{name}"] = generations(causal_lm, tok, g.prompts, g.generate_tokens)
 
     frozen = cfg.model.item_tower.frozen
@@ -309,7 +333,8 @@ def guard_report(cfg: NightlyConfig, items_uri: str, checkpoint: str) -> dict[st
         out["after"], out["generations_after"] = out["before"], out["generations_before"]
     else:
         torch.manual_seed(cfg.train.seed)  # the same initial weights the workers started from
-        for name, m in (("before", build_two_tower(cfg.model, len(item_ids))), ("after", load_checkpoint(checkpoint)[0])):
+        n_items = len(storage.read_table(items_uri, columns=["item_id"]))
+        for name, m in (("before", build_two_tower(cfg.model, n_items)), ("after", load_checkpoint(checkpoint)[0])):
             measured(name, m.item_tower.lm(), item_causal_lm(m.item_tower))
     rec = verdict(out["before"], out["after"], g, pretrained=bool(cfg.model.item_tower.pretrained))
     if frozen:

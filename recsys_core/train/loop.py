@@ -101,12 +101,14 @@ def initial_model(cfg: NightlyConfig, n_items: int, init_from: str | None,
                                 text_features)
     if model.item_tower.frozen:
         return model
+    top = cfg.model.item_tower.train_top_layers
     if cfg.guard.lora.enabled:
-        model.item_tower.backbone = apply_lora(model.item_tower.backbone, cfg.guard.lora)
+        model.item_tower.backbone = apply_lora(model.item_tower.backbone, cfg.guard.lora, top)
         if model.item_tower.lm_head is not None:
             model.item_tower.lm_head.requires_grad_(False)
     elif model.item_tower.lm_head is not None:
         model.item_tower.lm_head.requires_grad_(cfg.guard.lm_weight > 0)  # DDP: no unused trainables
+    model.item_tower.train_top_layers(top)  # k > 0: the blocks below the top k (and embeddings) frozen
     return model
 
 
@@ -167,6 +169,7 @@ def run_epoch(objective: nn.Module, opt: torch.optim.Optimizer, sched: Any, para
     epoch's item text cache (N, D), with ``replay()`` windows when the guard replays text. Stops after
     ``max_steps`` steps, or after ``max_seconds`` of steps (at least 3), when given."""
     stats, inner, t_steps = EpochStats(), unwrap(objective), None
+    params = list(params)  # a generator (model.parameters()) would be spent by the first step's clip
     for seq, tgt, mask in batches:
         if t_steps is None:
             t_steps = time.time()  # the step loop's clock starts at the first batch
@@ -210,6 +213,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model.log_temperature.requires_grad_(tc.learn_temperature)
     model.item_tower.id_known.copy_(items.known.float())  # items never trained are text-only
     model.to(device)
+    if model.item_tower.first_trained:  # top-k-layer training: the frozen lower blocks' output, once
+        t_cache = time.time()
+        model.item_tower.cache_lower(items.tokens, items.mask)
+        log.info("item LM: blocks below %d frozen; their output for %d item texts cached in %.1fs",
+                 model.item_tower.first_trained, n_items, time.time() - t_cache)
     guard, replay_stream = guard_terms(cfg.guard, model.item_tower, n_items, config.get("replay_ids"), device)
     replay_gen = torch.Generator().manual_seed(tc.seed + 7919 * rank)
 

@@ -73,7 +73,7 @@ class Objective(nn.Module):
         if m.item_tower.frozen:  # a frozen LM's cached features: every candidate projected fresh, no LM terms
             text = m.item_tower.text_embed(items.tokens[cand], items.mask[cand], cand)  # (C, D)
         else:
-            fresh_hidden = m.item_tower.hidden(items.tokens[fresh], items.mask[fresh])  # (F, T, H)
+            fresh_hidden = m.item_tower.hidden(items.tokens[fresh], items.mask[fresh], fresh)  # (F, T, H)
             fresh_text = m.item_tower.embed_hidden(fresh_hidden, items.mask[fresh])  # (F, D)
             text = text_cache[cand].index_put((remap[fresh],), fresh_text.to(text_cache.dtype))  # (C, D)
         table = m.item_embeddings(text, cand)  # (C, D)

@@ -43,17 +43,24 @@ from recsys_core.train.loop import (
     steps_per_epoch,
     train_loop_per_worker,
 )
+from recsys_core.train.strength import applies as strength_applies
+from recsys_core.train.strength import choose_strength
 
 log = logging.getLogger(__name__)
 
 def run_train(cfg: NightlyConfig, prepared: PreparedPaths, run_dir: str, init_from: str | None = None,
-              fresh: bool = False, refit_epochs: int | None = None, guard: bool = True) -> dict[str, Any]:
+              fresh: bool = False, refit_epochs: int | None = None, guard: bool = True,
+              alpha: float | None = None) -> dict[str, Any]:
     """Fit with Ray Train; returns the best checkpoint's URI, its metrics, the per-epoch history and the
     generation guard's record (None without ``guard``). ``fresh`` discards an earlier attempt's
     checkpoints (``--force``).
 
     ``refit_epochs``: the refit on every event (``prepared.full_examples``, held-out events included)
-    for that many epochs under the same lr schedule, without validation; the last epoch is kept."""
+    for that many epochs under the same lr schedule, without validation; the last epoch is kept.
+
+    A fine-tuned item LM under an enforced guard gets its strength chosen after training
+    (:mod:`recsys_core.train.strength`): scanned on validation, or ``alpha`` as given (the refit's, chosen
+    on the selection model); the returned checkpoint holds the kept interpolation."""
     examples = prepared.full_examples if refit_epochs else prepared.train_examples
     train_ds, n_examples = examples_dataset(examples, cfg.train)
     cpus = cluster_cpus()
@@ -103,12 +110,18 @@ def run_train(cfg: NightlyConfig, prepared: PreparedPaths, run_dir: str, init_fr
         raise result.error
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1][score])
     uri = ("s3://" + best_ckpt.path) if storage.is_s3(run_dir) else best_ckpt.path
+    strength = None
+    if strength_applies(cfg) and (alpha is not None or not refit_epochs):
+        strength = choose_strength(cfg, prepared.items, prepared.users, uri, run_dir, alpha=alpha)
+        uri = strength["checkpoint"]
     report = None
     if guard:
         report = guard_report(cfg, prepared.items, uri)
+        if strength is not None:
+            report["strength"] = strength
         log.info(report["message"])
     return {"checkpoint": uri, "metrics": best_metrics, "history": _history(result, run_dir), "guard": report,
-            "features": features, "examples": n_examples}
+            "features": features, "examples": n_examples, "strength": strength}
 
 
 def _history(result: Any, run_dir: str) -> list[dict[str, Any]]:
