@@ -433,6 +433,7 @@ def manifest_metrics(src: ModelSource, baselines: dict[str, dict[str, float]],
     return {"holdout": point_metrics(src.metrics), "baselines": {b: point_metrics(m) for b, m in baselines.items()},
             "ppl_general_before": guard.get("ppl_general_before"), "ppl_general_after": guard.get("ppl_general_after"),
             "guard_passed": guard.get("passed"), "source": src.role,
+            "strength_alpha": (guard.get("strength") or {}).get("alpha"),  # WiSE-FT alpha kept (None: no scan)
             "trained_on": src.trained_on or "the training part of each history (the held-out events excluded)",
             "recency_prior": src.prior,
             "promotion": {**promoted.decision, "new_version": promoted.model_version,
