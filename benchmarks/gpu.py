@@ -10,6 +10,8 @@
    plain PyTorch loop on the same GPU, same model/batch/data (MovieLens-100k, ``ml100k_tiny.yaml``);
    exact top-k with seen masking on the GPU (torch, tiled) at 1M items.
 3. The demo config (``ml100k.yaml``: SmolLM2-135M-Instruct, frozen) as one GPU nightly, per-stage times.
+4. ``ml100k_smollm2_tuned.yaml``: the same LM fine-tuned on its top 4 blocks with the strength (WiSE-FT
+   alpha) scanned after training, as one GPU nightly: stage times, holdout, perplexities, the alpha curve.
 
 Without CUDA it prints why and exits with status 2; the CPU benchmarks are benchmarks/run_all.py.
 """
@@ -129,18 +131,22 @@ def recsys_on_gpu(epochs: int) -> dict[str, Any]:
     return out
 
 
-def demo_on_gpu() -> dict[str, Any]:
-    """The shipped demo config (SmolLM2-135M-Instruct frozen item LM) as one nightly with
-    ``train.use_gpu=true``: per-stage wall times (the LM feature pass is part of train) and the holdout."""
+def demo_on_gpu(config: str = "ml100k.yaml") -> dict[str, Any]:
+    """A shipped ML-100k config as one nightly with ``train.use_gpu=true``: per-stage wall times, the holdout,
+    and the guard. ``ml100k.yaml`` (the demo: SmolLM2-135M-Instruct frozen; its LM feature pass is part of
+    train) or ``ml100k_smollm2_tuned.yaml`` (the same LM fine-tuned on its top blocks, the strength scanned)."""
     import jobs.nightly
 
     with tempfile.TemporaryDirectory(prefix="bench-gpu-demo-") as root:
-        cfg = load_config(str(benchlib.REPO / "jobs" / "configs" / "ml100k.yaml"),
+        cfg = load_config(str(benchlib.REPO / "jobs" / "configs" / config),
                           [f"storage.root={root}", "train.use_gpu=true", "train.num_workers=1"])
         out = jobs.nightly.main(cfg=cfg, run_date="2026-11-27", force=True)
         ray.shutdown()
-    return {"stage_s": {s: round(r.get("wall_s", 0.0), 1) for s, r in out.items() if isinstance(r, dict)},
+    guard = out["train"].get("guard") or {}
+    return {"config": config, "stage_s": {s: round(r.get("wall_s", 0.0), 1) for s, r in out.items() if isinstance(r, dict)},
             "holdout": {k: v for k, v in out["evaluate"]["metrics"]["model"].items() if "_ci_" not in k},
+            "guard": {k: guard.get(k) for k in ("ppl_general_before", "ppl_general_after", "ppl_items_before",
+                                                "ppl_items_after", "passed", "strength")},
             "explain": out["explain"].get("reason")}
 
 
@@ -196,6 +202,11 @@ def main() -> None:
         print(benchlib.table(f"The demo nightly (jobs/configs/ml100k.yaml, SmolLM2 frozen) on {name}",
                              ["stage", "wall s"], [[k, v] for k, v in demo["stage_s"].items()]), flush=True)
         out["demo"] = demo
+        tuned = demo_on_gpu("ml100k_smollm2_tuned.yaml")
+        print(benchlib.table(f"SmolLM2 fine-tuned on its top 4 blocks, strength scanned (ml100k_smollm2_tuned.yaml) "
+                             f"on {name}", ["stage", "wall s"], [[k, v] for k, v in tuned["stage_s"].items()]),
+              flush=True)
+        out["smollm2_tuned"] = tuned
     out["wall_s"] = time.time() - t0
     benchlib.write_json(a.json, out)
 
