@@ -381,10 +381,13 @@ def main() -> None:
             print(benchlib.table(
                 f"Whole nightly on {r['events']:,} events ({' '.join(nr['overrides'])}): {nr['wall_s']:.0f} s, "
                 f"spilled {nr['spilled_mib']} MiB",
-                ["stage", "wall s", "events/s", "peak RSS driver+workers MiB", "peak RSS driver MiB"],
+                ["stage", "wall s", "events/s", "peak RSS driver+workers MiB", "peak RSS driver MiB",
+                 "peak private driver+workers MiB", "peak PSS whole job MiB"],
                 [[name, st["wall_s"], st["events_per_s"] or "",
                   (st["peak_rss_mib"] or {}).get("driver_plus_workers", ""),
-                  (st["peak_rss_mib"] or {}).get("driver", "")] for name, st in nr["stages"].items()]), flush=True)
+                  (st["peak_rss_mib"] or {}).get("driver", ""),
+                  (st["peak_rss_mib"] or {}).get("driver_plus_workers_private", ""),
+                  (st["peak_rss_mib"] or {}).get("job_pss", "")] for name, st in nr["stages"].items()]), flush=True)
     hb = runs[0].get("history_build")
     if hb:
         print(benchlib.table(
@@ -406,6 +409,13 @@ def main() -> None:
                                                / (small["prepare_cpu_s"] / small["events"]))
         out["prepare_rss_growth"] = (big["prepare_rss"]["driver_plus_workers_mib"]
                                      / small["prepare_rss"]["driver_plus_workers_mib"])
+        if big["prepare_rss"].get("job_pss_mib") and small["prepare_rss"].get("job_pss_mib"):
+            out["prepare_job_pss_growth"] = big["prepare_rss"]["job_pss_mib"] / small["prepare_rss"]["job_pss_mib"]
+        if big.get("nightly") and small.get("nightly"):  # the whole job's peak: RSS sum, private, PSS
+            b, s_ = big["nightly"]["peak_rss"], small["nightly"]["peak_rss"]
+            out["nightly_peak_growth"] = {k: b[f"{k}_mib"] / s_[f"{k}_mib"]
+                                          for k in ("driver_plus_workers", "driver_plus_workers_private", "job_pss")
+                                          if b.get(f"{k}_mib") and s_.get(f"{k}_mib")}
     benchlib.write_json(a.json, out)
 
 

@@ -62,7 +62,10 @@ class RssSampler:
     Records per-process peaks and the peak of the sum at one instant of: this process (the driver),
     Ray worker processes (titles starting ``ray::``), and everything else (raylet, GCS, agents).
     RSS counts the shared-memory pages of Ray's object store a process has touched; "private" is
-    RSS minus shared pages (the process's own heap), reported beside it."""
+    RSS minus shared pages (the process's own heap), reported beside it. ``job_pss`` is the sum of PSS
+    (proportional set size: each resident page divided by the number of processes mapping it) over this
+    process and every descendant, Ray's own processes included: the machine memory the whole job holds,
+    each shared page counted once."""
 
     def __init__(self, interval_s: float = 0.2):
         import psutil
@@ -71,7 +74,8 @@ class RssSampler:
         self.interval_s = interval_s
         self.me = psutil.Process()
         self.peak = {"driver": 0, "workers_total": 0, "driver_plus_workers": 0, "ray_infra": 0,
-                     "driver_private": 0, "workers_private_total": 0, "driver_plus_workers_private": 0}
+                     "driver_private": 0, "workers_private_total": 0, "driver_plus_workers_private": 0,
+                     "job_pss": 0}
         self.per_worker: dict[int, tuple[int, int, str]] = {}  # pid -> (peak rss, peak private, title)
         self.samples = 0
         self.segment: str | None = None  # mark(): peaks of the sum per named segment (a pipeline stage)
@@ -84,7 +88,7 @@ class RssSampler:
         self._sample()  # the previous segment's last reading
         self.segment = name
         self.segments.setdefault(name, {"driver": 0, "workers_total": 0, "driver_plus_workers": 0,
-                                        "driver_plus_workers_private": 0})
+                                        "driver_plus_workers_private": 0, "job_pss": 0})
 
     def __enter__(self) -> "RssSampler":
         self._thread.start()
@@ -109,12 +113,14 @@ class RssSampler:
             return
         now = dict.fromkeys(self.peak, 0)
         now["driver"], now["driver_private"] = mem.rss, mem.rss - mem.shared
+        now["job_pss"] = self._pss(self.me)
         for p in kids:
             try:
                 m = p.memory_info()
                 title = (p.cmdline() or [p.name()])[0]
             except ps.Error:
                 continue
+            now["job_pss"] += self._pss(p)
             if title.startswith("ray::"):
                 now["workers_total"] += m.rss
                 now["workers_private_total"] += m.rss - m.shared
@@ -131,6 +137,12 @@ class RssSampler:
         seg = self.segments.get(self.segment) if self.segment is not None else None
         for k in seg or ():
             seg[k] = max(seg[k], now[k])
+
+    def _pss(self, p: Any) -> int:
+        try:
+            return int(getattr(p.memory_full_info(), "pss", 0))  # /proc/<pid>/smaps_rollup on Linux
+        except self._psutil.Error:
+            return 0
 
     def summary(self) -> dict[str, Any]:
         mib = 1 << 20
