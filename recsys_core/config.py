@@ -110,7 +110,7 @@ class TowerConfig:
     # item tower, fine-tuned: only the top k transformer blocks (and the final norm) train, under LoRA only
     # they get adapters; the blocks below and the embeddings stay frozen, and the hidden states entering
     # block L-k are computed once per training run for every item's text, so a step's LM cost on item
-    # text is about k/L of a full pass. 0: every layer trains.
+    # text is about k/L of a full pass (the cached blocks run without dropout). 0: every layer trains.
     train_top_layers: int = 0
     dropout: float = 0.1  # dropout inside the tower
 
