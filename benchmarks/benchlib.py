@@ -89,11 +89,13 @@ class RssSampler:
 
     def mark(self, name: str) -> None:
         """From now on, samples also count towards the peaks of segment ``name`` (until the next mark)."""
-        self._tick = 0  # the next reading includes PSS
-        self._sample()  # the previous segment's last reading
+        self._tick = 0
+        self._sample()  # the previous segment's last reading, PSS included
         self.segment = name
         self.segments.setdefault(name, {"driver": 0, "workers_total": 0, "driver_plus_workers": 0,
                                         "driver_plus_workers_private": 0, "job_pss": 0})
+        self._tick = 0
+        self._sample()  # the new segment's first reading, PSS included
 
     def __enter__(self) -> "RssSampler":
         self._thread.start()
@@ -118,7 +120,7 @@ class RssSampler:
             return
         now = dict.fromkeys(self.peak, 0)
         now["driver"], now["driver_private"] = mem.rss, mem.rss - mem.shared
-        pss = self._tick % self.pss_every == 0  # (a mark() resets it: each segment gets a reading)
+        pss = self._tick % self.pss_every == 0  # (mark() resets it: each segment gets readings)
         self._tick += 1
         now["job_pss"] = self._pss(self.me) if pss else 0
         for p in kids:
