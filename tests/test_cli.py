@@ -54,7 +54,8 @@ def test_shipped_configs_found_by_name_or_path(tmp_path):
     own = tmp_path / "ml100k.yaml"  # a file of that name wins over the shipped config
     own.write_text("name: mine\n")
     assert cli.resolve_config(str(own)) == own
-    with pytest.raises(ConfigError, match=r"'nope' not found.*ml100k, ml100k_gpt2, ml100k_tiny, synthetic"):
+    names = ", ".join(sorted(p.stem for p in (REPO / "jobs" / "configs").glob("*.yaml")))
+    with pytest.raises(ConfigError, match=rf"'nope' not found.*{names}"):
         cli.resolve_config("nope")
 
 
