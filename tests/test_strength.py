@@ -107,7 +107,7 @@ def test_a_bound_the_fine_tuned_lm_breaks_keeps_an_alpha_within_it(scanned, tmp_
     assert not better
     # the written checkpoint holds that interpolation: its LM's perplexity is the kept point's
     model, _ = load_checkpoint(res["checkpoint"])
-    general, held = guard_inputs(tight, f"{prepared}/items.parquet")
+    general, held, _ = guard_inputs(tight, f"{prepared}/items.parquet")
     again = measure_tower(tight.guard, model.item_tower.lm(), general, held)
     assert again["ppl_general"] == pytest.approx(kept["ppl_general"], rel=1e-5)
 

@@ -296,13 +296,14 @@ def verdict(before: dict[str, float], after: dict[str, float], gcfg: GuardConfig
     return rec
 
 
-def guard_inputs(cfg: NightlyConfig, items_uri: str) -> tuple[list[int], list[list[int]]]:
-    """The guard's measurement text: held-out general English and the held-out items' texts, as token ids."""
+def guard_inputs(cfg: NightlyConfig, items_uri: str) -> tuple[list[int], list[list[int]], int]:
+    """The guard's measurement text: held-out general English and the held-out items' texts, as token ids;
+    and the catalog's size."""
     g = cfg.guard
     general = corpus_ids(read_corpus(g.heldout_corpus, "heldout"), load_tokenizer(cfg.model.tokenizer))
     item_ids = storage.read_table(items_uri, columns=["input_ids"])["input_ids"].to_pylist()
     held = heldout_items(len(item_ids), g.heldout_item_every)
-    return general, [t for t, h in zip(item_ids, held) if h]
+    return general, [t for t, h in zip(item_ids, held) if h], len(item_ids)
 
 
 def measure_tower(g: GuardConfig, lm: nn.Module, general: list[int], held_texts: list[list[int]]) -> dict[str, float]:
@@ -319,7 +320,7 @@ def guard_report(cfg: NightlyConfig, items_uri: str, checkpoint: str) -> dict[st
 
     g, t0 = cfg.guard, time.time()
     tok = load_tokenizer(cfg.model.tokenizer)
-    general, held_texts = guard_inputs(cfg, items_uri)
+    general, held_texts, n_items = guard_inputs(cfg, items_uri)
     out: dict[str, Any] = {}
 
     def measured(name: str, lm: nn.Module, causal_lm: Any) -> None:
@@ -333,7 +334,6 @@ def guard_report(cfg: NightlyConfig, items_uri: str, checkpoint: str) -> dict[st
         out["after"], out["generations_after"] = out["before"], out["generations_before"]
     else:
         torch.manual_seed(cfg.train.seed)  # the same initial weights the workers started from
-        n_items = len(storage.read_table(items_uri, columns=["item_id"]))
         for name, m in (("before", build_two_tower(cfg.model, n_items)), ("after", load_checkpoint(checkpoint)[0])):
             measured(name, m.item_tower.lm(), item_causal_lm(m.item_tower))
     rec = verdict(out["before"], out["after"], g, pretrained=bool(cfg.model.item_tower.pretrained))

@@ -93,18 +93,15 @@ def choose_strength(cfg: NightlyConfig, items_uri: str, users_uri: str, checkpoi
     n_items = tuned.n_items
     base = lm_state(build_two_tower(cfg.model, n_items))
     tuned_lm = lm_state(tuned)
-    general, held_texts = guard_inputs(cfg, items_uri)
+    general, held_texts, _ = guard_inputs(cfg, items_uri)
     val = None
     if alpha is None:
         items = ItemTensors.load(items_uri, "train_count")
         val = load_split(users_uri, "val", cfg.train.val_users, cfg.train.seed)
-    base_ppl: float | None = None
     curve = []
     for a in ([alpha] if alpha is not None else sorted(set(g.alphas) | {0.0})):
         load_lm_state(tuned, interpolate(base, tuned_lm, float(a)))
         ppl = measure_tower(g, tuned.item_tower.lm(), general, held_texts)
-        if a == 0.0:
-            base_ppl = ppl["ppl_general"]
         point = {"alpha": float(a), **ppl}
         if val is not None:
             vm = evaluate_histories(tuned, items.tokens, items.mask, val[0], val[1], cfg.model.max_seq_len)
@@ -114,7 +111,7 @@ def choose_strength(cfg: NightlyConfig, items_uri: str, users_uri: str, checkpoi
                  f", validation NDCG@10 {point['val_ndcg10']:.4f}" if val is not None else "")
     if alpha is None:
         for p in curve:
-            p["ppl_general_base"] = base_ppl
+            p["ppl_general_base"] = curve[0]["ppl_general"]  # alpha 0 (always scanned, first): the base LM
             p["within_bound"] = within(p, g.max_ppl_increase)
         kept = choose_alpha(curve, g.max_ppl_increase)
         how = (f"best validation NDCG@10 ({kept['val_ndcg10']:.4f}) among the alphas within the perplexity "
