@@ -54,12 +54,13 @@ from recsys_core.config import NightlyConfig, RayConfig, load_config
 from recsys_core.data.prepare import (
     PreparedPaths,
     _examples,
-    _good,
+    _good_rows,
     _kept,
     _train_counts,
     build_histories,
     build_user,
     catalog_id_values,
+    interaction_rows,
     load_catalog,
     read_validated,
     run_prepare,
@@ -235,8 +236,9 @@ def per_user_vs_bucketed(root: Path, n: int, items: int, days: int) -> dict[str,
     src = write_scale_log(shape(n, items, days), str(root / f"log_{n}"))
     cfg = config(root, src)
     n_buckets = max(cfg.ray.shuffle_parallelism, math.ceil(n / cfg.prepare.bucket_rows))
-    good = (read_validated(src, cfg, catalog_id_values(load_catalog(src.items, cfg)))  # as run_prepare validates
-            .map_batches(_good, batch_format="pyarrow", fn_kwargs={"n_buckets": n_buckets}).materialize())
+    files, _ = interaction_rows(src, cfg)
+    good = read_validated(files, cfg, catalog_id_values(load_catalog(src.items, cfg)), _good_rows,  # as run_prepare
+                          n_buckets=n_buckets).materialize()
     out: dict[str, Any] = {"events": n, "rows_good": good.count(), "bucketed_runs_s": []}
 
     out["bucketed_runs_cpu_s"] = []

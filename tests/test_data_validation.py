@@ -269,3 +269,24 @@ def test_binary_titles_decoded_with_the_declared_encoding(ray_local, tmp_path):
     out = PreparedPaths(str(tmp_path / "p"))
     run_prepare(_cfg(tmp_path, "data.text_encoding=latin-1"), _src(tmp_path, tmp_path / "bin_items.parquet"), out)
     assert storage.read_table(out.items)["text"].to_pylist() == ["Alpha", "Beta", "Gamma", "Café"]
+
+
+def test_prepare_streams_through_an_intermediate_it_removes(ray_local, tmp_path, broken):
+    src, _, _ = broken
+    out = PreparedPaths(str(tmp_path / "prepared"))
+    stats = run_prepare(_cfg(tmp_path, "prepare.max_reject_fraction=0.9"), src, out)
+    assert stats["users_seen"] == 5 and stats["users_kept"] == 5
+    assert not storage.exists(out.histories)  # the histories written between passes are gone
+    with pytest.raises(DataValidationError):  # also when prepare fails after writing them
+        run_prepare(_cfg(tmp_path, "prepare.max_reject_fraction=0.05"), src, out)
+    assert not storage.exists(out.histories)
+
+
+def test_every_row_rejected_is_a_named_error_with_the_rows_kept(ray_local, tmp_path):
+    _flat(tmp_path / "inter", "a.parquet", ["u0"] * 3, [97, 98, 99], [T0, T0 + 1, T0 + 2])
+    _items(tmp_path / "items.parquet")
+    out = PreparedPaths(str(tmp_path / "p"))
+    with pytest.raises(DataValidationError, match=r"no user has \d+ or more valid interactions"):
+        run_prepare(_cfg(tmp_path, "prepare.max_reject_fraction=1.0"), _src(tmp_path), out)
+    assert storage.read_table(out.quarantine)["reason"].to_pylist() == ["unknown_item"] * 3
+    assert storage.read_json(out.stats)["users_seen"] == 0

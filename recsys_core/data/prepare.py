@@ -31,7 +31,7 @@ import math
 import posixpath
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -102,6 +102,12 @@ class PreparedPaths:
     @property
     def stats(self) -> str:
         return storage.join(self.root, "stats.json")
+
+    @property
+    def histories(self) -> str:
+        """Every user's history as built, before the minimum-events filter and the split: prepare's own
+        intermediate (later passes stream from it instead of holding it in memory), deleted at its end."""
+        return storage.join(self.root, "_histories")
 
 
 def _canonical_ids(col: pa.ChunkedArray | pa.Array) -> pa.Array:
@@ -241,9 +247,10 @@ def _parse_ts(col: pa.ChunkedArray | pa.Array, unit: str = "s") -> tuple[np.ndar
 
 
 def validate_batch(batch: pa.Table, columns: dict[str, str], catalog_ids: pa.Array, ts_unit: str = "s",
-                   ts_range: tuple[float, float] | None = None) -> pa.Table:
+                   ts_range: tuple[float, float] | None = None, raw: bool = True) -> pa.Table:
     """Normalise one batch to (user_id, item_idx, ts, raw_item_id, raw_ts, reason[, file]); reason is null
-    for good rows. ``ts_range`` (epoch seconds): plausible times; None checks only that a time is one."""
+    for good rows. ``ts_range`` (epoch seconds): plausible times; None checks only that a time is one.
+    ``raw=False`` leaves out the raw text and file columns (only quarantine rows need them)."""
     user = batch[columns["user_id"]]
     item = batch[columns["item_id"]]
     ts, numeric = _parse_ts(batch[columns["ts"]], ts_unit)  # (R,)
@@ -276,11 +283,13 @@ def validate_batch(batch: pa.Table, columns: dict[str, str], catalog_ids: pa.Arr
         "user_id": _user_ids(user),
         "item_idx": pc.cast(item_idx, pa.int32()),
         "ts": pa.array(np.where(keep, np.nan_to_num(ts, nan=-1.0), -1.0).astype(np.int64)),  # never overflows
-        "raw_item_id": _canonical_ids(item),
-        "raw_ts": pa.array([None if v is None else str(v) for v in batch[columns["ts"]].to_pylist()], pa.string()),
-        "reason": pa.array(reason.tolist(), pa.string()),
     }
-    if PATH_COLUMN in batch.column_names and PATH_COLUMN not in columns.values():
+    if raw:
+        out["raw_item_id"] = _canonical_ids(item)
+        out["raw_ts"] = pa.array([None if v is None else str(v) for v in batch[columns["ts"]].to_pylist()],
+                                 pa.string())
+    out["reason"] = pa.array(reason.tolist(), pa.string())
+    if raw and PATH_COLUMN in batch.column_names and PATH_COLUMN not in columns.values():
         out["file"] = pc.cast(batch[PATH_COLUMN], pa.string())
     return pa.table(out)
 
@@ -589,27 +598,41 @@ def catalog_id_values(catalog: pa.Table) -> pa.Array:
     return ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
 
 
-def read_validated(src: SourceData, cfg: NightlyConfig, catalog_ids: pa.Array) -> ray.data.Dataset:
-    """The interactions read (footers checked first) and validated, one block (one file's rows) per
-    batch: every row with its reason, null for good rows (:func:`validate_batch`). Lazy."""
-    ts_range = plausible_range(cfg.prepare.min_ts, cfg.prepare.max_ts)
-    return _read_interactions(src, cfg, ts_range).map_batches(
-        validate_batch, batch_format="pyarrow", batch_size=None,
-        fn_kwargs={"columns": vars(cfg.data.columns), "catalog_ids": catalog_ids, "ts_unit": cfg.data.ts_unit,
-                   "ts_range": ts_range})
+def rejected_rows(batch: pa.Table, columns: dict[str, str], catalog_ids: pa.Array, ts_unit: str = "s",
+                  ts_range: tuple[float, float] | None = None) -> pa.Table:
+    """The quarantine rows (``QUARANTINE_SCHEMA``) of one read batch: :func:`validate_batch`'s reasons, the
+    raw text built only for the rejected rows (every rule looks at its own row only)."""
+    kw = {"columns": columns, "catalog_ids": catalog_ids, "ts_unit": ts_unit, "ts_range": ts_range}
+    reason = validate_batch(batch, raw=False, **kw)["reason"]
+    idx = np.flatnonzero(pc.is_valid(reason).to_numpy(zero_copy_only=False))  # (Q,)
+    return _bad(validate_batch(batch.take(pa.array(idx, pa.int64())), raw=True, **kw))
 
 
-def _read_interactions(src: SourceData, cfg: NightlyConfig, ts_range: tuple[float, float]) -> ray.data.Dataset:
-    """The interactions as Ray Data, after :func:`check_footers`: only the files with rows and the
-    contract columns, each row tagged with its file."""
-    if not storage.exists(src.interactions):
-        raise DataValidationError(f"{src.interactions}: interactions not found")
-    columns = vars(cfg.data.columns)
-    files = check_footers(interaction_files(src.interactions), columns, cfg.data.ts_unit, ts_range,
-                          src.interactions)
+def _good_rows(batch: pa.Table, n_buckets: int, **validate: Any) -> pa.Table:
+    """The valid rows of one read batch with their user's bucket (:func:`_good` of :func:`validate_batch`)."""
+    return _good(validate_batch(batch, raw=False, **validate), n_buckets)
+
+
+def read_validated(files: list[str], cfg: NightlyConfig, catalog_ids: pa.Array,
+                   fn: Callable[..., pa.Table] = validate_batch, **fn_kwargs: Any) -> ray.data.Dataset:
+    """The interaction ``files`` (from :func:`interaction_rows`) read and validated, one block (one file's
+    rows) per batch. ``fn`` is :func:`validate_batch` (every row with its reason, null for good rows),
+    :func:`rejected_rows` or :func:`_good_rows`; it gets the validation settings and ``fn_kwargs``. Lazy."""
     fs = storage.filesystem(files[0])[0]
     return ray.data.read_parquet([storage.filesystem(f)[1] for f in files], filesystem=fs,
-                                 include_paths=True)
+                                 include_paths=True).map_batches(
+        fn, batch_format="pyarrow", batch_size=None,
+        fn_kwargs={"columns": vars(cfg.data.columns), "catalog_ids": catalog_ids, "ts_unit": cfg.data.ts_unit,
+                   "ts_range": plausible_range(cfg.prepare.min_ts, cfg.prepare.max_ts), **fn_kwargs})
+
+
+def interaction_rows(src: SourceData, cfg: NightlyConfig) -> tuple[list[str], int]:
+    """The interaction files with rows, after :func:`check_footers`, and their total rows (from the footers)."""
+    if not storage.exists(src.interactions):
+        raise DataValidationError(f"{src.interactions}: interactions not found")
+    files = check_footers(interaction_files(src.interactions), vars(cfg.data.columns), cfg.data.ts_unit,
+                          plausible_range(cfg.prepare.min_ts, cfg.prepare.max_ts), src.interactions)
+    return files, sum(storage.parquet_metadata(f).num_rows for f in files)
 
 
 def shuffle_strategy(name: str) -> "ray.data.context.ShuffleStrategy":
@@ -632,8 +655,27 @@ class _Laps:
         self.t = now
 
 
+def _read(uri: str) -> ray.data.Dataset:
+    """The parquet files below ``uri`` as Ray Data (streamed when consumed); an empty dataset when a
+    write produced none."""
+    if not storage.list_files(uri, ".parquet"):
+        return ray.data.from_arrow(HISTORY_SCHEMA.empty_table())
+    path, fs = storage.ray_location(uri)
+    return ray.data.read_parquet(path, filesystem=fs)
+
+
+def _write(ds: ray.data.Dataset, uri: str) -> None:
+    storage.delete(uri)
+    path, fs = storage.ray_location(uri)
+    ds.write_parquet(path, filesystem=fs)
+
+
 def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict[str, Any]:
-    """Run the prepare stage with Ray Data; returns the stats also written to ``stats.json``."""
+    """Run the prepare stage with Ray Data; returns the stats also written to ``stats.json``.
+
+    Nothing proportional to the log is held in memory between passes: the read is validated twice
+    (once for the rejected rows, the only rows kept in the object store; once streaming the good rows
+    into the history build), the histories are written to storage, and every later pass streams from there."""
     ctx = ray.data.DataContext.get_current()
     ctx.default_hash_shuffle_parallelism = cfg.ray.shuffle_parallelism
     ctx.shuffle_strategy = shuffle_strategy(cfg.ray.shuffle_strategy)  # progress bars: runtime.configure_ray_data
@@ -642,23 +684,29 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
     catalog = load_catalog(src.items, cfg)
     lap("catalog")
     catalog_ids = catalog_id_values(catalog)
-    validated = read_validated(src, cfg, catalog_ids).materialize()
-    rows_read = validated.count()
+    files, rows_read = interaction_rows(src, cfg)
+    bad = read_validated(files, cfg, catalog_ids, rejected_rows).materialize()
     lap("validate")
-    if rows_read == 0:
-        raise DataValidationError(f"{src.interactions}: no interaction rows")
-    bad = validated.map_batches(_bad, batch_format="pyarrow").materialize()
-    lap("rejected_rows")
+    try:
+        return _prepare_histories(cfg, src, out, catalog, catalog_ids, files, rows_read, bad, lap)
+    finally:
+        storage.delete(out.histories)
+
+
+def _prepare_histories(cfg: NightlyConfig, src: SourceData, out: PreparedPaths, catalog: pa.Table,
+                       catalog_ids: pa.Array, files: list[str], rows_read: int, bad: ray.data.Dataset,
+                       lap: _Laps) -> dict[str, Any]:
     # Users are spread over hash buckets; each bucket is one Python call that sorts and groups all of its
-    # users at once (a group-by on user_id would pay one call per user). Buckets shuffle across nodes.
+    # users at once (a group-by on user_id would pay one call per user). Buckets shuffle across nodes, and
+    # the histories stream to storage.
     n_buckets = max(cfg.ray.shuffle_parallelism, math.ceil(rows_read / cfg.prepare.bucket_rows))
-    users = (validated.map_batches(_good, batch_format="pyarrow", fn_kwargs={"n_buckets": n_buckets})
-             .groupby("bucket")
-             .map_groups(build_histories, batch_format="pyarrow",
-                         fn_kwargs={"max_history": cfg.prepare.max_history})
-             .materialize())
+    _write(read_validated(files, cfg, catalog_ids, _good_rows, n_buckets=n_buckets)
+           .groupby("bucket")
+           .map_groups(build_histories, batch_format="pyarrow", fn_kwargs={"max_history": cfg.prepare.max_history}),
+           out.histories)
     lap("histories")
-    dups = users.map_batches(_duplicates, batch_format="pyarrow", fn_kwargs={"catalog_ids": catalog_ids})
+    dups = _read(out.histories).map_batches(_duplicates, batch_format="pyarrow",
+                                            fn_kwargs={"catalog_ids": catalog_ids}).materialize()
 
     reasons: dict[str, int] = dict.fromkeys(REASONS, 0)
     mismatched: dict[str, int] = {}
@@ -675,8 +723,7 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
 
     storage.delete(out.quarantine)
     if rejected:
-        qpath, qfs = storage.ray_location(out.quarantine)
-        bad.union(dups).repartition(1).write_parquet(qpath, filesystem=qfs)
+        _write(bad.union(dups).repartition(1), out.quarantine)
     lap("write_quarantine")
 
     if mismatched:
@@ -691,27 +738,23 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
             f"{ {k: v for k, v in reasons.items() if v} }; rows kept in {out.quarantine}")
 
     min_n = max(cfg.prepare.min_user_interactions, MIN_EVENTS)
-    kept = users.map_batches(_kept, batch_format="pyarrow", fn_kwargs={"min_n": min_n}).materialize()
+    kept = _read(out.histories).map_batches(_kept, batch_format="pyarrow", fn_kwargs={"min_n": min_n})
     cutoff = None
-    if cfg.eval.protocol == "temporal" and kept.count():
+    if cfg.eval.protocol == "temporal":
         lo, hi = event_ts_range(kept)
-        cutoff = temporal_cutoff(lo, hi, cfg.eval.temporal_fraction)
-    kept = kept.map_batches(split_columns, batch_format="pyarrow",
-                            fn_kwargs={"protocol": cfg.eval.protocol, "cutoff": cutoff}).materialize()
-    storage.delete(out.users)
-    upath, ufs = storage.ray_location(out.users)
-    kept.write_parquet(upath, filesystem=ufs)
+        if lo <= hi:  # some user kept
+            cutoff = temporal_cutoff(lo, hi, cfg.eval.temporal_fraction)
+    _write(kept.map_batches(split_columns, batch_format="pyarrow",
+                            fn_kwargs={"protocol": cfg.eval.protocol, "cutoff": cutoff}), out.users)
     lap("write_users")
 
-    examples = kept.map_batches(_examples, batch_format="pyarrow", fn_kwargs={"seq_len": cfg.model.max_seq_len})
-    storage.delete(out.train_examples)
-    epath, efs = storage.ray_location(out.train_examples)
-    examples.write_parquet(epath, filesystem=efs)
+    _write(_read(out.users).map_batches(_examples, batch_format="pyarrow", fn_kwargs={"seq_len": cfg.model.max_seq_len}),
+           out.train_examples)
     storage.delete(out.full_examples)
     if cfg.train.refit:
-        fpath, ffs = storage.ray_location(out.full_examples)
-        kept.map_batches(_examples, batch_format="pyarrow",
-                         fn_kwargs={"seq_len": cfg.model.max_seq_len, "full": True}).write_parquet(fpath, filesystem=ffs)
+        _write(_read(out.users).map_batches(_examples, batch_format="pyarrow",
+                                            fn_kwargs={"seq_len": cfg.model.max_seq_len, "full": True}),
+               out.full_examples)
     lap("write_examples")
 
     # Training popularity (for logQ correction and the popularity baseline) and the split's facts, in one
@@ -721,8 +764,8 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
     first_seen = np.full(catalog.num_rows, NEVER, dtype=np.int64)  # (N,) first event ts of each item
     targets: dict[str, list[int]] = {"val": [], "test": []}
     newest, no_history = None, 0
-    for t in kept.map_batches(_block_facts, batch_format="pyarrow", fn_kwargs={"n_items": catalog.num_rows}
-                              ).iter_batches(batch_format="pyarrow", batch_size=None):
+    for t in _read(out.users).map_batches(_block_facts, batch_format="pyarrow", fn_kwargs={"n_items": catalog.num_rows}
+                                          ).iter_batches(batch_format="pyarrow", batch_size=None):
         for row in range(t.num_rows):  # one row per block
             counts += np.asarray(t["train_count"][row].values, dtype=np.int64)
             events += np.asarray(t["event_count"][row].values, dtype=np.int64)
@@ -744,8 +787,8 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
         "reject_fraction": rejected / rows_read,
         "rejected_by_reason": reasons,
         "rows_good": rows_read - rejected,
-        "users_seen": users.count(),
-        "users_kept": kept.count(),
+        "users_seen": storage_count(out.histories),
+        "users_kept": storage_count(out.users),
         "items": catalog.num_rows,
         "train_interactions": n_train,
         "train_examples": storage_count(out.train_examples),
