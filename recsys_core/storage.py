@@ -38,7 +38,7 @@ import time
 import urllib.parse
 import uuid
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import boto3
 import botocore.config
@@ -326,6 +326,18 @@ def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
     if not exists(uri):
         raise FileNotFoundError(f"{uri}: not found")
     return _retry(uri, "read_table", lambda: pq.read_table(path, filesystem=fs, columns=columns))
+
+
+def iter_batches(uri: str, columns: list[str] | None = None, batch_rows: int = 65_536) -> Iterator[pa.Table]:
+    """The rows of a parquet file or folder (its files in :func:`list_files` order, the order
+    :func:`read_table` reads them in), as tables of at most ``batch_rows`` rows: a pass whose memory is
+    one batch, not the table."""
+    files = [uri] if is_file(uri) else list_files(uri, ".parquet")
+    for f in files:
+        fs, path = filesystem(f)
+        with _retry(f, "open parquet", lambda: fs.open_input_file(path)) as fh:
+            for b in pq.ParquetFile(fh).iter_batches(batch_size=batch_rows, columns=columns):
+                yield pa.Table.from_batches([b])
 
 
 def parquet_rows(uri: str) -> int:

@@ -160,6 +160,7 @@ from recsys_core.data.split import (  # noqa: E402
     NEVER,
     cold_targets,
     fit_prefixes,
+    holdout,
     split_columns,
     split_rows,
     temporal_cutoff,
@@ -280,3 +281,23 @@ def test_interaction_files_a_single_file_or_a_folder_without_hidden_names(tmp_pa
     assert interaction_files(str(tmp_path)) == [str(tmp_path / "a.parquet"), str(tmp_path / "dt=1" / "b.parquet")]
     assert interaction_files(str(tmp_path / "a.parquet")) == [str(tmp_path / "a.parquet")]
     assert interaction_files(str(tmp_path / "missing")) == []
+
+
+@pytest.mark.unit
+def test_split_rows_and_prefixes_on_chunked_and_sliced_tables_equal_the_list_rule():
+    """The vectorised readers (offsets into one array) on a table of several chunks, one of them a slice,
+    give what the per-history rule (``holdout``) gives."""
+    seqs = [[5, 1, 2], [3, 3, 4, 9], [7, 8, 6, 1, 0], [2, 4, 6]]
+    ts = [[10 * j for j in range(len(s))] for s in seqs]
+    whole = pa.table({"items": pa.array([[0, 0, 0]] + seqs, pa.list_(pa.int32())),
+                      "ts": pa.array([[0, 0, 0]] + ts, pa.list_(pa.int64()))})
+    t = pa.concat_tables([whole.slice(1, 2), whole.slice(3)])  # two chunks, the first a slice
+    assert t["items"].num_chunks == 2
+    for which in ("val", "test"):
+        hist, tgt, rows = split_rows(t, which)
+        want_hist, want_tgt = holdout(seqs, which)
+        assert [h.tolist() for h in hist] == [h.tolist() for h in want_hist]
+        assert tgt.tolist() == want_tgt.tolist() and rows.tolist() == [0, 1, 2, 3]
+        assert [p.tolist() for p in fit_prefixes(t, "ts", which)] == [x.tolist() for x in holdout(ts, which)[0]]
+    with pytest.raises(ValueError, match="history of 1 events has no val target"):
+        split_rows(pa.table({"items": pa.array([[1]], pa.list_(pa.int32()))}), "val")

@@ -158,28 +158,58 @@ def has_split_columns(table: pa.Table) -> bool:
     return all(c in table.column_names for c in SPLIT_COLUMNS)
 
 
+def _list_column(table: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets (U+1,) into values, values (E,) as int64) of a list column, without Python objects."""
+    col = table[column]
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if len(arr) == 0:
+        return np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return (arr.offsets.to_numpy().astype(np.int64),
+            np.asarray(arr.values.to_numpy(zero_copy_only=False), dtype=np.int64))
+
+
+def _int_column(table: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """(values with nulls as 0, valid mask), each (U,), of an integer column."""
+    col = table[column]
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    valid = arr.is_valid().to_numpy(zero_copy_only=False)
+    return pc.fill_null(arr, 0).to_numpy(zero_copy_only=False).astype(np.int64), valid
+
+
+def _loo_cut(lens: np.ndarray, which: Which) -> np.ndarray:
+    if which not in HELD_OUT:
+        raise ValueError(f"split {which!r} unknown; choose from {sorted(HELD_OUT)}")
+    if (lens < HELD_OUT[which]).any():
+        raise ValueError(f"a history of {int(lens.min())} events has no {which} target (leave-one-out needs "
+                         f"{HELD_OUT[which]} or more)")
+    return lens - HELD_OUT[which]
+
+
 def split_rows(table: pa.Table, which: Which) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """Inputs, targets and row indices of the users of ``which`` in a users table (items, and the
-    split columns; leave-one-out over every row without them)."""
-    seqs = table["items"].to_pylist()
+    split columns; leave-one-out over every row without them). Inputs are int64 views of one array."""
+    offsets, values = _list_column(table, "items")  # (U+1,), (E,)
     if not has_split_columns(table):
-        hist, tgt = holdout(seqs, which)
-        return hist, tgt, np.arange(len(seqs), dtype=np.int64)
-    pos = table[f"{which}_pos"].to_pylist()
-    rows = np.asarray([r for r, p in enumerate(pos) if p is not None], dtype=np.int64)
-    hist = [np.asarray(seqs[r][:pos[r]], dtype=np.int64) for r in rows]
-    tgt = np.asarray([seqs[r][pos[r]] for r in rows], dtype=np.int64)
-    return hist, tgt, rows
+        pos = _loo_cut(np.diff(offsets), which)  # (U,) index of the target in each history
+        rows = np.arange(len(pos), dtype=np.int64)
+    else:
+        pos, valid = _int_column(table, f"{which}_pos")  # (U,)
+        rows = np.flatnonzero(valid).astype(np.int64)
+    starts = offsets[:-1][rows]  # (Q,)
+    ends = starts + pos[rows]  # (Q,) the target's index in values
+    return [values[a:b] for a, b in zip(starts.tolist(), ends.tolist())], values[ends], rows
 
 
 def fit_prefixes(table: pa.Table, column: str, which: Which) -> list[np.ndarray]:
     """Every user's events a baseline may be fit on for ``which`` (``column``: items or ts): before the
-    user's own target (leave-one-out) or before the cutoff (temporal)."""
-    seqs = table[column].to_pylist()
+    user's own target (leave-one-out) or before the cutoff (temporal). int64 views of one array."""
+    offsets, values = _list_column(table, column)  # (U+1,), (E,)
     if not has_split_columns(table):
-        return holdout(seqs, which)[0]
-    lens = table["train_len" if which == "val" else "test_fit_len"].to_pylist()
-    return [np.asarray(s[:n], dtype=np.int64) for s, n in zip(seqs, lens)]
+        n = _loo_cut(np.diff(offsets), which)  # (U,)
+    else:
+        n = np.clip(_int_column(table, "train_len" if which == "val" else "test_fit_len")[0], 0, np.diff(offsets))
+    starts = offsets[:-1]
+    return [values[a:b] for a, b in zip(starts.tolist(), (starts + n).tolist())]
 
 
 def train_len_of(seq: Sequence[int], train_len: int | None) -> int:

@@ -324,7 +324,8 @@ def baseline_per_user(users_uri: str, n_items: int, names: tuple[str, ...], ks: 
         opts = BaselineOptions(k_neighbors=opts)
     t = storage.read_table(users_uri)
     hist, target, rows = split_rows(t, "test")
-    log = train_log(fit_prefixes(t, "items", "test"), fit_prefixes(t, "ts", "test"), n_items)
+    log = (train_log(fit_prefixes(t, "items", "test"), fit_prefixes(t, "ts", "test"), n_items)
+           if names else None)  # no baseline: the test targets alone (for the cold-start rows)
     if query_rows is not None:  # score the sampled users only
         keep = np.isin(rows, np.asarray(query_rows, dtype=np.int64))
         hist, target = [h for h, k in zip(hist, keep) if k], target[keep]
@@ -342,6 +343,7 @@ def baseline_per_user(users_uri: str, n_items: int, names: tuple[str, ...], ks: 
         chosen[name] = {"param": param, "validation": val_scores, "metric": selection_metric(ks)}
         if val_scores:
             _log.info("baseline %s: %s on validation %s -> %s", name, selection_metric(ks), val_scores, param)
+        assert log is not None
         out[name] = per_user_metrics(rank_baseline(name, log, hist, max(ks), opts, param), target, ks)
     return out, target, chosen
 
