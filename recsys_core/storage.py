@@ -268,11 +268,16 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
     return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
 
 
+def parquet_files(uri: str) -> list[str]:
+    """A parquet file itself, or the parquet files below a folder/prefix in :func:`list_files` order."""
+    return [uri] if is_file(uri) else list_files(uri, ".parquet")
+
+
 def parquet_totals(uri: str) -> tuple[int, int]:
-    """(rows, uncompressed bytes) of the parquet files below ``uri``, from their footers; the bytes are
-    roughly what reading them into memory takes. (0, 0) when there are none."""
+    """(rows, uncompressed bytes) of a parquet file or the parquet files below ``uri``, from their footers;
+    the bytes are roughly what reading them into memory takes. (0, 0) when there are none."""
     rows = size = 0
-    for f in list_files(uri, ".parquet"):
+    for f in parquet_files(uri):
         meta = parquet_metadata(f)
         rows += meta.num_rows
         size += sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
@@ -332,12 +337,25 @@ def iter_batches(uri: str, columns: list[str] | None = None, batch_rows: int = 6
     """The rows of a parquet file or folder (its files in :func:`list_files` order, the order
     :func:`read_table` reads them in), as tables of at most ``batch_rows`` rows: a pass whose memory is
     one batch, not the table."""
-    files = [uri] if is_file(uri) else list_files(uri, ".parquet")
-    for f in files:
+    for f in parquet_files(uri):
         fs, path = filesystem(f)
         with _retry(f, "open parquet", lambda: fs.open_input_file(path)) as fh:
             for b in pq.ParquetFile(fh).iter_batches(batch_size=batch_rows, columns=columns):
                 yield pa.Table.from_batches([b])
+
+
+def take_rows(uri: str, rows: np.ndarray) -> pa.Table:
+    """Rows ``rows`` (sorted, distinct) of a parquet file or folder, read one batch at a time (never the
+    whole table): ``read_table(uri).take(rows)``."""
+    rows = np.asarray(rows, dtype=np.int64)
+    parts, start = [], 0
+    for t in iter_batches(uri):
+        lo, hi = np.searchsorted(rows, [start, start + t.num_rows])
+        parts.append(t.take(pa.array(rows[lo:hi] - start, pa.int64())))
+        start += t.num_rows
+    if len(rows) and (rows[0] < 0 or rows[-1] >= start):
+        raise IndexError(f"{uri}: rows {rows[0]}..{rows[-1]} asked of a table of {start} rows")
+    return pa.concat_tables(parts)
 
 
 def parquet_rows(uri: str) -> int:

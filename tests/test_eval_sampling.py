@@ -62,7 +62,6 @@ def test_sampled_baselines_equal_the_full_run_at_the_sampled_users(tmp_path, nam
 
 def test_sample_taken_batch_by_batch_equals_the_whole_table_take(tmp_path):
     """take_rows reads a folder of several files a batch at a time, in read_table's order."""
-    from recsys_core.eval.holdout import take_rows
     rng = np.random.default_rng(1)
     for f, n in enumerate([5, 0, 23, 11]):  # an empty file among them
         storage.write_table(pa.table({"user_id": pa.array([f * 100 + i for i in range(n)], pa.int64()),
@@ -72,9 +71,9 @@ def test_sample_taken_batch_by_batch_equals_the_whole_table_take(tmp_path):
     uri = str(tmp_path / "u")
     whole = storage.read_table(uri)
     rows = holdout_rows(whole.num_rows, 9, seed=0)
-    got = take_rows(uri, rows)
+    got = storage.take_rows(uri, rows)
     assert got.equals(whole.take(pa.array(rows)))
     assert sum(t.num_rows for t in storage.iter_batches(uri, batch_rows=4)) == 39
-    assert take_rows(uri, np.array([0, 38])).column("user_id").to_pylist() == [0, 310]
+    assert storage.take_rows(uri, np.array([0, 38])).column("user_id").to_pylist() == [0, 310]
     with pytest.raises(IndexError, match="39 rows"):
-        take_rows(uri, np.array([39]))
+        storage.take_rows(uri, np.array([39]))

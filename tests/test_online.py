@@ -38,6 +38,8 @@ def test_events_since_and_score_published():
     item_ids = pa.array([100, 101, 102, 103], pa.int64())
     ev = online.events_since(users, item_ids, since_ts=10)
     assert ev == {1: {102}, 2: {100}, 4: {103}}  # user 3 was not active since; ts 10 is not after 10
+    chunked = pa.concat_tables([users.slice(0, 1), users.slice(1)])  # rows counted across chunks
+    assert online.events_since(chunked, item_ids, since_ts=10) == ev
     recs = pa.table({"user_id": pa.array([1, 2, 3], pa.int64()),
                      "item_ids": pa.array([[102, 103], [101, 103], [100, 101]], pa.list_(pa.int64()))})
     out = online.score_published(recs, ev, k=2, n_boot=20)

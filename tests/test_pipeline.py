@@ -5,6 +5,7 @@ import html
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import ray
 
@@ -62,6 +63,9 @@ def test_recommendations_schema_k_unseen_every_user(nightly):
     assert sorted(recs["user_id"].to_pylist()) == sorted(users["user_id"].to_pylist())
     assert manifest["rows"] == recs.num_rows == users.num_rows
     assert manifest["k"] == cfg.infer.k and manifest["model_version"] == out["train"]["model_version"]
+    some = recs["user_id"].take(pa.array([0, 3, 5]))  # a reader's few users, filtered batch by batch
+    part, same = read_recommendations(out["infer"]["recommendations"], users=some)
+    assert same == manifest and part.to_pylist() == recs.filter(pc.is_in(recs["user_id"], value_set=some)).to_pylist()
     item_id_of = np.asarray(items["item_id"].to_pylist())
     seen = {u: set(item_id_of[s].tolist()) for u, s in zip(users["user_id"].to_pylist(), users["items"].to_pylist())}
     for u, rec, sc in zip(recs["user_id"].to_pylist(), recs["item_ids"].to_pylist(), recs["scores"].to_pylist()):

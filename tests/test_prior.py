@@ -97,3 +97,30 @@ def test_tomorrow_popularity_window_by_hand():
     assert curve == pytest.approx({"0": 1 / np.log2(3), "7": 1.0, "30": 1 / np.log2(3)})
     assert window == 7
     assert tomorrow_popularity_window(users, 12, (30, 0), 0.25)[0] == 30  # a tie goes to the first
+
+
+def test_serving_term_streamed_equals_the_whole_log_window(tmp_path):
+    """serving_term reads the users a batch at a time; it equals the window counts of the whole log at
+    now = newest + 1 s, events exactly at the window's start counted and none at or after now."""
+    from recsys_core import storage
+    from recsys_core.eval.recency import serving_term
+    rng = np.random.default_rng(0)
+    newest = 100 * DAY_S
+    all_items, all_ts = [], []
+    for f in range(3):
+        seqs = [rng.integers(0, 6, rng.integers(1, 6)) for _ in range(7)]
+        tss = [np.sort(rng.integers(newest - 20 * DAY_S, newest, len(q))) for q in seqs]
+        if f == 2:
+            tss[0][-1] = newest  # the newest event
+            tss[1][0] = newest + 1 - 7 * DAY_S  # exactly at the 7-day window's start
+        all_items += [q for q in seqs]
+        all_ts += tss
+        storage.write_table(pa.table({"items": pa.array([q.tolist() for q in seqs], pa.list_(pa.int32())),
+                                      "ts": pa.array([t.tolist() for t in tss], pa.list_(pa.int64()))}),
+                            str(tmp_path / "users" / f"part-{f}.parquet"))
+    prior = RecencyPrior(window_days=7, betas=(1.0,), gap_edges_s=())
+    term, now = serving_term(str(tmp_path / "users"), 6, prior)
+    assert now == newest + 1
+    want = window_counts(np.concatenate(all_items), np.concatenate(all_ts), 6, np.array([now]), 7 * DAY_S)[0]
+    np.testing.assert_allclose(term, prior_term(want))
+    assert want.sum() > 0 and (want < np.bincount(np.concatenate(all_items), minlength=6)).any()

@@ -41,21 +41,8 @@ def holdout_users(users_uri: str, out_uri: str, max_users: int | None, seed: int
     rows = holdout_rows(total, max_users, seed)
     if rows is None:
         return {"uri": users_uri, "users": total, "of": total, "sampled": False, "rows": None}
-    storage.write_table(take_rows(users_uri, rows), out_uri)
+    storage.write_table(storage.take_rows(users_uri, rows), out_uri)
     return {"uri": out_uri, "users": len(rows), "of": total, "sampled": True, "seed": seed, "rows": rows}
-
-
-def take_rows(uri: str, rows: np.ndarray) -> pa.Table:
-    """Rows ``rows`` (sorted, distinct) of a parquet file or folder, read one batch at a time (never the
-    whole table): ``storage.read_table(uri).take(rows)``."""
-    parts, start = [], 0
-    for t in storage.iter_batches(uri):
-        lo, hi = np.searchsorted(rows, [start, start + t.num_rows])
-        parts.append(t.take(pa.array(rows[lo:hi] - start, pa.int64())))
-        start += t.num_rows
-    if len(rows) and (rows[0] < 0 or rows[-1] >= start):
-        raise IndexError(f"{uri}: rows {rows[0]}..{rows[-1]} asked of a table of {start} rows")
-    return pa.concat_tables(parts)
 
 
 def model_holdout(scored: ray.data.Dataset, out_uri: str, metric_names: list[str]) -> tuple[dict[str, np.ndarray], int]:

@@ -29,19 +29,27 @@ _DATE_DIR = re.compile(r"run_date=(\d{4}-\d{2}-\d{2})/" + re.escape(MANIFEST) + 
 
 def newest_event_ts(users_uri: str) -> int | None:
     """The newest event timestamp (epoch seconds) in a prepared users table, None when empty."""
-    flat = pc.list_flatten(storage.read_table(users_uri, columns=["ts"])["ts"])
-    return None if len(flat) == 0 else int(pc.max(flat).as_py())
+    newest = None
+    for t in storage.iter_batches(users_uri, columns=["ts"]):  # a batch at a time
+        flat = pc.list_flatten(t["ts"])
+        if len(flat):
+            m = int(pc.max(flat).as_py())
+            newest = m if newest is None else max(newest, m)
+    return newest
 
 
 def events_since(users: pa.Table, item_ids: pa.Array, since_ts: int) -> dict[Any, set[Any]]:
     """user_id -> the item ids of that user's events with ts > ``since_ts`` (prepared users: user_id,
     items as item_idx, ts); users without such events are absent."""
     out: dict[Any, set[Any]] = {}
-    ids = item_ids.to_pylist()
-    for uid, items, ts in zip(users["user_id"].to_pylist(), users["items"].to_pylist(), users["ts"].to_pylist()):
-        new = {ids[i] for i, t in zip(items, ts) if t > since_ts}
-        if new:
-            out[uid] = new
+    lists = users["items"].combine_chunks()  # one array: parent indices count rows from the table's start
+    items = pc.list_flatten(lists).to_numpy().astype(np.int64)  # (E,)
+    ts = pc.list_flatten(users["ts"].combine_chunks()).to_numpy().astype(np.int64)  # (E,)
+    owner = pc.list_parent_indices(lists).to_numpy().astype(np.int64)  # (E,) row of each event
+    new = np.flatnonzero(ts > since_ts)  # (M,) only the events since are touched in Python
+    uids = users["user_id"].take(pa.array(owner[new])).to_pylist()
+    for uid, iid in zip(uids, item_ids.take(pa.array(items[new])).to_pylist()):
+        out.setdefault(uid, set()).add(iid)
     return out
 
 
@@ -93,8 +101,10 @@ def online_proxy(root: str, run_date: str, users_uri: str, items_uri: str, k: in
         log.warning("online proxy skipped: %s's publication names no newest event and its prepared users are "
                     "gone", prev)
         return None
-    users = storage.read_table(users_uri, columns=["user_id", "items", "ts"])
-    events = events_since(users, catalog_ids(items_uri), int(since))
+    ids = catalog_ids(items_uri)
+    events: dict[Any, set[Any]] = {}
+    for t in storage.iter_batches(users_uri, columns=["user_id", "items", "ts"]):  # a user is in one batch
+        events.update(events_since(t, ids, int(since)))
     out = {"from_run_date": prev, "model_version": manifest.get("model_version"), "since_ts": int(since), "k": k,
            **score_published(recs, events, k, n_boot)}
     log.info("online proxy: %s's recommendations vs %d active users' events since: %s", prev, out["users_active"],

@@ -254,10 +254,19 @@ def recency_prior(model_dir: str, item_emb_uri: str, users_uri: str, max_seq_len
 
 def serving_term(users_uri: str, n_items: int, prior: RecencyPrior) -> tuple[np.ndarray, int]:
     """The published score's item term ``log(1 + c_W(i, now))`` over every prepared event, asked at
-    ``now`` = the newest event + 1 s (the log as it stands tonight). Returns the (N,) term and ``now``."""
-    t = storage.read_table(users_uri, columns=["items", "ts"])
-    items = pc.list_flatten(t["items"]).to_numpy().astype(np.int64)  # (E,)
-    ts = pc.list_flatten(t["ts"]).to_numpy().astype(np.int64)  # (E,)
-    now = (int(ts.max()) if ts.size else 0) + 1
-    counts = TimeSortedLog(items, ts, n_items).window_counts(np.array([now]), prior.window_days * DAY_S)[0]  # (N,)
-    return prior_term(counts), now
+    ``now`` = the newest event + 1 s (the log as it stands tonight). Returns the (N,) term and ``now``.
+    Two passes a batch at a time (the newest event, then the window's counts): item-sized memory."""
+    newest = None
+    for t in storage.iter_batches(users_uri, columns=["ts"]):
+        flat = pc.list_flatten(t["ts"])
+        if len(flat):
+            m = int(pc.max(flat).as_py())
+            newest = m if newest is None else max(newest, m)
+    now = (0 if newest is None else newest) + 1
+    start = now - prior.window_days * DAY_S  # the window: start <= ts < now (TimeSortedLog.window_counts)
+    counts = np.zeros(n_items, dtype=np.int64)  # (N,)
+    for t in storage.iter_batches(users_uri, columns=["items", "ts"]):
+        items = pc.list_flatten(t["items"]).to_numpy().astype(np.int64)  # (E,)
+        ts = pc.list_flatten(t["ts"]).to_numpy().astype(np.int64)  # (E,)
+        counts += np.bincount(items[(ts >= start) & (ts < now)], minlength=n_items)[:n_items]
+    return prior_term(counts.astype(np.float32)), now

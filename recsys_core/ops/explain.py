@@ -130,8 +130,8 @@ def describe_users(model_dir: str, users_uri: str, items_uri: str, tokenizer: st
         lm = item_causal_lm(model.item_tower)
     chat = has_chat_template(tok)
     texts = storage.read_table(items_uri, columns=["text"])["text"].to_pylist()
-    users = storage.read_table(users_uri, columns=["user_id", "items"])
-    users = users.take(pa.array(sample_users(users.num_rows, ecfg.n_users, ecfg.seed)))
+    n_rows = storage.parquet_totals(users_uri)[0]
+    users = storage.take_rows(users_uri, sample_users(n_rows, ecfg.n_users, ecfg.seed)).select(["user_id", "items"])
     rows: dict[str, list[Any]] = {"user_id": [], "prompt": [], "description": []}
     histories: list[list[str]] = []
     for uid, hist in zip(users["user_id"].to_pylist(), users["items"].to_pylist()):

@@ -220,20 +220,21 @@ def sample_rows(user_ids: list[Any], histories: list[list[int]], item_ids: list[
 def load_samples(users_uri: str, items_uri: str, recs_dir: str | None, explanations_uri: str | None,
                  n: int = 10, seed: int = 0) -> list[dict[str, Any]]:
     """``n`` users for the report: those with a description first, then a seeded sample."""
-    users = storage.read_table(users_uri, columns=["user_id", "items"])
     items = storage.read_table(items_uri, columns=["item_id", "text"])
     described: dict[Any, str] = {}
     if explanations_uri and storage.exists(explanations_uri):
         ex = storage.read_table(explanations_uri, columns=["user_id", "description"])
         described = dict(zip(ex["user_id"].to_pylist(), ex["description"].to_pylist()))
-    uids = users["user_id"].to_pylist()
-    chosen = [i for i, u in enumerate(uids) if u in described][:n]
-    rest = [i for i in np.random.default_rng(seed).permutation(len(uids)).tolist() if uids[i] not in described]
-    rows = users.take(pa.array(sorted(chosen + rest[: n - len(chosen)]), pa.int64()))
+    # Only the user id column is read whole (vectorised); the sampled rows are taken a batch at a time.
+    uids = storage.read_table(users_uri, columns=["user_id"])["user_id"]
+    is_described = pc.is_in(uids, value_set=pa.array(list(described), uids.type)).to_numpy(zero_copy_only=False)
+    chosen = np.flatnonzero(is_described)[:n]  # (<=n,)
+    order = np.random.default_rng(seed).permutation(len(uids))  # (U,)
+    rest = order[~is_described[order]][: n - len(chosen)]
+    rows = storage.take_rows(users_uri, np.sort(np.concatenate([chosen, rest]))).select(["user_id", "items"])
     recs: dict[Any, list[Any]] = {}
     if recs_dir:
-        table, _ = read_recommendations(recs_dir)
-        table = table.filter(pc.is_in(table["user_id"], value_set=rows["user_id"]))
+        table, _ = read_recommendations(recs_dir, users=rows["user_id"])
         recs = dict(zip(table["user_id"].to_pylist(), table["item_ids"].to_pylist()))
     return sample_rows(rows["user_id"].to_pylist(), rows["items"].to_pylist(), items["item_id"].to_pylist(),
                        items["text"].to_pylist(), recs, described)

@@ -212,10 +212,27 @@ def verify(table_attempt: str | None, table_rows: int, manifest: dict[str, Any])
     return None
 
 
-def read_recommendations(folder: str, retries: int = 2, retry_s: float = 0.2) -> tuple[pa.Table, dict[str, Any]]:
+def _read_generation(uri: str, users: pa.Array | pa.ChunkedArray | None
+                     ) -> tuple[pa.Table, int, dict[bytes, bytes] | None]:
+    """(rows, the file's row count, its schema metadata) of one published file; ``users``: only their
+    rows, filtered a batch at a time, count and metadata from the footer."""
+    if users is None:
+        table = storage.read_table(uri)
+        return table, table.num_rows, table.schema.metadata
+    footer = storage.parquet_metadata(uri)
+    parts = [t.filter(pc.is_in(t["user_id"], value_set=pc.cast(users, t.schema.field("user_id").type)))
+             for t in storage.iter_batches(uri)]
+    schema = footer.schema.to_arrow_schema()
+    table = pa.concat_tables(parts) if parts else schema.empty_table()
+    return table, footer.num_rows, schema.metadata
+
+
+def read_recommendations(folder: str, retries: int = 2, retry_s: float = 0.2,
+                         users: pa.Array | pa.ChunkedArray | None = None) -> tuple[pa.Table, dict[str, Any]]:
     """Read a published date through its manifest and check the data against it; raises
     :class:`PublishError` on any mismatch. A generation deleted under a slow reader (two publishes
-    later) is read again from the new manifest."""
+    later) is read again from the new manifest. ``users``: only these users' rows, read a batch at a
+    time (the check then reads the row count and tag from the file's footer)."""
     man_uri = storage.join(folder, MANIFEST)
     if not storage.exists(man_uri):
         raise FileNotFoundError(f"{folder}: no {MANIFEST}; this run was never published")
@@ -226,14 +243,14 @@ def read_recommendations(folder: str, retries: int = 2, retry_s: float = 0.2) ->
             raise PublishError(f"{man_uri}: names files {files}; expected one {GENERATIONS}/<attempt>.parquet "
                                f"(an older layout: republish this date)")
         try:
-            table = storage.read_table(storage.join(folder, files[0]))
+            table, n_rows, meta = _read_generation(storage.join(folder, files[0]), users)
         except FileNotFoundError:
             if attempt == retries:
                 raise
             time.sleep(retry_s)
             continue
-        tagged = (table.schema.metadata or {}).get(ATTEMPT_KEY)
-        why = verify(tagged.decode() if tagged else None, table.num_rows, manifest)
+        tagged = (meta or {}).get(ATTEMPT_KEY)
+        why = verify(tagged.decode() if tagged else None, n_rows, manifest)
         if why:
             raise PublishError(f"{folder}: published data does not match {MANIFEST}: {why}")
         return table.replace_schema_metadata(None), manifest
