@@ -25,6 +25,7 @@ in ``cluster/`` configure the boto3 clients Ray itself uses (e.g. to fetch an s3
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import io
@@ -269,8 +270,13 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
 
 
 def parquet_files(uri: str) -> list[str]:
-    """A parquet file itself, or the parquet files below a folder/prefix in :func:`list_files` order."""
-    return [uri] if is_file(uri) else list_files(uri, ".parquet")
+    """A parquet file itself, or the parquet files below a folder/prefix in :func:`list_files` order
+    (names under a ``_`` or ``.`` path part skipped), the files and order :func:`read_table` reads."""
+    if is_file(uri):
+        return [uri]
+    base = uri.rstrip("/")
+    return [f for f in list_files(uri, ".parquet")
+            if not any(p.startswith(("_", ".")) for p in f[len(base) + 1:].split("/"))]
 
 
 def parquet_totals(uri: str) -> tuple[int, int]:
@@ -334,27 +340,41 @@ def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
 
 
 def iter_batches(uri: str, columns: list[str] | None = None, batch_rows: int = 65_536) -> Iterator[pa.Table]:
-    """The rows of a parquet file or folder (its files in :func:`list_files` order, the order
-    :func:`read_table` reads them in), as tables of at most ``batch_rows`` rows: a pass whose memory is
-    one batch, not the table."""
+    """The rows of a parquet file or folder (:func:`parquet_files`, the order :func:`read_table` reads),
+    as tables of at most ``batch_rows`` rows: a pass whose memory is one batch, not the table. Missing:
+    FileNotFoundError. Opening a file is retried like every call here; a read failing midway is not
+    (the SDK's own retries still apply)."""
+    if not exists(uri):
+        raise FileNotFoundError(f"{uri}: not found")
     for f in parquet_files(uri):
-        fs, path = filesystem(f)
-        with _retry(f, "open parquet", lambda: fs.open_input_file(path)) as fh:
-            for b in pq.ParquetFile(fh).iter_batches(batch_size=batch_rows, columns=columns):
+        with open_parquet(f) as pf:
+            for b in pf.iter_batches(batch_size=batch_rows, columns=columns):
                 yield pa.Table.from_batches([b])
 
 
-def take_rows(uri: str, rows: np.ndarray) -> pa.Table:
+@contextlib.contextmanager
+def open_parquet(uri: str) -> Iterator[pq.ParquetFile]:
+    """One parquet file opened once: its footer (``.metadata``) and its batches from the same handle."""
+    fs, path = filesystem(uri)
+    with _retry(uri, "open parquet", lambda: fs.open_input_file(path)) as fh:
+        yield pq.ParquetFile(fh)
+
+
+def take_rows(uri: str, rows: np.ndarray, columns: list[str] | None = None) -> pa.Table:
     """Rows ``rows`` (sorted, distinct) of a parquet file or folder, read one batch at a time (never the
-    whole table): ``read_table(uri).take(rows)``."""
+    whole table) and only until the last of them: ``read_table(uri, columns).take(rows)``."""
     rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) and rows[0] < 0:
+        raise IndexError(f"{uri}: row {rows[0]} asked")
     parts, start = [], 0
-    for t in iter_batches(uri):
+    for t in iter_batches(uri, columns):
         lo, hi = np.searchsorted(rows, [start, start + t.num_rows])
         parts.append(t.take(pa.array(rows[lo:hi] - start, pa.int64())))
         start += t.num_rows
-    if len(rows) and (rows[0] < 0 or rows[-1] >= start):
-        raise IndexError(f"{uri}: rows {rows[0]}..{rows[-1]} asked of a table of {start} rows")
+        if hi == len(rows) and len(parts) > 0:
+            break
+    if len(rows) and rows[-1] >= start:
+        raise IndexError(f"{uri}: row {rows[-1]} asked of a table of {start} rows")
     return pa.concat_tables(parts)
 
 

@@ -63,17 +63,21 @@ def test_sampled_baselines_equal_the_full_run_at_the_sampled_users(tmp_path, nam
 def test_sample_taken_batch_by_batch_equals_the_whole_table_take(tmp_path):
     """take_rows reads a folder of several files a batch at a time, in read_table's order."""
     rng = np.random.default_rng(1)
-    for f, n in enumerate([5, 0, 23, 11]):  # an empty file among them
+    # written out of name order, one in a sub-folder, an empty one among them
+    for f, (name, n) in enumerate([("d.parquet", 5), ("b.parquet", 0), ("c/a.parquet", 23), ("a.parquet", 11)]):
         storage.write_table(pa.table({"user_id": pa.array([f * 100 + i for i in range(n)], pa.int64()),
                                       "items": pa.array([rng.integers(0, 9, 3).tolist() for _ in range(n)],
-                                                        pa.list_(pa.int32()))}),
-                            str(tmp_path / "u" / f"{f:05d}-{rng.integers(1 << 30):x}.parquet"))
+                                                        pa.list_(pa.int32()))}), str(tmp_path / "u" / name))
     uri = str(tmp_path / "u")
     whole = storage.read_table(uri)
+    assert whole["user_id"][0].as_py() == 300  # read_table's order: a.parquet first
     rows = holdout_rows(whole.num_rows, 9, seed=0)
     got = storage.take_rows(uri, rows)
     assert got.equals(whole.take(pa.array(rows)))
+    assert storage.take_rows(uri, rows, ["user_id"]).equals(whole.select(["user_id"]).take(pa.array(rows)))
     assert sum(t.num_rows for t in storage.iter_batches(uri, batch_rows=4)) == 39
-    assert storage.take_rows(uri, np.array([0, 38])).column("user_id").to_pylist() == [0, 310]
+    assert storage.take_rows(uri, np.array([0, 38])).column("user_id").to_pylist() == [300, 4]
     with pytest.raises(IndexError, match="39 rows"):
         storage.take_rows(uri, np.array([39]))
+    with pytest.raises(FileNotFoundError):
+        next(storage.iter_batches(str(tmp_path / "gone")))

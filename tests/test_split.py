@@ -301,3 +301,8 @@ def test_split_rows_and_prefixes_on_chunked_and_sliced_tables_equal_the_list_rul
         assert [p.tolist() for p in fit_prefixes(t, "ts", which)] == [x.tolist() for x in holdout(ts, which)[0]]
     with pytest.raises(ValueError, match="history of 1 events has no val target"):
         split_rows(pa.table({"items": pa.array([[1]], pa.list_(pa.int32()))}), "val")
+    cols = {"items": pa.array([[1, 2], [3, 4, 5]], pa.list_(pa.int32())), "train_len": pa.array([1, 2], pa.int32()),
+            "val_pos": pa.nulls(2), "test_pos": pa.array([1, 3], pa.int32()), "test_fit_len": pa.array([1, 2], pa.int32())}
+    assert split_rows(pa.table(cols), "val")[2].tolist() == []  # an all-null column: nobody in the split
+    with pytest.raises(ValueError, match="test_pos 3 of row 1 is outside its history of 3 events"):
+        split_rows(pa.table(cols), "test")

@@ -47,6 +47,7 @@ from recsys_core.data.sources import SourceData
 from recsys_core.data.split import (
     MIN_EVENTS,
     NEVER,
+    SPLIT_COLUMNS,
     cold_targets,
     split_columns,
     temporal_cutoff,
@@ -301,6 +302,8 @@ def history_schema(user_type: pa.DataType = pa.string()) -> pa.Schema:
 
 
 HISTORY_SCHEMA = history_schema()
+USERS_SCHEMA = pa.schema([HISTORY_SCHEMA.field(c) for c in ("user_id", "items", "ts")]
+                         + [pa.field(c, pa.int32()) for c in SPLIT_COLUMNS])  # prepared users (split_columns)
 EXAMPLES_SCHEMA = pa.schema([("input", pa.list_(pa.int32())), ("target", pa.list_(pa.int32()))])
 
 
@@ -547,13 +550,13 @@ def _footer_ts_unit_check(f: str, meta: pq.FileMetaData, col_index: int, unit: s
 
 
 def check_footers(files: list[str], columns: dict[str, str], ts_unit: str, ts_range: tuple[float, float],
-                  where: str) -> list[str]:
-    """Read every file's footer; return the files with rows. Errors name the file (and the other file of a
-    type conflict)."""
+                  where: str) -> tuple[list[str], int]:
+    """Read every file's footer; return the files with rows and their total rows. Errors name the file
+    (and the other file of a type conflict)."""
     if not files:
         raise DataValidationError(f"{where}: no parquet files (an empty interactions folder?)")
     seen: dict[str, tuple[str, str, str]] = {}  # contract key -> (family, type, first file)
-    keep = []
+    keep, rows = [], 0
     for f in files:
         try:
             meta = storage.parquet_metadata(f)
@@ -566,6 +569,7 @@ def check_footers(files: list[str], columns: dict[str, str], ts_unit: str, ts_ra
             log.info("%s: zero rows; skipped", f)
             continue
         keep.append(f)
+        rows += meta.num_rows
         for key, col in columns.items():
             if col not in schema.names:
                 if f"/{col}=" in f:  # a hive partition column
@@ -589,7 +593,7 @@ def check_footers(files: list[str], columns: dict[str, str], ts_unit: str, ts_ra
                 _footer_ts_unit_check(f, meta, schema.get_field_index(col), ts_unit, *ts_range)
     if not keep:
         raise DataValidationError(f"{where}: all {len(files)} parquet files have zero rows")
-    return keep
+    return keep, rows
 
 
 def catalog_id_values(catalog: pa.Table) -> pa.Array:
@@ -617,10 +621,11 @@ def read_validated(files: list[str], cfg: NightlyConfig, catalog_ids: pa.Array,
                    fn: Callable[..., pa.Table] = validate_batch, **fn_kwargs: Any) -> ray.data.Dataset:
     """The interaction ``files`` (from :func:`interaction_rows`) read and validated, one block (one file's
     rows) per batch. ``fn`` is :func:`validate_batch` (every row with its reason, null for good rows),
-    :func:`rejected_rows` or :func:`_good_rows`; it gets the validation settings and ``fn_kwargs``. Lazy."""
+    :func:`rejected_rows` or :func:`_good_rows`; it gets the validation settings and ``fn_kwargs``. Lazy.
+    Rows carry their file's path except for :func:`_good_rows` (only rejected rows name their file)."""
     fs = storage.filesystem(files[0])[0]
     return ray.data.read_parquet([storage.filesystem(f)[1] for f in files], filesystem=fs,
-                                 include_paths=True).map_batches(
+                                 include_paths=fn is not _good_rows).map_batches(
         fn, batch_format="pyarrow", batch_size=None,
         fn_kwargs={"columns": vars(cfg.data.columns), "catalog_ids": catalog_ids, "ts_unit": cfg.data.ts_unit,
                    "ts_range": plausible_range(cfg.prepare.min_ts, cfg.prepare.max_ts), **fn_kwargs})
@@ -630,9 +635,8 @@ def interaction_rows(src: SourceData, cfg: NightlyConfig) -> tuple[list[str], in
     """The interaction files with rows, after :func:`check_footers`, and their total rows (from the footers)."""
     if not storage.exists(src.interactions):
         raise DataValidationError(f"{src.interactions}: interactions not found")
-    files = check_footers(interaction_files(src.interactions), vars(cfg.data.columns), cfg.data.ts_unit,
-                          plausible_range(cfg.prepare.min_ts, cfg.prepare.max_ts), src.interactions)
-    return files, sum(storage.parquet_metadata(f).num_rows for f in files)
+    return check_footers(interaction_files(src.interactions), vars(cfg.data.columns), cfg.data.ts_unit,
+                         plausible_range(cfg.prepare.min_ts, cfg.prepare.max_ts), src.interactions)
 
 
 def shuffle_strategy(name: str) -> "ray.data.context.ShuffleStrategy":
@@ -655,11 +659,11 @@ class _Laps:
         self.t = now
 
 
-def _read(uri: str) -> ray.data.Dataset:
-    """The parquet files below ``uri`` as Ray Data (streamed when consumed); an empty dataset when a
-    write produced none."""
-    if not storage.list_files(uri, ".parquet"):
-        return ray.data.from_arrow(HISTORY_SCHEMA.empty_table())
+def _read(uri: str, schema: pa.Schema = HISTORY_SCHEMA) -> ray.data.Dataset:
+    """The parquet files below ``uri`` as Ray Data (streamed when consumed); an empty dataset of
+    ``schema`` when a write produced none."""
+    if not storage.parquet_files(uri):
+        return ray.data.from_arrow(schema.empty_table())
     path, fs = storage.ray_location(uri)
     return ray.data.read_parquet(path, filesystem=fs)
 
@@ -685,17 +689,20 @@ def run_prepare(cfg: NightlyConfig, src: SourceData, out: PreparedPaths) -> dict
     lap("catalog")
     catalog_ids = catalog_id_values(catalog)
     files, rows_read = interaction_rows(src, cfg)
-    bad = read_validated(files, cfg, catalog_ids, rejected_rows).materialize()
-    lap("validate")
     try:
-        return _prepare_histories(cfg, src, out, catalog, catalog_ids, files, rows_read, bad, lap)
+        return _prepare_histories(cfg, src, out, catalog, catalog_ids, files, rows_read, lap)
     finally:
-        storage.delete(out.histories)
+        try:
+            storage.delete(out.histories)
+        except Exception as e:  # never instead of the error that is on its way out
+            log.warning("%s: intermediate histories not removed (%s); the next prepare of this date removes them",
+                        out.histories, e)
 
 
 def _prepare_histories(cfg: NightlyConfig, src: SourceData, out: PreparedPaths, catalog: pa.Table,
-                       catalog_ids: pa.Array, files: list[str], rows_read: int, bad: ray.data.Dataset,
-                       lap: _Laps) -> dict[str, Any]:
+                       catalog_ids: pa.Array, files: list[str], rows_read: int, lap: _Laps) -> dict[str, Any]:
+    bad = read_validated(files, cfg, catalog_ids, rejected_rows).materialize()  # the rejected rows alone
+    lap("validate")
     # Users are spread over hash buckets; each bucket is one Python call that sorts and groups all of its
     # users at once (a group-by on user_id would pay one call per user). Buckets shuffle across nodes, and
     # the histories stream to storage.
@@ -724,6 +731,7 @@ def _prepare_histories(cfg: NightlyConfig, src: SourceData, out: PreparedPaths, 
     storage.delete(out.quarantine)
     if rejected:
         _write(bad.union(dups).repartition(1), out.quarantine)
+    del bad, dups  # the rejected rows leave the object store before the passes that follow
     lap("write_quarantine")
 
     if mismatched:
@@ -748,11 +756,11 @@ def _prepare_histories(cfg: NightlyConfig, src: SourceData, out: PreparedPaths, 
                             fn_kwargs={"protocol": cfg.eval.protocol, "cutoff": cutoff}), out.users)
     lap("write_users")
 
-    _write(_read(out.users).map_batches(_examples, batch_format="pyarrow", fn_kwargs={"seq_len": cfg.model.max_seq_len}),
+    _write(_read(out.users, USERS_SCHEMA).map_batches(_examples, batch_format="pyarrow", fn_kwargs={"seq_len": cfg.model.max_seq_len}),
            out.train_examples)
     storage.delete(out.full_examples)
     if cfg.train.refit:
-        _write(_read(out.users).map_batches(_examples, batch_format="pyarrow",
+        _write(_read(out.users, USERS_SCHEMA).map_batches(_examples, batch_format="pyarrow",
                                             fn_kwargs={"seq_len": cfg.model.max_seq_len, "full": True}),
                out.full_examples)
     lap("write_examples")
@@ -764,7 +772,7 @@ def _prepare_histories(cfg: NightlyConfig, src: SourceData, out: PreparedPaths, 
     first_seen = np.full(catalog.num_rows, NEVER, dtype=np.int64)  # (N,) first event ts of each item
     targets: dict[str, list[int]] = {"val": [], "test": []}
     newest, no_history = None, 0
-    for t in _read(out.users).map_batches(_block_facts, batch_format="pyarrow", fn_kwargs={"n_items": catalog.num_rows}
+    for t in _read(out.users, USERS_SCHEMA).map_batches(_block_facts, batch_format="pyarrow", fn_kwargs={"n_items": catalog.num_rows}
                                           ).iter_batches(batch_format="pyarrow", batch_size=None):
         for row in range(t.num_rows):  # one row per block
             counts += np.asarray(t["train_count"][row].values, dtype=np.int64)

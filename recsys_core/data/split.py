@@ -172,6 +172,8 @@ def _int_column(table: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]:
     """(values with nulls as 0, valid mask), each (U,), of an integer column."""
     col = table[column]
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if pa.types.is_null(arr.type):  # every value null
+        return np.zeros(len(arr), dtype=np.int64), np.zeros(len(arr), dtype=bool)
     valid = arr.is_valid().to_numpy(zero_copy_only=False)
     return pc.fill_null(arr, 0).to_numpy(zero_copy_only=False).astype(np.int64), valid
 
@@ -195,6 +197,10 @@ def split_rows(table: pa.Table, which: Which) -> tuple[list[np.ndarray], np.ndar
     else:
         pos, valid = _int_column(table, f"{which}_pos")  # (U,)
         rows = np.flatnonzero(valid).astype(np.int64)
+        bad = (pos[rows] < 0) | (pos[rows] >= np.diff(offsets)[rows])
+        if bad.any():
+            raise ValueError(f"{which}_pos {int(pos[rows][bad][0])} of row {int(rows[bad][0])} is outside its "
+                             f"history of {int(np.diff(offsets)[rows][bad][0])} events")
     starts = offsets[:-1][rows]  # (Q,)
     ends = starts + pos[rows]  # (Q,) the target's index in values
     return [values[a:b] for a, b in zip(starts.tolist(), ends.tolist())], values[ends], rows

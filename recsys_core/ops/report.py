@@ -226,7 +226,7 @@ def load_samples(users_uri: str, items_uri: str, recs_dir: str | None, explanati
         ex = storage.read_table(explanations_uri, columns=["user_id", "description"])
         described = dict(zip(ex["user_id"].to_pylist(), ex["description"].to_pylist()))
     # Only the user id column is read whole (vectorised); the sampled rows are taken a batch at a time.
-    uids = storage.read_table(users_uri, columns=["user_id"])["user_id"]
+    uids = pa.chunked_array([t["user_id"] for t in storage.iter_batches(users_uri, ["user_id"])])
     is_described = pc.is_in(uids, value_set=pa.array(list(described), uids.type)).to_numpy(zero_copy_only=False)
     chosen = np.flatnonzero(is_described)[:n]  # (<=n,)
     order = np.random.default_rng(seed).permutation(len(uids))  # (U,)

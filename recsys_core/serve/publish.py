@@ -219,12 +219,14 @@ def _read_generation(uri: str, users: pa.Array | pa.ChunkedArray | None
     if users is None:
         table = storage.read_table(uri)
         return table, table.num_rows, table.schema.metadata
-    footer = storage.parquet_metadata(uri)
-    parts = [t.filter(pc.is_in(t["user_id"], value_set=pc.cast(users, t.schema.field("user_id").type)))
-             for t in storage.iter_batches(uri)]
-    schema = footer.schema.to_arrow_schema()
+    with storage.open_parquet(uri) as pf:  # footer and rows from one handle: one generation, never a mix
+        schema = pf.schema_arrow
+        wanted = pc.cast(users, schema.field("user_id").type)
+        parts = [pa.Table.from_batches([b]).filter(pc.is_in(b.column("user_id"), value_set=wanted))
+                 for b in pf.iter_batches(batch_size=65_536)]  # one batch in memory at a time
+        n_rows = pf.metadata.num_rows
     table = pa.concat_tables(parts) if parts else schema.empty_table()
-    return table, footer.num_rows, schema.metadata
+    return table, n_rows, schema.metadata
 
 
 def read_recommendations(folder: str, retries: int = 2, retry_s: float = 0.2,
