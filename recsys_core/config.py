@@ -153,6 +153,9 @@ class TrainConfig:
     # into Ray's object store and every epoch iterates that copy; larger ones stream from storage each
     # epoch. 0: always stream.
     materialize_mib: int = 256
+    # Object store the training input may hold while it streams (read ahead of the workers), MiB; a
+    # bound that does not grow with the log. 0: Ray Data's own limit (a share of the object store).
+    ingest_object_store_mib: int = 512
     placement_strategy: str = "PACK"  # Ray Train workers' placement group: PACK | SPREAD (one per node) | STRICT_*
     # After model selection, train the same way again on every event (the validation and test events
     # included) for the selected number of epochs; that model is the one published (its holdout
@@ -412,7 +415,7 @@ RANGES: dict[str, str] = {
     "train.weight_decay": "non_negative", "train.warmup_steps": "non_negative", "train.grad_clip": "positive",
     "train.num_negatives": "positive", "train.temperature": "positive", "train.text_items_per_step": "positive",
     "train.patience": "positive", "train.val_users": "positive", "train.max_failures": "non_negative",
-    "train.materialize_mib": "non_negative",
+    "train.materialize_mib": "non_negative", "train.ingest_object_store_mib": "non_negative",
     "infer.ann_nlist": "non_negative", "infer.ann_nprobe": "positive", "infer.ann_hnsw_m": "positive",
     "infer.ann_ef_search": "positive",
     "infer.k": "positive", "infer.batch_size": "positive", "infer.concurrency": "positive",

@@ -105,3 +105,11 @@ def test_ddp_ranks_on_uneven_blocks_run_the_same_steps_and_finish(ray_local, syn
     cap = n // (2 * cfg.train.batch_size)
     assert cap != -(-n // (2 * cfg.train.batch_size))  # the cap differs from the uncapped ceil
     assert [h["steps_per_rank"] for h in fit["history"]] == [[cap, cap], [cap, cap]]
+
+
+@pytest.mark.unit
+def test_training_ingest_bounds_the_streamed_inputs_object_store():
+    from recsys_core.train.trainer import ingest_config
+    opts = ingest_config(512)._resolve_execution_options("train")  # what each shard's execution gets
+    assert opts.resource_limits.object_store_memory == 512 * 2**20
+    assert ingest_config(0)._resolve_execution_options("train").resource_limits.object_store_memory == float("inf")

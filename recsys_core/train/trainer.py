@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from ray.train import (
     CheckpointConfig,
+    DataConfig,
     FailureConfig,
     LoggingConfig,
     RunConfig,
@@ -47,6 +48,15 @@ from recsys_core.train.strength import applies as strength_applies
 from recsys_core.train.strength import choose_strength
 
 log = logging.getLogger(__name__)
+
+def ingest_config(object_store_mib: int) -> DataConfig:
+    """Ray Train's data ingest: Ray Data's defaults, the streamed input's object store bounded to
+    ``object_store_mib`` MiB (0: Ray Data's own limit) so the read-ahead does not grow with the log."""
+    opts = DataConfig.default_ingest_options()
+    if object_store_mib:
+        opts.resource_limits = opts.resource_limits.copy(object_store_memory=float(object_store_mib) * 2**20)
+    return DataConfig(execution_options=opts)
+
 
 def run_train(cfg: NightlyConfig, prepared: PreparedPaths, run_dir: str, init_from: str | None = None,
               fresh: bool = False, refit_epochs: int | None = None, guard: bool = True,
@@ -104,6 +114,7 @@ def run_train(cfg: NightlyConfig, prepared: PreparedPaths, run_dir: str, init_fr
             logging_config=LoggingConfig(log_level=ray_train_log_level()),  # --verbose: the per-report dumps
         ),
         datasets={"train": train_ds},
+        dataset_config=ingest_config(cfg.train.ingest_object_store_mib),
     )
     result = trainer.fit()
     if result.error:
