@@ -35,7 +35,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -79,12 +78,6 @@ EVENTS_PER_USER = 6_500_000 / 300_000  # the issue's log
 NIGHTLY = ["train.epochs=1", "train.loss=sampled_softmax", "train.batch_size=128", "eval.max_users=20000",
            "eval.baselines=[]", "explain.n_users=0"]
 RUN_DATE = "2026-12-01"
-
-
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    m = re.search(r"Model name:\s*(.+)", out)
-    return m.group(1).strip() if m else "unknown"
 
 
 def shape(n: int, items: int, days: int) -> LogShape:
@@ -399,7 +392,7 @@ def main() -> None:
               hb["per_user_cpu_s"], hb["bucketed_cpu_s"], hb["per_user_vs_bucketed_cpu"]]]), flush=True)
     if not runs:
         raise SystemExit(f"every size failed: {failed}")
-    out: dict[str, Any] = {"cpu_model": cpu_model(), "cores": os.cpu_count(), "runs": runs, "failed": failed,
+    out: dict[str, Any] = {"cpu_model": benchlib.cpu_model(), "cores": os.cpu_count(), "runs": runs, "failed": failed,
                            "wall_s": time.time() - t0, "load_before": load0, "load_after": benchlib.load()}
     if len(runs) > 1:  # the largest size against the 6.5M events (or the smallest size)
         big = max(runs, key=lambda r: r["events"])

@@ -23,6 +23,18 @@ def setup_env() -> None:
         os.environ.setdefault(k, v)
 
 
+def cpu_model() -> str:
+    """The CPU's model name as ``lscpu`` prints it (/proc/cpuinfo's where lscpu is missing)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    except OSError:
+        out = ""
+    for line in out.splitlines() or Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith(("Model name:", "model name")):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
 def load() -> list[float]:
     """1-minute, 5-minute, 15-minute load averages: other processes competing for the 2 cores."""
     return [round(x, 2) for x in os.getloadavg()]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -32,16 +31,6 @@ import jobs.prepare  # noqa: E402
 import jobs.train  # noqa: E402
 from recsys_core.cli import resolve_config  # noqa: E402
 from recsys_core.config import load_config  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def parse_candidate(text: str) -> tuple[str, str, list[str]]:
@@ -88,7 +77,7 @@ def main() -> None:
         out = Path(a.json)
         prev = json.loads(out.read_text()) if out.exists() else {"rows": []}
         keep = [r for r in prev.get("rows", []) if r["name"] not in {x["name"] for x in rows}]
-        out.write_text(json.dumps({"cpu": cpu_model(), "split": "validation (second-to-last event per user)",
+        out.write_text(json.dumps({"cpu": benchlib.cpu_model(), "split": "validation (second-to-last event per user)",
                                    "rows": keep + rows}, indent=2))
 
 

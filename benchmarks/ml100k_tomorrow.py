@@ -25,9 +25,7 @@ on any event after the cutoff (the online proxy's rule), with bootstrap 95% inte
 from __future__ import annotations
 
 import argparse
-import platform
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -71,11 +69,6 @@ def score_lists(lists: dict, first: dict, every: dict, users: list, n_boot: int)
     anyev = per_user_online(rows, [every[u] for u in users], K)
     return summarize_values({f"next_recall@{K}": nxt[f"recall@{K}"], f"next_ndcg@{K}": nxt[f"ndcg@{K}"],
                              f"any_hit_rate@{K}": anyev[f"hit_rate@{K}"]}, len(users), n_boot)
-
-
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    return out.split("Model name:")[-1].splitlines()[0].strip() if "Model name:" in out else platform.processor()
 
 
 def main() -> None:
@@ -160,7 +153,7 @@ def main() -> None:
                                              for c in cols]] for n, r in {**results, **baselines}.items()]))
     print(f"best baseline {best}; ratios {ratios}")
     benchlib.write_json(a.json, {
-        "dataset": "MovieLens-100k (recbole 1.2.1), every rating an interaction", "cpu": cpu_model(),
+        "dataset": "MovieLens-100k (recbole 1.2.1), every rating an interaction", "cpu": benchlib.cpu_model(),
         "cutoff": cutoff, "run_date": run_date, "fraction": a.fraction, "events_before": past.num_rows,
         "events_after": future.num_rows, "users_scored": len(scored),
         "users_after_without_history": len([u for u in first if u not in set(user_ids)]),

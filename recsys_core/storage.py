@@ -375,6 +375,9 @@ def take_rows(uri: str, rows: np.ndarray, columns: list[str] | None = None) -> p
             break
     if len(rows) and rows[-1] >= start:
         raise IndexError(f"{uri}: row {rows[-1]} asked of a table of {start} rows")
+    if not parts:  # no rows in the file(s): their schema, empty
+        schema = parquet_schema(parquet_files(uri)[0])
+        return schema.empty_table().select(columns) if columns is not None else schema.empty_table()
     return pa.concat_tables(parts)
 
 
@@ -405,6 +408,14 @@ def parquet_schema(uri: str) -> pa.Schema:
     """One parquet file's schema, from its footer only."""
     fs, path = filesystem(uri)
     return _retry(uri, "parquet_schema", lambda: pq.read_schema(path, filesystem=fs))
+
+
+def column_names(uri: str) -> list[str]:
+    """Column names of a parquet file or folder (its first file's footer; no data read)."""
+    files = parquet_files(uri)
+    if not files:
+        raise FileNotFoundError(f"{uri}: no parquet files")
+    return parquet_schema(files[0]).names
 
 
 def upload_file(local_path: str | Path, uri: str) -> None:

@@ -81,3 +81,32 @@ def test_sample_taken_batch_by_batch_equals_the_whole_table_take(tmp_path):
         storage.take_rows(uri, np.array([39]))
     with pytest.raises(FileNotFoundError):
         next(storage.iter_batches(str(tmp_path / "gone")))
+
+
+def test_targets_alone_read_only_the_sampled_rows_and_equal_the_whole_table(tmp_path):
+    """With no baseline configured only the queried users' rows are read; the targets equal the whole
+    table's at those rows."""
+    uri, seqs = _users(tmp_path)
+    _, whole, _ = baseline_per_user(uri, 9, (), (5,))
+    assert whole.tolist() == [s[-1] for s in seqs]
+    rows = holdout_rows(60, 11, seed=2)
+    out, target, chosen = baseline_per_user(uri, 9, (), (5,), query_rows=rows)
+    assert out == {} and chosen == {} and target.tolist() == [seqs[r][-1] for r in rows]
+
+
+def test_validation_popularity_streamed_equals_the_whole_log_popularity(tmp_path):
+    """validation_popularity counts a batch of users at a time; it equals popularity fit on the whole
+    validation fitting log and ranked for the sampled validation users."""
+    from recsys_core.data.split import fit_prefixes, load_split  # noqa: PLC0415
+    from recsys_core.eval.baselines import (BaselineOptions, rank_baseline, train_log,  # noqa: PLC0415
+                                            validation_popularity)
+    from recsys_core.eval.metrics import per_user_metrics  # noqa: PLC0415
+    uri, _ = _users(tmp_path, n=300)
+    t = storage.read_table(uri)
+    log = train_log(fit_prefixes(t, "items", "val"), fit_prefixes(t, "ts", "val"), 9)
+    for max_users in (None, 40):
+        hist, target, _ = load_split(uri, "val", max_users, 5)
+        top = rank_baseline("popularity", log, hist, 5, BaselineOptions(), None)
+        want = {k: float(v.mean()) for k, v in per_user_metrics(top, target, (3, 5)).items()}
+        got = validation_popularity(uri, 9, max_users, 5, ks=(3, 5))
+        assert got == pytest.approx(want) and want["recall@5"] > 0

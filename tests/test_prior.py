@@ -83,6 +83,52 @@ def test_holdout_and_tomorrow_queries_by_hand():
     assert tom.target.tolist() == [2] and tom.query_ts.tolist() == [50] and tom.gap_s.tolist() == [50]
 
 
+def test_queries_and_logs_read_a_batch_at_a_time_equal_the_whole_table_rules(tmp_path):
+    """The readers the evaluate stage uses (offsets into one array, a batch of users at a time, only the
+    sampled users' rows) equal the whole-table rules: the per-user ts lookups, ``fit_log(...).sorted``,
+    and the sampled ``holdout_queries`` / ``tomorrow_queries``, on several files under both protocols."""
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    from recsys_core.data.split import split_columns, split_members  # noqa: PLC0415
+    from recsys_core.eval.recency import (_sample, holdout_queries_at, read_fit_log,  # noqa: PLC0415
+                                          sampled_tomorrow_queries)
+    rng = np.random.default_rng(2)
+    n = 200
+    seqs = [rng.integers(0, 20, rng.integers(3, 8)).tolist() for _ in range(n)]
+    ts = [sorted(rng.integers(0, 1000, len(s)).tolist()) for s in seqs]
+    whole = pa.table({"user_id": list(range(n)), "items": seqs, "ts": ts})
+    for k, t in enumerate((whole, split_columns(whole, "temporal", 700))):
+        sliced = pa.concat_tables([t.slice(3, 15), t.slice(18)])  # two chunks, the first a slice
+        for which in ("val", "test"):
+            q = holdout_queries(sliced, which)
+            tl = sliced["ts"].to_pylist()
+            at = [len(h) for h in q.hist]
+            assert len(q) > 0 and q.query_ts.tolist() == [tl[r][a] for r, a in zip(q.rows, at)]
+            assert q.gap_s.tolist() == [tl[r][a] - tl[r][a - 1] for r, a in zip(q.rows, at)]
+        folder = tmp_path / str(k)
+        folder.mkdir()
+        for i, part in enumerate((t.slice(0, 70), t.slice(70))):
+            pq.write_table(part, folder / f"part-{i}.parquet", row_group_size=30)
+        uri = str(folder)
+        for which in ("val", "test"):
+            log, want = read_fit_log(uri, which, 20), fit_log(t, which).sorted(20)
+            np.testing.assert_array_equal(log.items, want.items)
+            np.testing.assert_array_equal(log.ts, want.ts)
+            for m in (9, 10_000):
+                got, want_q = holdout_queries_at(uri, which, split_members(uri, which, m, 4)), _sample(
+                    holdout_queries(t, which), m, 4)
+                assert [h.tolist() for h in got.hist] == [h.tolist() for h in want_q.hist]
+                for f in ("target", "query_ts", "gap_s", "rows"):
+                    np.testing.assert_array_equal(getattr(got, f), getattr(want_q, f))
+        for m in (7, 10_000):
+            got = sampled_tomorrow_queries(uri, read_fit_log(uri, "val", 20), 0.3, m, 5)
+            want_q = _sample(tomorrow_queries(fit_log(t, "val"), 0.3), m, 5)
+            assert len(got) == min(m, len(tomorrow_queries(fit_log(t, "val"), 0.3))) and len(got) > 0
+            assert [h.tolist() for h in got.hist] == [h.tolist() for h in want_q.hist]
+            for f in ("target", "query_ts", "gap_s", "rows"):
+                np.testing.assert_array_equal(getattr(got, f), getattr(want_q, f))
+
+
 def test_tomorrow_popularity_window_by_hand():
     # (item, day) per user; each user's last two events are the leave-one-out targets, out of the fitting log.
     # Fitting log: item 0 long ago (days 0, 1, 2), item 1 lately (days 8, 9), span [0, 16]: a quarter of it

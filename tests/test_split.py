@@ -156,12 +156,21 @@ def test_validate_batch_sub_second_timestamp_column_truncates_to_seconds():
 
 # ----------------------------------------------------------------------------- the temporal protocol
 
+import pyarrow.compute as pc  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from recsys_core import storage  # noqa: E402
 from recsys_core.data.split import (  # noqa: E402
     NEVER,
     cold_targets,
     fit_prefixes,
+    fit_values,
+    has_split_columns,
     holdout,
+    load_split,
+    sample_rows,
     split_columns,
+    split_members,
     split_rows,
     temporal_cutoff,
     temporal_role,
@@ -306,3 +315,52 @@ def test_split_rows_and_prefixes_on_chunked_and_sliced_tables_equal_the_list_rul
     assert split_rows(pa.table(cols), "val")[2].tolist() == []  # an all-null column: nobody in the split
     with pytest.raises(ValueError, match="test_pos 3 of row 1 is outside its history of 3 events"):
         split_rows(pa.table(cols), "test")
+
+
+@pytest.mark.unit
+def test_fit_values_equal_the_concatenated_prefixes_on_chunked_sliced_and_temporal_tables():
+    seqs = [[5, 1, 2], [3, 3, 4, 9], [7, 8, 6, 1, 0], [2, 4, 6]]
+    whole = pa.table({"items": pa.array([[0, 0, 0]] + seqs, pa.list_(pa.int32())),
+                      "ts": pa.array([[0, 0, 0]] + [[10 * j for j in range(len(s))] for s in seqs], pa.list_(pa.int64()))})
+    for t in (pa.concat_tables([whole.slice(1, 2), whole.slice(3)]), _log("temporal", 90), _log("loo")):
+        for which in ("val", "test"):
+            for col in ("items", "ts"):
+                want = [x for p in fit_prefixes(t, col, which) for x in p.tolist()]
+                assert fit_values(t, col, which).tolist() == want
+    assert fit_values(_log("temporal", 90), "items", "val").tolist() == [1, 2, 1, 3, 7, 2]  # by hand (see _log)
+
+
+def _old_load_split(uri, which, max_users, seed):
+    """The previous load_split: the whole table read, filtered to the split, then sampled."""
+    t = storage.read_table(uri)
+    if has_split_columns(t):
+        t = t.filter(pc.is_valid(t[f"{which}_pos"]))
+    if max_users is not None and t.num_rows > max_users:
+        t = t.take(sample_rows(t.num_rows, max_users, seed))
+    hist, tgt, _ = split_rows(t, which)
+    return hist, tgt, t["user_id"].to_pylist()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("protocol", ["temporal", "loo", None])
+def test_load_split_reads_the_rows_the_whole_table_rule_picks(tmp_path, protocol):
+    """load_split reads only the split's (sampled) rows, over several files and batches, and returns what
+    filtering and sampling the whole table returned."""
+    rng = np.random.default_rng(1)
+    n = 300
+    seqs = [rng.integers(0, 50, rng.integers(3, 9)).tolist() for _ in range(n)]
+    ts = [sorted(rng.integers(0, 1000, len(s)).tolist()) for s in seqs]
+    t = pa.table({"user_id": [f"u{i}" for i in range(n)], "items": seqs, "ts": ts})
+    if protocol is not None:
+        t = split_columns(t, protocol, 800 if protocol == "temporal" else None)
+    for i, part in enumerate((t.slice(0, 120), t.slice(120, 100), t.slice(220))):
+        pq.write_table(part, tmp_path / f"part-{i}.parquet", row_group_size=40)
+    uri = str(tmp_path)
+    for which in ("val", "test"):
+        members = split_members(uri, which)
+        assert len(members) == (n if protocol is None else t[f"{which}_pos"].is_valid().to_numpy(False).sum())
+        for max_users in (None, 17, 10_000):
+            got, want = load_split(uri, which, max_users, 3), _old_load_split(uri, which, max_users, 3)
+            assert got[2] == want[2] and got[1].tolist() == want[1].tolist()
+            assert [h.tolist() for h in got[0]] == [h.tolist() for h in want[0]]
+            assert len(got[2]) == min(len(members), max_users or n)

@@ -158,7 +158,7 @@ def has_split_columns(table: pa.Table) -> bool:
     return all(c in table.column_names for c in SPLIT_COLUMNS)
 
 
-def _list_column(table: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]:
+def list_column(table: pa.Table, column: str) -> tuple[np.ndarray, np.ndarray]:
     """(offsets (U+1,) into values, values (E,) as int64) of a list column, without Python objects."""
     col = table[column]
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
@@ -190,7 +190,7 @@ def _loo_cut(lens: np.ndarray, which: Which) -> np.ndarray:
 def split_rows(table: pa.Table, which: Which) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """Inputs, targets and row indices of the users of ``which`` in a users table (items, and the
     split columns; leave-one-out over every row without them). Inputs are int64 views of one array."""
-    offsets, values = _list_column(table, "items")  # (U+1,), (E,)
+    offsets, values = list_column(table, "items")  # (U+1,), (E,)
     if not has_split_columns(table):
         pos = _loo_cut(np.diff(offsets), which)  # (U,) index of the target in each history
         rows = np.arange(len(pos), dtype=np.int64)
@@ -209,13 +209,25 @@ def split_rows(table: pa.Table, which: Which) -> tuple[list[np.ndarray], np.ndar
 def fit_prefixes(table: pa.Table, column: str, which: Which) -> list[np.ndarray]:
     """Every user's events a baseline may be fit on for ``which`` (``column``: items or ts): before the
     user's own target (leave-one-out) or before the cutoff (temporal). int64 views of one array."""
-    offsets, values = _list_column(table, column)  # (U+1,), (E,)
-    if not has_split_columns(table):
-        n = _loo_cut(np.diff(offsets), which)  # (U,)
-    else:
-        n = np.clip(_int_column(table, "train_len" if which == "val" else "test_fit_len")[0], 0, np.diff(offsets))
+    offsets, values = list_column(table, column)  # (U+1,), (E,)
+    n = fit_lens(table, offsets, which)  # (U,)
     starts = offsets[:-1]
     return [values[a:b] for a, b in zip(starts.tolist(), (starts + n).tolist())]
+
+
+def fit_values(table: pa.Table, column: str, which: Which) -> np.ndarray:
+    """The events of :func:`fit_prefixes`, concatenated in user order: (F,) int64, no object per user."""
+    offsets, values = list_column(table, column)  # (U+1,), (E,)
+    n = fit_lens(table, offsets, which)  # (U,)
+    first = np.repeat(np.cumsum(n) - n, n)  # (F,) where each event's user starts in the output
+    return values[np.repeat(offsets[:-1], n) + np.arange(int(n.sum()), dtype=np.int64) - first]
+
+
+def fit_lens(table: pa.Table, offsets: np.ndarray, which: Which) -> np.ndarray:
+    """(U,) (``offsets``: (U+1,) of one of its list columns) how many of each user's first events a baseline may fit on for ``which``."""
+    if not has_split_columns(table):
+        return _loo_cut(np.diff(offsets), which)
+    return np.clip(_int_column(table, "train_len" if which == "val" else "test_fit_len")[0], 0, np.diff(offsets))
 
 
 def train_len_of(seq: Sequence[int], train_len: int | None) -> int:
@@ -228,14 +240,28 @@ def sample_rows(n: int, k: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, k, replace=False))
 
 
+def split_members(users_uri: str, which: Which, max_users: int | None = None, seed: int = 0) -> np.ndarray:
+    """Sorted rows of the users file that have a ``which`` target (every row without split columns),
+    ``max_users`` of them sampled with ``seed``. Reads the ``{which}_pos`` column only."""
+    names = storage.column_names(users_uri)
+    if all(c in names for c in SPLIT_COLUMNS):
+        valid = [t[f"{which}_pos"].is_valid().to_numpy(zero_copy_only=False)
+                 for t in storage.iter_batches(users_uri, columns=[f"{which}_pos"])]
+        rows = np.flatnonzero(np.concatenate(valid)) if valid else np.zeros(0, np.int64)
+    else:
+        rows = np.arange(storage.parquet_totals(users_uri)[0])
+    rows = rows.astype(np.int64)
+    if max_users is not None and len(rows) > max_users:
+        rows = rows[sample_rows(len(rows), max_users, seed)]
+    return rows
+
+
 def load_split(users_uri: str, which: Which, max_users: int | None = None,
                seed: int = 0) -> tuple[list[np.ndarray], np.ndarray, list[Any]]:
-    """Histories, targets and user ids of the prepared users for ``which`` (``max_users`` sampled)."""
-    t = storage.read_table(users_uri)
-    t = t.select([c for c in ("user_id", "items", *SPLIT_COLUMNS) if c in t.column_names])
-    if has_split_columns(t):  # only the users of this split
-        t = t.filter(pc.is_valid(t[f"{which}_pos"]))
-    if max_users is not None and t.num_rows > max_users:
-        t = t.take(sample_rows(t.num_rows, max_users, seed))
+    """Histories, targets and user ids of the prepared users for ``which`` (``max_users`` sampled:
+    :func:`split_members`). Only those users' rows are read."""
+    names = storage.column_names(users_uri)
+    t = storage.take_rows(users_uri, split_members(users_uri, which, max_users, seed),
+                          columns=[c for c in ("user_id", "items", *SPLIT_COLUMNS) if c in names])
     hist, tgt, _ = split_rows(t, which)
     return hist, tgt, t["user_id"].to_pylist()

@@ -15,7 +15,7 @@ import scipy.sparse as sp
 
 from recsys_core import storage
 from recsys_core.config import EvalConfig
-from recsys_core.data.split import fit_prefixes, load_split, split_rows
+from recsys_core.data.split import SPLIT_COLUMNS, fit_prefixes, fit_values, load_split, split_rows
 from recsys_core.eval.metrics import per_user_metrics
 from recsys_core.model.prior import DAY_S
 from recsys_core.serve.retrieval import topk_from_scores
@@ -280,8 +280,13 @@ def train_log(hist: list[np.ndarray], hist_ts: list[np.ndarray], n_items: int) -
 def rank_baseline(name: str, log: TrainLog, hist: list[np.ndarray], k: int, opts: BaselineOptions,
                   param: Any) -> np.ndarray:
     """(Q, k) top-k item indices of baseline ``name`` for each query history (its items excluded)."""
+    return _rank_blocks(BASELINES[name].score(log, hist, opts, param), hist, k)
+
+
+def _rank_blocks(blocks: Iterator[np.ndarray], hist: list[np.ndarray], k: int) -> np.ndarray:
+    """(Q, k) top-k of consecutive (q, N) score blocks of the query histories, their items excluded."""
     ranked, done = [], 0
-    for block in BASELINES[name].score(log, hist, opts, param):
+    for block in blocks:
         ranked.append(topk_from_scores(block, hist[done:done + len(block)], k))  # (q, K)
         done += len(block)
     return np.concatenate(ranked) if ranked else np.zeros((0, k), np.int64)
@@ -322,10 +327,14 @@ def baseline_per_user(users_uri: str, n_items: int, names: tuple[str, ...], ks: 
     baselines are still fit on every user."""
     if isinstance(opts, int):  # the item-kNN neighbour count alone
         opts = BaselineOptions(k_neighbors=opts)
+    if not names:  # no baseline: the queried users' test targets alone (for the cold-start rows)
+        cols = [c for c in storage.column_names(users_uri) if c in ("items", *SPLIT_COLUMNS)]
+        q = storage.read_table(users_uri, cols) if query_rows is None else storage.take_rows(
+            users_uri, np.asarray(query_rows, dtype=np.int64), cols)
+        return {}, split_rows(q, "test")[1], {}
     t = storage.read_table(users_uri)
     hist, target, rows = split_rows(t, "test")
-    log = (train_log(fit_prefixes(t, "items", "test"), fit_prefixes(t, "ts", "test"), n_items)
-           if names else None)  # no baseline: the test targets alone (for the cold-start rows)
+    log = train_log(fit_prefixes(t, "items", "test"), fit_prefixes(t, "ts", "test"), n_items)
     if query_rows is not None:  # score the sampled users only
         keep = np.isin(rows, np.asarray(query_rows, dtype=np.int64))
         hist, target = [h for h, k in zip(hist, keep) if k], target[keep]
@@ -343,7 +352,6 @@ def baseline_per_user(users_uri: str, n_items: int, names: tuple[str, ...], ks: 
         chosen[name] = {"param": param, "validation": val_scores, "metric": selection_metric(ks)}
         if val_scores:
             _log.info("baseline %s: %s on validation %s -> %s", name, selection_metric(ks), val_scores, param)
-        assert log is not None
         out[name] = per_user_metrics(rank_baseline(name, log, hist, max(ks), opts, param), target, ks)
     return out, target, chosen
 
@@ -353,8 +361,10 @@ def validation_popularity(users_uri: str, n_items: int, max_users: int | None, s
     """Popularity's mean metrics on the validation split, for the users the training loop validates
     on (``load_split(..., "val", train.val_users, train.seed)``): the scale for the validation curves.
     Fit on every user's validation-fitting events (the split's rule), each user's seen items excluded."""
-    t = storage.read_table(users_uri)
-    log = train_log(fit_prefixes(t, "items", "val"), fit_prefixes(t, "ts", "val"), n_items)
+    counts = np.zeros(n_items, dtype=np.int64)  # (I,) a batch of users at a time
+    for t in storage.iter_batches(users_uri, columns=[c for c in storage.column_names(users_uri)
+                                                      if c in ("items", *SPLIT_COLUMNS)]):
+        counts += np.bincount(_check_index(fit_values(t, "items", "val"), n_items, "items"), minlength=n_items)
     hist, target, _ = load_split(users_uri, "val", max_users, seed)
-    top = rank_baseline("popularity", log, hist, max(ks), BaselineOptions(), None)  # (U, K)
+    top = _rank_blocks(_blocks(hist, counts.astype(np.float32)), hist, max(ks))  # (U, K): popularity_scores
     return {name: float(v.mean()) if len(v) else 0.0 for name, v in per_user_metrics(top, target, ks).items()}

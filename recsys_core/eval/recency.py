@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -29,7 +29,18 @@ import torch
 
 from recsys_core import storage
 from recsys_core.config import EvalConfig, PriorConfig
-from recsys_core.data.split import Which, fit_prefixes, sample_rows, split_rows, temporal_cutoff
+from recsys_core.data.split import (
+    SPLIT_COLUMNS,
+    Which,
+    fit_lens,
+    fit_prefixes,
+    fit_values,
+    list_column,
+    sample_rows,
+    split_members,
+    split_rows,
+    temporal_cutoff,
+)
 from recsys_core.eval.metrics import per_user_metrics, summarize_values
 from recsys_core.model.checkpoint import load_checkpoint
 from recsys_core.model.losses import logits as scaled_logits
@@ -95,19 +106,22 @@ def fit_log(users: pa.Table, which: Which) -> FitLog:
 def holdout_queries(users: pa.Table, which: Which) -> Queries:
     """The split's targets (users table with items and ts), each asked at its own event time."""
     hist, target, rows = split_rows(users, which)
-    ts = users["ts"].to_pylist()
-    q = np.array([ts[r][len(h)] for r, h in zip(rows, hist)], dtype=np.int64)
-    last = np.array([ts[r][len(h) - 1] for r, h in zip(rows, hist)], dtype=np.int64)
+    offsets, ts = list_column(users, "ts")  # (U+1,), (E,)
+    at = offsets[:-1][rows] + np.fromiter((len(h) for h in hist), np.int64, len(hist))  # (Q,) the target's ts
+    q = ts[at]
+    last = np.where(at > offsets[:-1][rows], ts[np.maximum(at - 1, 0)], q)  # (Q,) an empty history: no gap
     return Queries(hist, np.asarray(target, dtype=np.int64), q, q - last, np.asarray(rows, np.int64))
 
 
-def tomorrow_queries(log: FitLog, fraction: float) -> Queries:
-    """A fitting log cut ``fraction`` of its span before its newest event: per user with events on both
-    sides, the history before the cut and the first event after it, asked at the cut."""
-    _, flat = log.flat()
-    if flat.size == 0 or flat.min() == flat.max():
-        return Queries([], *(np.zeros(0, np.int64) for _ in range(4)))
-    cut = temporal_cutoff(int(flat.min()), int(flat.max()), fraction)
+def tomorrow_queries(log: FitLog, fraction: float, cut: int | None = None) -> Queries:
+    """A fitting log cut ``fraction`` of its span before its newest event (``cut``: that time, given when
+    ``log`` holds only some users of the log): per user with events on both sides, the history before
+    the cut and the first event after it, asked at the cut."""
+    if cut is None:
+        _, flat = log.flat()
+        if flat.size == 0 or flat.min() == flat.max():
+            return Queries([], *(np.zeros(0, np.int64) for _ in range(4)))
+        cut = temporal_cutoff(int(flat.min()), int(flat.max()), fraction)
     hist, target, last, rows = [], [], [], []
     for r, (it, t) in enumerate(zip(log.items, log.ts)):
         before = int(np.searchsorted(t, cut, side="left"))
@@ -119,6 +133,51 @@ def tomorrow_queries(log: FitLog, fraction: float) -> Queries:
     n = len(hist)
     return Queries(hist, np.asarray(target, np.int64), np.full(n, cut, np.int64), cut - np.asarray(last, np.int64),
                    np.asarray(rows, np.int64))
+
+
+def _log_columns(users_uri: str) -> list[str]:
+    return [c for c in storage.column_names(users_uri) if c in ("items", "ts", *SPLIT_COLUMNS)]
+
+
+def read_fit_log(users_uri: str, which: Which, n_items: int) -> TimeSortedLog:
+    """``fit_log(users, which).sorted(n_items)`` of a users file, read a batch of users at a time: (E,)
+    arrays, no array per user."""
+    items, ts = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for t in storage.iter_batches(users_uri, _log_columns(users_uri)):
+        items.append(fit_values(t, "items", which))
+        ts.append(fit_values(t, "ts", which))
+    return TimeSortedLog(np.concatenate(items), np.concatenate(ts), n_items)
+
+
+def holdout_queries_at(users_uri: str, which: Which, rows: np.ndarray) -> Queries:
+    """:func:`holdout_queries` of the users at ``rows`` (sorted) of a users file, reading only them;
+    ``Queries.rows`` are rows of the file."""
+    rows = np.asarray(rows, dtype=np.int64)
+    q = holdout_queries(storage.take_rows(users_uri, rows, _log_columns(users_uri)), which)
+    return replace(q, rows=rows[q.rows])
+
+
+def sampled_tomorrow_queries(users_uri: str, val_log: TimeSortedLog, fraction: float, max_users: int,
+                             seed: int) -> Queries:
+    """``_sample(tomorrow_queries(fit_log(users, "val"), fraction), max_users, seed)`` reading a batch of
+    users at a time (``val_log``: that fitting log, for its span) and then only the sampled users."""
+    if val_log.ts.size == 0 or val_log.ts[0] == val_log.ts[-1]:
+        return Queries([], *(np.zeros(0, np.int64) for _ in range(4)))
+    cut = temporal_cutoff(int(val_log.ts[0]), int(val_log.ts[-1]), fraction)
+    rows, start = [], 0
+    for t in storage.iter_batches(users_uri, _log_columns(users_uri)):
+        offsets, _ = list_column(t, "ts")  # (U+1,)
+        n = fit_lens(t, offsets, "val")  # (U,) fitting events per user
+        before = np.bincount(np.repeat(np.arange(t.num_rows), n), weights=fit_values(t, "ts", "val") < cut,
+                             minlength=t.num_rows).astype(np.int64)  # (U,) fitting events before the cut
+        rows.append(start + np.flatnonzero((before > 0) & (before < n)))
+        start += t.num_rows
+    rows_ = np.concatenate(rows).astype(np.int64)
+    if len(rows_) > max_users:
+        rows_ = rows_[sample_rows(len(rows_), max_users, seed)]
+    q = tomorrow_queries(fit_log(storage.take_rows(users_uri, rows_, _log_columns(users_uri)), "val"), fraction,
+                         cut=cut)
+    return replace(q, rows=rows_[q.rows])
 
 
 def choose_prior(ndcg: dict[int, np.ndarray], buckets: np.ndarray, betas: tuple[float, ...],
@@ -226,24 +285,23 @@ def recency_prior(model_dir: str, item_emb_uri: str, users_uri: str, max_seq_len
     dict: ``selected`` (a :class:`RecencyPrior` dict; :func:`published_prior` says whether it is used),
     the ``validation`` curve per window, query counts and ``test`` (summary with CIs over ``n_test_users``)."""
     pr = ev.prior
-    users = storage.read_table(users_uri)
     scorer = QueryScorer(model_dir, item_emb_uri, max_seq_len)
     n_items = scorer.table.shape[0]
-    val_log = fit_log(users, "val")
-    val = _sample(holdout_queries(users, "val"), pr.max_users, seed)
-    tom = _sample(tomorrow_queries(val_log, pr.fraction), pr.max_users, seed)
+    val_log = read_fit_log(users_uri, "val", n_items)
+    val = holdout_queries_at(users_uri, "val", split_members(users_uri, "val", pr.max_users, seed))
+    tom = sampled_tomorrow_queries(users_uri, val_log, pr.fraction, pr.max_users, seed)
     qs = val.concat(tom)
-    grid = _grid(scorer, qs, val_log.sorted(n_items), pr)
+    grid = _grid(scorer, qs, val_log, pr)
+    del val_log
     buckets = gap_buckets(qs.gap_s, pr.gap_edges_s)
     prior, curve = choose_prior(grid, buckets, pr.betas, pr.gap_edges_s)
     model_alone = float(grid[prior.window_days][list(pr.betas).index(0.0)].mean()) if len(qs) else 0.0
     log.info("recency prior: window %d d, weights %s by gap (edges %s s): validation NDCG@10 %.4f "
              "(model alone %.4f) on %d holdout + %d tomorrow queries", prior.window_days, list(prior.betas),
              list(prior.gap_edges_s), curve[str(prior.window_days)]["ndcg@10"], model_alone, len(val), len(tom))
-    test = holdout_queries(users, "test")
-    if test_rows is not None:  # the holdout's sample, by row of the users table
-        test = test.take(np.flatnonzero(np.isin(test.rows, np.asarray(test_rows, dtype=np.int64))))
-    top = rank_with_prior(scorer, test, prior, fit_log(users, "test").sorted(n_items), max(ev.ks))
+    # the holdout's sample (rows of the users table; None: every test user)
+    test = holdout_queries_at(users_uri, "test", split_members(users_uri, "test") if test_rows is None else test_rows)
+    top = rank_with_prior(scorer, test, prior, read_fit_log(users_uri, "test", n_items), max(ev.ks))
     test_m = summarize_values(per_user_metrics(top, test.target, ev.ks), n_test_users, ev.n_boot)
     bucket_counts = np.bincount(buckets, minlength=len(pr.gap_edges_s) + 1).tolist()
     return {"selected": prior.to_dict(),
