@@ -34,6 +34,7 @@ from recsys_core.pipeline import Run
 from recsys_core.serve.retrieval import topk_excluding
 from recsys_core.train.trainer import run_train
 
+SECTIONS = ("gpt2", "recsys", "tiny_nightly", "demo", "tuned")
 # Dense bf16 peak FLOP/s by device name (no sparsity).
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
              "A10G": 70e12, "A10": 125e12, "4090": 165e12}
@@ -131,19 +132,20 @@ def recsys_on_gpu(epochs: int) -> dict[str, Any]:
     return out
 
 
-def demo_on_gpu(config: str = "ml100k.yaml") -> dict[str, Any]:
+def demo_on_gpu(config: str = "ml100k.yaml", overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """A shipped ML-100k config as one nightly with ``train.use_gpu=true``: per-stage wall times, the holdout,
     and the guard. ``ml100k.yaml`` (the demo: SmolLM2-135M-Instruct frozen; its LM feature pass is part of
-    train) or ``ml100k_smollm2_tuned.yaml`` (the same LM fine-tuned on its top blocks, the strength scanned)."""
+    train), ``ml100k_smollm2_tuned.yaml`` (the same LM fine-tuned on its top blocks, the strength scanned)
+    or ``ml100k_tiny.yaml`` (random-init towers: the whole GPU path end to end, no LM to fetch)."""
     import jobs.nightly
 
     with tempfile.TemporaryDirectory(prefix="bench-gpu-demo-") as root:
         cfg = load_config(str(benchlib.REPO / "jobs" / "configs" / config),
-                          [f"storage.root={root}", "train.use_gpu=true", "train.num_workers=1"])
+                          [f"storage.root={root}", "train.use_gpu=true", "train.num_workers=1", *overrides])
         out = jobs.nightly.main(cfg=cfg, run_date="2026-11-27", force=True)
         ray.shutdown()
     guard = out["train"].get("guard") or {}
-    return {"config": config, "stage_s": {s: round(r.get("wall_s", 0.0), 1) for s, r in out.items() if isinstance(r, dict)},
+    return {"config": config, "overrides": list(overrides), "stage_s": {s: round(r.get("wall_s", 0.0), 1) for s, r in out.items() if isinstance(r, dict)},
             "holdout": {k: v for k, v in out["evaluate"]["metrics"]["model"].items() if "_ci_" not in k},
             "guard": {k: guard.get(k) for k in ("ppl_general_before", "ppl_general_after", "ppl_items_before",
                                                 "ppl_items_after", "passed", "strength")},
@@ -160,6 +162,11 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s (default: by GPU name)")
     p.add_argument("--epochs", type=int, default=3, help="recommender training epochs (per loop)")
     p.add_argument("--skip-recsys", action="store_true", help="only the GPT-2 MFU benchmark")
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help=f"comma-separated sections to run, of {','.join(SECTIONS)} (--skip-recsys: gpt2 alone)")
+    p.add_argument("--tiny-epochs", type=int, default=15, help="epochs of the tiny_nightly section")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for the demo and tuned sections (repeatable), e.g. train.epochs=20")
     p.add_argument("--smoke-cpu", action="store_true",
                    help="check the GPT-2 code path on the CPU with a 2-layer model (no numbers worth reporting)")
     p.add_argument("--json", default=None)
@@ -174,21 +181,28 @@ def main() -> None:
         print("benchmarks/gpu.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured. "
               "The CPU benchmarks are benchmarks/run_all.py.", file=sys.stderr)
         sys.exit(2)
+    sections = ["gpt2"] if a.skip_recsys else [x for x in a.sections.split(",") if x]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        p.error(f"--sections: {unknown} unknown; choose from {list(SECTIONS)}")
     name = torch.cuda.get_device_name()
     peak = peak_flops(name, a.peak_tflops)
     t0 = time.time()
-    res = gpt2_mfu(a.batch, a.seq, a.steps, warmup=5 if a.compile else 3, accum=a.accum, compile_=a.compile,
-                   peak=peak)
-    mfu = "n/a (unknown GPU: pass --peak-tflops)" if res["mfu_6n"] is None else f"{res['mfu_6n']:.1%}"
-    print(benchlib.table(
-        f"GPT-2 small (124M) training on {name}: bf16 autocast, SDPA, fused AdamW"
-        + (", torch.compile" if a.compile else ""),
-        ["batch x seq", "grad accum", "ms/step", "tokens/s", "MFU (6N)", "MFU (6N + attention)", "max mem GiB"],
-        [[f"{a.batch} x {a.seq}", a.accum, res["step_ms"], res["tokens_per_s"], mfu,
-          "n/a" if res["mfu_with_attention"] is None else f"{res['mfu_with_attention']:.1%}",
-          res["max_memory_gib"]]]), flush=True)
-    out: dict[str, Any] = {"device": name, "gpt2": res, "gpt2_mfu": res["mfu_6n"]}
-    if not a.skip_recsys:
+    out: dict[str, Any] = {"device": name, "sections": sections}
+    if "gpt2" in sections:
+        res = gpt2_mfu(a.batch, a.seq, a.steps, warmup=5 if a.compile else 3, accum=a.accum, compile_=a.compile,
+                       peak=peak)
+        mfu = "n/a (unknown GPU: pass --peak-tflops)" if res["mfu_6n"] is None else f"{res['mfu_6n']:.1%}"
+        print(benchlib.table(
+            f"GPT-2 small (124M) training on {name}: bf16 autocast, SDPA, fused AdamW"
+            + (", torch.compile" if a.compile else ""),
+            ["batch x seq", "grad accum", "ms/step", "tokens/s", "MFU (6N)", "MFU (6N + attention)", "max mem GiB"],
+            [[f"{a.batch} x {a.seq}", a.accum, res["step_ms"], res["tokens_per_s"], mfu,
+              "n/a" if res["mfu_with_attention"] is None else f"{res['mfu_with_attention']:.1%}",
+              res["max_memory_gib"]]]), flush=True)
+        out.update(gpt2=res, gpt2_mfu=res["mfu_6n"])
+        benchlib.write_json(a.json, out)  # after each section: a run stopped later keeps what it measured
+    if "recsys" in sections:
         rec = recsys_on_gpu(a.epochs)
         print(benchlib.table(
             f"Recommender on {name}: MovieLens-100k step loop (epochs 2-{a.epochs}) and exact top-50 at 1M items",
@@ -198,15 +212,20 @@ def main() -> None:
              ["Ray / plain", rec["train_ray_vs_plain_gpu"]],
              ["exact top-50 over 1M items, 30 seen masked, users/s", rec["topk_1m_items_users_per_s"]]]), flush=True)
         out.update(recsys=rec, train_ray_vs_plain_gpu=rec["train_ray_vs_plain_gpu"])
-        demo = demo_on_gpu()
-        print(benchlib.table(f"The demo nightly (jobs/configs/ml100k.yaml, SmolLM2 frozen) on {name}",
-                             ["stage", "wall s"], [[k, v] for k, v in demo["stage_s"].items()]), flush=True)
-        out["demo"] = demo
-        tuned = demo_on_gpu("ml100k_smollm2_tuned.yaml")
-        print(benchlib.table(f"SmolLM2 fine-tuned on its top 4 blocks, strength scanned (ml100k_smollm2_tuned.yaml) "
-                             f"on {name}", ["stage", "wall s"], [[k, v] for k, v in tuned["stage_s"].items()]),
-              flush=True)
-        out["smollm2_tuned"] = tuned
+        benchlib.write_json(a.json, out)
+    for section, config, title, overrides in (
+            ("tiny_nightly", "ml100k_tiny.yaml", f"random-init tiny towers, {a.tiny_epochs} epochs",
+             (f"train.epochs={a.tiny_epochs}", f"train.patience={a.tiny_epochs}")),
+            ("demo", "ml100k.yaml", "SmolLM2 frozen", tuple(a.set)),
+            ("tuned", "ml100k_smollm2_tuned.yaml", "SmolLM2 fine-tuned on its top 4 blocks, strength scanned",
+             tuple(a.set))):
+        if section in sections:
+            res = demo_on_gpu(config, overrides)
+            print(benchlib.table(f"The nightly (jobs/configs/{config}, {title}) on {name}", ["stage", "wall s"],
+                                 [[k, v] for k, v in res["stage_s"].items()]), flush=True)
+            print(f"holdout: {res['holdout']}\nguard: {res['guard']}\nexplain: {res['explain']}", flush=True)
+            out[section] = res
+            benchlib.write_json(a.json, out)
     out["wall_s"] = time.time() - t0
     benchlib.write_json(a.json, out)
 

@@ -105,6 +105,10 @@ def test_a_bound_the_fine_tuned_lm_breaks_keeps_an_alpha_within_it(scanned, tmp_
     assert not [p for p in res["curve"] if p["alpha"] == 1.0][0]["within_bound"]
     better = [p for p in res["curve"] if p["within_bound"] and p["val_ndcg10"] > kept["val_ndcg10"]]
     assert not better
+    # the scan ran each alpha's top block on the lower block's cached output: a full forward gives the same
+    full = choose_strength(replace(tight, **{"model.item_tower.train_top_layers": 0}), f"{prepared}/items.parquet",
+                           f"{prepared}/users", out["guard"]["strength"]["tuned_checkpoint"], str(tmp_path / "full"))
+    assert [p["val_ndcg10"] for p in full["curve"]] == pytest.approx([p["val_ndcg10"] for p in res["curve"]], abs=1e-6)
     # the written checkpoint holds that interpolation: its LM's perplexity is the kept point's
     model, _ = load_checkpoint(res["checkpoint"])
     general, held, _ = guard_inputs(tight, f"{prepared}/items.parquet")

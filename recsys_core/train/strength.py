@@ -98,6 +98,11 @@ def choose_strength(cfg: NightlyConfig, items_uri: str, users_uri: str, checkpoi
     if alpha is None:
         items = ItemTensors.load(items_uri, "train_count")
         val = load_split(users_uri, "val", cfg.train.val_users, cfg.train.seed)
+        if cfg.model.item_tower.train_top_layers:
+            # only the top blocks differ between alphas (the blocks below and the embeddings stayed as
+            # pretrained): their input for every item text is computed once, each alpha runs the top blocks
+            tuned.item_tower.train_top_layers(cfg.model.item_tower.train_top_layers)
+            tuned.item_tower.cache_lower(items.tokens, items.mask)
     curve = []
     for a in ([alpha] if alpha is not None else sorted(set(g.alphas) | {0.0})):
         load_lm_state(tuned, interpolate(base, tuned_lm, float(a)))
