@@ -38,6 +38,15 @@ def descriptions(explain: dict, prepared: str, n: int = 5) -> dict:
     return out
 
 
+def prior_row(prior: dict | None) -> dict | None:
+    """The recency prior's choice and the test figures of model + prior (with their intervals)."""
+    if not prior:
+        return None
+    t = prior["test"]
+    return {"selected": prior["selected"], "model_plus_prior": {c: t[c] for c in COLS if c in t},
+            "model_plus_prior_ci": {c: [t[f"{c}_ci_low"], t[f"{c}_ci_high"]] for c in COLS if f"{c}_ci_low" in t}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -61,6 +70,8 @@ def main() -> None:
                      "model": {c: m["model"][c] for c in COLS},
                      "model_ci": {c: [m["model"][f"{c}_ci_low"], m["model"][f"{c}_ci_high"]] for c in COLS
                                   if f"{c}_ci_low" in m["model"]},
+                     # the published score: the model + the recency prior chosen on validation (None: prior off)
+                     "prior": prior_row(m.get("recency_prior")),
                      "baselines": {b: {c: v[c] for c in COLS} for b, v in m["baselines"].items()},
                      "stage_s": {s: round(r.get("wall_s", 0.0), 1) for s, r in out.items() if isinstance(r, dict)},
                      "guard": {k: out["train"]["guard"].get(k) for k in ("ppl_general_before", "ppl_general_after",
@@ -76,6 +87,14 @@ def main() -> None:
     vals = {c: np.array([r["model"][c] for r in rows]) for c in COLS}
     print("| mean | " + " | ".join(f"{v.mean():.4f}" for v in vals.values()) + " | |")
     print("| spread (max-min) | " + " | ".join(f"{np.ptp(v):.4f}" for v in vals.values()) + " | |")
+    with_prior = [r for r in rows if r["prior"] and r["prior"]["model_plus_prior"]]
+    if with_prior:
+        for r in with_prior:
+            mp = r["prior"]["model_plus_prior"]
+            print(f"| seed {r['seed']}, model + prior | | " + " | ".join(f"{mp.get(c, float('nan')):.4f}" for c in COLS)
+                  + " | |")
+        pv = {c: np.array([r["prior"]["model_plus_prior"].get(c, np.nan) for r in with_prior]) for c in COLS}
+        print("| mean, model + prior | | " + " | ".join(f"{v.mean():.4f}" for v in pv.values()) + " | |")
     for b, bm in rows[0]["baselines"].items():
         print(f"| {b} | " + " | ".join(f"{bm[c]:.4f}" for c in COLS) + " | |")
     if a.json:
