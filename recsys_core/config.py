@@ -140,6 +140,9 @@ class TrainConfig:
     weight_decay: float = 0.01  # AdamW weight decay
     warmup_steps: int = 20  # linear lr warm-up steps
     grad_clip: float = 1.0  # gradient-norm clip
+    # Exponential moving average of the weights (recsys_core.train.ema): validation, early stopping and the
+    # saved checkpoints use the average, training steps the raw weights. Decay per step; 0: off.
+    ema_decay: float = 0.0
     loss: Literal["full_softmax", "sampled_softmax"] = "full_softmax"  # registry: recsys_core.model.losses.LOSSES
     num_negatives: int = 256  # uniform negatives for sampled_softmax
     temperature: float = 1.0  # initial softmax temperature
@@ -398,6 +401,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "non_negative": (lambda v: v >= 0, ">= 0"),
     "fraction": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
     "open_fraction": (lambda v: 0.0 < v < 1.0, "in (0, 1)"),
+    "unit_interval": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "at_least_2": (lambda v: v >= 2, ">= 2"),
     "iso_time": (_iso_time, "an ISO date or date-time (YYYY-MM-DD[THH:MM:SS])"),
     "codec": (_codec, "a Python text encoding (e.g. utf-8, latin-1)"),
@@ -412,7 +416,7 @@ RANGES: dict[str, str] = {
     "model.max_text_tokens": "at_least_2", "model.max_seq_len": "positive",
     "train.num_workers": "positive", "train.threads_per_worker": "positive", "train.epochs": "positive",
     "train.batch_size": "positive", "train.lr": "non_negative", "train.item_backbone_lr": "non_negative",
-    "train.weight_decay": "non_negative", "train.warmup_steps": "non_negative", "train.grad_clip": "positive",
+    "train.weight_decay": "non_negative", "train.warmup_steps": "non_negative", "train.grad_clip": "positive", "train.ema_decay": "unit_interval",
     "train.num_negatives": "positive", "train.temperature": "positive", "train.text_items_per_step": "positive",
     "train.patience": "positive", "train.val_users": "positive", "train.max_failures": "non_negative",
     "train.materialize_mib": "non_negative", "train.ingest_object_store_mib": "non_negative",

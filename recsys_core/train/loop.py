@@ -8,6 +8,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -27,6 +28,7 @@ from recsys_core.eval.holdout import evaluate_histories
 from recsys_core.model.checkpoint import load_checkpoint, save_model_folder
 from recsys_core.model.towers import TwoTower, build_two_tower, text_table, unwrap
 from recsys_core.runtime import quiet_train_worker
+from recsys_core.train.ema import WeightAverage
 from recsys_core.train.guard import apply_lora, guard_terms, replay_len, replay_windows
 from recsys_core.train.objective import ItemTensors, Objective, collate
 
@@ -187,6 +189,11 @@ def run_epoch(objective: nn.Module, opt: torch.optim.Optimizer, sched: Any, para
     return stats
 
 
+def averaged(ema: WeightAverage | None, model: nn.Module) -> AbstractContextManager[nn.Module]:
+    """``model`` with its weight average in place while the block runs (``train.ema_decay``), or as it is."""
+    return ema.applied(model) if ema is not None else nullcontext(model)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg: NightlyConfig = from_dict(NightlyConfig, config["cfg"])
     tc = cfg.train
@@ -227,6 +234,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc.warmup_steps, steps * tc.epochs))
 
     start_epoch, best, since_best, history = 0, -1.0, 0, []
+    ema = WeightAverage(model, tc.ema_decay) if tc.ema_decay > 0 else None  # validated and saved in place of the weights
     ckpt = ray.train.get_checkpoint()
     if ckpt:  # resume after a worker failure
         with ckpt.as_directory() as d:
@@ -240,6 +248,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             sched.load_state_dict(state["scheduler"])
             start_epoch, best, since_best = state["epoch"] + 1, state["best"], state["since_best"]
             history = json.loads(state["history"])
+            if ema is not None and "ema" in state:
+                ema.load_state_dict(state["ema"])
         log.info("resumed from checkpoint at epoch %d", start_epoch)
 
     objective = ray.train.torch.prepare_model(Objective(model, tc.loss, tc.num_negatives, tc.text_items_per_step,
@@ -261,15 +271,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if replay_stream is not None:
             replay = lambda: replay_windows(replay_stream, cfg.guard.replay_batch_size,  # noqa: E731
                                             replay_len(cfg.guard, model.item_tower), replay_gen).to(device)
+
+        def on_step(_: EpochStats) -> None:
+            if ema is not None:
+                ema.update(model)
+            if bar is not None:
+                bar.update(1)
+
         ep = run_epoch(objective, opt, sched, model.parameters(), tc.grad_clip, autocast, batches, items, cache,
-                       replay=replay, on_step=(lambda _: bar.update(1)) if bar is not None else None)
+                       replay=replay, on_step=on_step)
         if bar is not None:
             bar.close()
         steps_per_rank = gather_steps(ep.steps, world, device)
 
         flag = torch.full((2,), float("nan"), dtype=torch.float64, device=device)  # NCCL needs device tensors
         if val is not None:
-            vm = evaluate_histories(unwrap(model), items.tokens, items.mask, val[0], val[1], cfg.model.max_seq_len)
+            with averaged(ema, model):
+                vm = evaluate_histories(unwrap(model), items.tokens, items.mask, val[0], val[1], cfg.model.max_seq_len)
             flag[0] = vm["ndcg@10"]
             flag[1] = vm["recall@10"]
         if world > 1 and dist.is_initialized():
@@ -286,7 +304,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
-                state = save_model_folder(model, d, metrics)
+                with averaged(ema, model):
+                    state = save_model_folder(model, d, metrics)
+                if ema is not None:  # resuming continues from the raw weights, not the saved average
+                    state = {"model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
+                             "ema": ema.state_dict()}
                 torch.save({**state, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch,
                             "best": best, "since_best": since_best, "history": json.dumps(history)},
                            os.path.join(d, STATE))
