@@ -34,7 +34,7 @@ def _after_one_step(decay: float, w: float) -> tuple[nn.Module, WeightAverage]:
     m = _model()
     ema = WeightAverage(m, decay)
     _set(m, w)
-    ema.update(m)
+    ema.update()
     return m, ema
 
 
@@ -42,7 +42,7 @@ def test_update_folds_weights_in_with_the_warmup_decay():
     m, ema = _after_one_step(0.5, 3.0)  # d = min(0.5, 1/10) = 0.1: 0.1 * 1 + 0.9 * 3 = 2.8
     assert ema.shadow["weight"].item() == pytest.approx(2.8)
     _set(m, 5.0)
-    ema.update(m)  # d = min(0.5, 2/11) = 2/11: 2/11 * 2.8 + 9/11 * 5 = 4.6
+    ema.update()  # d = min(0.5, 2/11) = 2/11: 2/11 * 2.8 + 9/11 * 5 = 4.6
     assert ema.shadow["weight"].item() == pytest.approx(2 / 11 * 2.8 + 9 / 11 * 5.0)
     assert set(ema.shadow) == {"weight"}
     assert ema.steps == 2
@@ -51,10 +51,10 @@ def test_update_folds_weights_in_with_the_warmup_decay():
 def test_applied_swaps_the_average_in_and_restores_the_weights():
     m, ema = _after_one_step(0.5, 3.0)
     x = torch.ones(1, 1)
-    with ema.applied(m):
+    with ema.applied():
         assert m(x).item() == pytest.approx(2.8)
     assert m.weight.item() == 3.0
-    with pytest.raises(RuntimeError), ema.applied(m):
+    with pytest.raises(RuntimeError), ema.applied():
         raise RuntimeError("restored even when the block fails")
     assert m.weight.item() == 3.0
 
@@ -72,14 +72,10 @@ def test_state_round_trip_and_bad_decay():
 def test_ddp_training_validates_and_saves_the_average(ray_local, synthetic_cfg):
     """Two DDP workers with train.ema_decay: the kept checkpoint's weights are the average (its training
     state carries it and the raw weights, which differ), and validation scored those weights."""
-    import io
-
     import jobs.prepare
-    from recsys_core import storage
     from recsys_core.model.checkpoint import load_checkpoint
     from recsys_core.pipeline import Run
-    from recsys_core.train.loop import STATE
-    from recsys_core.train.trainer import run_train
+    from recsys_core.train.trainer import read_train_state, run_train
 
     cfg = replace(synthetic_cfg, **{"train.epochs": 2, "train.patience": 5, "train.num_workers": 2,
                                     "train.ema_decay": 0.9})
@@ -87,7 +83,7 @@ def test_ddp_training_validates_and_saves_the_average(ray_local, synthetic_cfg):
     run = Run(cfg, "2026-12-07")
     fit = run_train(cfg, run.prepared, run.run_dir, fresh=True)
     assert len(fit["history"]) == 2 and fit["metrics"]["val_ndcg10"] > 0
-    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(fit["checkpoint"], STATE))), weights_only=True)
+    state = read_train_state(fit["checkpoint"])
     saved, _ = load_checkpoint(fit["checkpoint"])
     named = dict(saved.named_parameters())
     shadow, raw = state["ema"]["shadow"], state["model"]

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load, save_file
 from torch import nn
 
@@ -167,7 +168,12 @@ def save_model_folder(model: nn.Module, folder: str, metrics: dict[str, Any]) ->
         m.item_tower.backbone.save_pretrained(str(Path(folder) / LORA_DIR))
     served = export_model(m)
     save_checkpoint(served, ModelSpec.of(served), folder, extra={"metrics": metrics, "lora": lora})
-    return {"model": {k: v.detach().cpu() for k, v in m.state_dict().items()}} if lora else {}
+    return {"model": cpu_state(m)} if lora else {}
+
+
+def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of the model's state dict (what the training state stores to resume from)."""
+    return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
 
 
 def copy_model_folder(src: str, dest: str) -> None:

@@ -25,46 +25,38 @@ def warmup_decay(decay: float, step: int) -> float:
 
 
 class WeightAverage:
-    """The moving average of ``model``'s trainable parameters (by name)."""
+    """The moving average of ``model``'s trainable parameters (by name). The parameters are bound once:
+    the model must keep them (in-place loads and device moves done before, as the epoch loop does)."""
 
     def __init__(self, model: nn.Module, decay: float):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"an exponential moving average needs a decay in (0, 1), got {decay}")
         self.decay = decay
         self.steps = 0
-        self.shadow: dict[str, torch.Tensor] = {n: p.detach().clone() for n, p in model.named_parameters()
-                                                if p.requires_grad}
-
-    def _params(self, model: nn.Module) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        named = dict(model.named_parameters())
-        for n, s in self.shadow.items():
-            yield named[n], s
+        trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in trained]
+        self.shadow: dict[str, torch.Tensor] = {n: p.detach().clone() for n, p in trained}
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """Fold the current weights in (after an optimiser step)."""
-        d = warmup_decay(self.decay, self.steps)
-        for p, s in self._params(model):
-            s.mul_(d).add_(p.detach().to(s.dtype), alpha=1.0 - d)
+    def update(self) -> None:
+        """Fold the current weights in (after an optimiser step): one fused lerp over every parameter."""
+        torch._foreach_lerp_(list(self.shadow.values()), self.params, 1.0 - warmup_decay(self.decay, self.steps))
         self.steps += 1
 
     @contextmanager
-    def applied(self, model: nn.Module) -> Iterator[nn.Module]:
-        """The model with the averaged weights in place of its own, restored on exit."""
-        saved = []
+    def applied(self) -> Iterator[None]:
+        """The averaged weights in place of the model's own while the block runs, restored on exit."""
         with torch.no_grad():
-            for p, s in self._params(model):
-                saved.append(p.detach().clone())
-                p.copy_(s)
+            saved = [p.detach().clone() for p in self.params]
+            torch._foreach_copy_(self.params, list(self.shadow.values()))
         try:
-            yield model
+            yield
         finally:
             with torch.no_grad():
-                for (p, _), w in zip(self._params(model), saved):
-                    p.copy_(w)
+                torch._foreach_copy_(self.params, saved)
 
     def state_dict(self) -> dict[str, object]:
-        return {"decay": self.decay, "steps": self.steps, "shadow": {n: s.cpu() for n, s in self.shadow.items()}}
+        return {"steps": self.steps, "shadow": {n: s.cpu() for n, s in self.shadow.items()}}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         self.steps = int(state["steps"])  # type: ignore[arg-type]

@@ -25,7 +25,7 @@ from recsys_core.data.features import read_features, standardise
 from recsys_core.data.prepare import PreparedPaths
 from recsys_core.data.split import load_split
 from recsys_core.eval.holdout import evaluate_histories
-from recsys_core.model.checkpoint import load_checkpoint, save_model_folder
+from recsys_core.model.checkpoint import cpu_state, load_checkpoint, save_model_folder
 from recsys_core.model.towers import TwoTower, build_two_tower, text_table, unwrap
 from recsys_core.runtime import quiet_train_worker
 from recsys_core.train.ema import WeightAverage
@@ -189,9 +189,9 @@ def run_epoch(objective: nn.Module, opt: torch.optim.Optimizer, sched: Any, para
     return stats
 
 
-def averaged(ema: WeightAverage | None, model: nn.Module) -> AbstractContextManager[nn.Module]:
-    """``model`` with its weight average in place while the block runs (``train.ema_decay``), or as it is."""
-    return ema.applied(model) if ema is not None else nullcontext(model)
+def averaged(ema: WeightAverage | None) -> AbstractContextManager[None]:
+    """The model's weight average in place while the block runs (``train.ema_decay``), or its own weights."""
+    return ema.applied() if ema is not None else nullcontext()
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -274,7 +274,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         def on_step(_: EpochStats) -> None:
             if ema is not None:
-                ema.update(model)
+                ema.update()
             if bar is not None:
                 bar.update(1)
 
@@ -286,7 +286,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         flag = torch.full((2,), float("nan"), dtype=torch.float64, device=device)  # NCCL needs device tensors
         if val is not None:
-            with averaged(ema, model):
+            with averaged(ema):
                 vm = evaluate_histories(unwrap(model), items.tokens, items.mask, val[0], val[1], cfg.model.max_seq_len)
             flag[0] = vm["ndcg@10"]
             flag[1] = vm["recall@10"]
@@ -304,11 +304,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
-                with averaged(ema, model):
+                with averaged(ema):
                     state = save_model_folder(model, d, metrics)
                 if ema is not None:  # resuming continues from the raw weights, not the saved average
-                    state = {"model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
-                             "ema": ema.state_dict()}
+                    state = {"model": cpu_state(model), "ema": ema.state_dict()}
                 torch.save({**state, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch,
                             "best": best, "since_best": since_best, "history": json.dumps(history)},
                            os.path.join(d, STATE))

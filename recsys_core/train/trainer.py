@@ -142,5 +142,9 @@ def _history(result: Any, run_dir: str) -> list[dict[str, Any]]:
 
     latest = result.checkpoint
     uri = ("s3://" + latest.path) if storage.is_s3(run_dir) else latest.path
-    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(uri, STATE))), weights_only=True)
-    return json.loads(state["history"])
+    return json.loads(read_train_state(uri)["history"])
+
+
+def read_train_state(checkpoint: str) -> dict[str, Any]:
+    """A Ray Train checkpoint folder's training state (epoch, history, optimizer, the weights to resume from)."""
+    return torch.load(io.BytesIO(storage.read_bytes(storage.join(checkpoint, STATE))), weights_only=True)
