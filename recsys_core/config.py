@@ -195,6 +195,7 @@ class PriorConfig:
     betas: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # prior weights chosen from, per gap bucket
     gap_edges_s: tuple[int, ...] = (3600, 86400, 604800)  # time-since-last-event bucket edges (1 h, 1 d, 1 w)
     fraction: float = 0.1  # the tomorrow-like validation's cutoff: this fraction of the fit log's span before its end
+    n_cuts: int = 3  # tomorrow-like cuts at 1, 2, ... n_cuts times `fraction` before the end, their queries pooled
     max_users: int = 5000  # validation queries scored per kind (a seeded sample above it)
 
 
@@ -426,7 +427,7 @@ RANGES: dict[str, str] = {
     "infer.item_batch_size": "positive", "infer.block_mib": "positive",
     "eval.ks": "positive", "eval.n_boot": "positive", "eval.itemknn_neighbors": "positive",
     "eval.prior.windows_days": "positive", "eval.prior.betas": "non_negative", "eval.prior.gap_edges_s": "positive",
-    "eval.prior.fraction": "open_fraction", "eval.prior.max_users": "positive",
+    "eval.prior.fraction": "open_fraction", "eval.prior.max_users": "positive", "eval.prior.n_cuts": "positive",
     "guard.lora.r": "positive", "guard.lora.alpha": "positive", "guard.lora.dropout": "fraction",
     "guard.lm_weight": "non_negative", "guard.item_lm_weight": "non_negative", "guard.kl_weight": "non_negative",
     "guard.replay_batch_size": "positive", "guard.replay_seq_len": "positive", "guard.max_ppl_increase": "non_negative",
@@ -463,6 +464,9 @@ def check_combinations(cfg: NightlyConfig) -> None:
     pr = cfg.eval.prior
     if list(pr.gap_edges_s) != sorted(set(pr.gap_edges_s)):
         raise ConfigError(f"config key 'eval.prior.gap_edges_s' must increase strictly, got {list(pr.gap_edges_s)}")
+    if pr.n_cuts * pr.fraction >= 1.0:
+        raise ConfigError(f"config keys 'eval.prior.n_cuts' x 'eval.prior.fraction' must stay below 1 (the cuts would "
+                          f"reach past the start of the log), got {pr.n_cuts} x {pr.fraction}")
     if 0.0 not in pr.betas:
         raise ConfigError("config key 'eval.prior.betas' must include 0 (the model alone is always a candidate)")
     if it.frozen and it.train_top_layers:

@@ -237,10 +237,18 @@ def test_enum_values_load_from_yaml_and_overrides(tmp_path):
     ("data.ts_unit=minutes", "data.ts_unit", "one of s, ms, us, ns, auto"),
     ("data.text_encoding=klingon", "data.text_encoding", "a Python text encoding"),
     ("prepare.min_ts=yesterday", "prepare.min_ts", "an ISO date"),
+    ("eval.prior.n_cuts=0", "eval.prior.n_cuts", "> 0"),
 ])
 def test_out_of_range_values_refused_at_load_naming_the_key(override, key, words):
     with pytest.raises(ConfigError, match=re.escape(f"config key '{key}' must be {words}")):
         load_config(None, [override])
+
+
+@pytest.mark.unit
+def test_tomorrow_cuts_past_the_start_of_the_log_refused_at_load():
+    assert load_config(None, ["eval.prior.n_cuts=4", "eval.prior.fraction=0.2"]).eval.prior.n_cuts == 4
+    with pytest.raises(ConfigError, match=re.escape("'eval.prior.n_cuts' x 'eval.prior.fraction' must stay below 1")):
+        load_config(None, ["eval.prior.n_cuts=5", "eval.prior.fraction=0.2"])
 
 
 @pytest.mark.unit

@@ -6,8 +6,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from recsys_core.eval.recency import (choose_prior, fit_log, holdout_queries, tomorrow_popularity_window,
-                                     tomorrow_queries)
+from recsys_core.eval.recency import (choose_prior, fit_log, holdout_queries, tomorrow_cuts,
+                                     tomorrow_popularity_window, tomorrow_queries)
 from recsys_core.model.prior import DAY_S, RecencyPrior, apply_prior, augment_items, augment_users, prior_term, window_counts
 
 pytestmark = pytest.mark.unit
@@ -81,6 +81,13 @@ def test_holdout_and_tomorrow_queries_by_hand():
     tom = tomorrow_queries(fit_log(users, "val"), 0.5)
     assert [h.tolist() for h in tom.hist] == [[1]]
     assert tom.target.tolist() == [2] and tom.query_ts.tolist() == [50] and tom.gap_s.tolist() == [50]
+    # two cuts a quarter of the span apart: at 75 and at 50, user 1 each time (cut by cut, users in order)
+    assert tomorrow_cuts(0, 100, 0.25, 3) == (75, 50, 25)
+    two = tomorrow_queries(fit_log(users, "val"), 0.25, n_cuts=2)
+    assert [h.tolist() for h in two.hist] == [[1], [1]] and two.target.tolist() == [2, 2]
+    assert two.query_ts.tolist() == [75, 50] and two.gap_s.tolist() == [75, 50] and two.rows.tolist() == [0, 0]
+    with pytest.raises(ValueError, match="reach past the start"):
+        tomorrow_cuts(0, 100, 0.25, 4)
 
 
 def test_queries_and_logs_read_a_batch_at_a_time_equal_the_whole_table_rules(tmp_path):
@@ -120,10 +127,16 @@ def test_queries_and_logs_read_a_batch_at_a_time_equal_the_whole_table_rules(tmp
                 assert [h.tolist() for h in got.hist] == [h.tolist() for h in want_q.hist]
                 for f in ("target", "query_ts", "gap_s", "rows"):
                     np.testing.assert_array_equal(getattr(got, f), getattr(want_q, f))
-        for m in (7, 10_000):
-            got = sampled_tomorrow_queries(uri, read_fit_log(uri, "val", 20), 0.3, m, 5)
-            want_q = _sample(tomorrow_queries(fit_log(t, "val"), 0.3), m, 5)
-            assert len(got) == min(m, len(tomorrow_queries(fit_log(t, "val"), 0.3))) and len(got) > 0
+        _, vts = fit_log(t, "val").flat()
+        for m, n_cuts in ((7, 1), (10_000, 1), (14, 2), (10_000, 3)):
+            got = sampled_tomorrow_queries(uri, read_fit_log(uri, "val", 20), 0.3, m, 5, n_cuts)
+            cuts = tomorrow_cuts(int(vts.min()), int(vts.max()), 0.3, n_cuts)
+            per_cut = [tomorrow_queries(fit_log(t, "val"), 0.3, cuts=[c]) for c in cuts]
+            want_q = per_cut[0].take(np.arange(0))
+            for q in per_cut:  # each cut sampled on its own, max_users // n_cuts of it
+                want_q = want_q.concat(_sample(q, m // n_cuts, 5))
+            assert len(got) == sum(min(m // n_cuts, len(q)) for q in per_cut) and len(got) > 0
+            assert len(set(got.query_ts.tolist())) == n_cuts
             assert [h.tolist() for h in got.hist] == [h.tolist() for h in want_q.hist]
             for f in ("target", "query_ts", "gap_s", "rows"):
                 np.testing.assert_array_equal(getattr(got, f), getattr(want_q, f))
