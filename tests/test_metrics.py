@@ -9,6 +9,7 @@ import pytest
 from recsys_core.eval.metrics import (
     bootstrap_ci,
     per_user_metrics,
+    ratio_ci,
     summarize,
     target_ranks,
 )
@@ -142,3 +143,17 @@ def test_summarize_no_users():
     json.dumps(s)
     padded = summarize(np.zeros((0, 0), dtype=int), np.zeros(0, dtype=int), ks=(1, 3), n_users_total=5)
     assert padded["n_users"] == 5 and padded["recall@3"] == 0.0
+
+
+@pytest.mark.unit
+def test_ratio_ci_by_hand():
+    # num = 2 x den user by user: every paired resample has ratio exactly 2
+    den = np.array([0.0, 1.0, 0.5, 0.25])
+    assert ratio_ci(2 * den, den, n_boot=200) == pytest.approx((2.0, 2.0, 2.0))
+    # two users: (num, den) = (1, 0) and (0, 1). Resamples: both first (den 0: left out), both second
+    # (ratio 0), one of each (ratio 1): the ratio of means is 1, the interval [0, 1]
+    r, low, high = ratio_ci(np.array([1.0, 0.0]), np.array([0.0, 1.0]), n_boot=400)
+    assert (r, low, high) == (1.0, 0.0, 1.0)
+    assert all(math.isnan(v) for v in ratio_ci(np.ones(3), np.zeros(3)))
+    with pytest.raises(ValueError, match="same 1-D shape"):
+        ratio_ci(np.ones(3), np.ones(2))

@@ -95,6 +95,33 @@ def bootstrap_ci(
     return float(low), float(high)
 
 
+def ratio_ci(num: np.ndarray, den: np.ndarray, n_boot: int = 1000, alpha: float = 0.05,
+             seed: int = 0) -> tuple[float, float, float]:
+    """mean(num) / mean(den) and its paired percentile bootstrap CI: each resample draws the same users for
+    both (``num`` and ``den``: (n,) per-user values of two rankers on the same users). Resamples whose
+    ``den`` mean is 0 are left out; (nan, nan, nan) when every one is."""
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    if num.shape != den.shape or num.ndim != 1:
+        raise ValueError(f"ratio_ci: num {num.shape} and den {den.shape} must be the same 1-D shape")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    n = num.shape[0]
+    if n == 0 or den.sum() == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    rows = max(1, _BOOT_MAX_ENTRIES // n)
+    ratios = np.empty(n_boot, dtype=np.float64)  # (B,)
+    for start in range(0, n_boot, rows):
+        stop = min(start + rows, n_boot)
+        idx = rng.integers(0, n, size=(stop - start, n))  # (b, n): the same users for both
+        d = den[idx].mean(axis=1)  # (b,)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratios[start:stop] = np.where(d > 0, num[idx].mean(axis=1) / d, np.nan)
+    ratios = ratios[~np.isnan(ratios)]
+    low, high = np.quantile(ratios, [alpha / 2.0, 1.0 - alpha / 2.0]) if len(ratios) else (np.nan, np.nan)
+    return float(num.mean() / den.mean()), float(low), float(high)
+
+
 def summarize(
     ranked: np.ndarray,
     target: np.ndarray,
