@@ -137,6 +137,7 @@ def night(a, root: Path, inter: pa.Table, items: pa.Table, fraction: float) -> t
     users_t = storage.read_table(prepared.users)
     ids = catalog_ids(prepared.items).to_pylist()
     user_ids = users_t["user_id"].to_pylist()
+    known = set(user_ids)
     scored = [u for u in user_ids if u in first]  # history before and an event after
     hist = [np.asarray(h, np.int64) for h in users_t["items"].to_pylist()]
     log = train_log(hist, [np.asarray(t, np.int64) for t in users_t["ts"].to_pylist()], len(ids))
@@ -158,7 +159,7 @@ def night(a, root: Path, inter: pa.Table, items: pa.Table, fraction: float) -> t
     per_user = {name: per_user_scores(l, first, every, scored) for name, l in {**lists_of, **base_lists}.items()}
     record = {"cutoff": cutoff, "run_date": run_date, "fraction": fraction, "events_before": past.num_rows,
               "events_after": future.num_rows, "users_scored": len(scored),
-              "users_after_without_history": len([u for u in first if u not in set(user_ids)]), "runs": runs,
+              "users_after_without_history": len([u for u in first if u not in known]), "runs": runs,
               **compare(per_user, list(lists_of), a.n_boot),
               "tomorrow_validation_popularity": {"window_days": window, "ndcg@10_per_window": curve, "n_cuts": n_cuts}}
     print_table(f"ML-100k tomorrow: cutoff {run_date} ({fraction:.0%} of the span), {len(scored)} users", record)

@@ -67,6 +67,21 @@ def per_user_metrics(
     return out
 
 
+def _resampled_means(arrays: tuple[np.ndarray, ...], n_boot: int, seed: int) -> tuple[np.ndarray, ...]:
+    """(B,) means of each (n,) array over ``n_boot`` resamples of its n positions, the same positions for
+    every array (np.random.default_rng(seed); indices drawn in row blocks to bound memory)."""
+    n = arrays[0].shape[0]
+    rng = np.random.default_rng(seed)
+    rows = max(1, _BOOT_MAX_ENTRIES // n)
+    means = tuple(np.empty(n_boot, dtype=np.float64) for _ in arrays)
+    for start in range(0, n_boot, rows):
+        stop = min(start + rows, n_boot)
+        idx = rng.integers(0, n, size=(stop - start, n))  # (b, n)
+        for out, a in zip(means, arrays):
+            out[start:stop] = a[idx].mean(axis=1)
+    return means
+
+
 def bootstrap_ci(
     values: np.ndarray, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0
 ) -> tuple[float, float]:
@@ -84,13 +99,7 @@ def bootstrap_ci(
     n = values.shape[0]
     if n == 0:
         return 0.0, 0.0
-    rng = np.random.default_rng(seed)
-    rows = max(1, _BOOT_MAX_ENTRIES // n)
-    means = np.empty(n_boot, dtype=np.float64)  # (B,)
-    for start in range(0, n_boot, rows):
-        stop = min(start + rows, n_boot)
-        idx = rng.integers(0, n, size=(stop - start, n))  # (b, n)
-        means[start:stop] = values[idx].mean(axis=1)
+    (means,) = _resampled_means((values,), n_boot, seed)  # (B,)
     low, high = np.quantile(means, [alpha / 2.0, 1.0 - alpha / 2.0])
     return float(low), float(high)
 
@@ -108,16 +117,8 @@ def ratio_ci(num: np.ndarray, den: np.ndarray, n_boot: int = 1000, alpha: float 
     n = num.shape[0]
     if n == 0 or den.sum() == 0:
         return float("nan"), float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    rows = max(1, _BOOT_MAX_ENTRIES // n)
-    ratios = np.empty(n_boot, dtype=np.float64)  # (B,)
-    for start in range(0, n_boot, rows):
-        stop = min(start + rows, n_boot)
-        idx = rng.integers(0, n, size=(stop - start, n))  # (b, n): the same users for both
-        d = den[idx].mean(axis=1)  # (b,)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratios[start:stop] = np.where(d > 0, num[idx].mean(axis=1) / d, np.nan)
-    ratios = ratios[~np.isnan(ratios)]
+    num_means, den_means = _resampled_means((num, den), n_boot, seed)  # (B,), (B,): the same users for both
+    ratios = num_means[den_means > 0] / den_means[den_means > 0]
     low, high = np.quantile(ratios, [alpha / 2.0, 1.0 - alpha / 2.0]) if len(ratios) else (np.nan, np.nan)
     return float(num.mean() / den.mean()), float(low), float(high)
 
